@@ -1,0 +1,242 @@
+"""The model bundle: weights plus a manifest that says what they are and how to use them.
+
+A bundle is a directory::
+
+    manifest.json          name, version, intended use, demo flag, landmark scheme, ROI recipe,
+                           input normalisation, outputs, training data summary, metrics
+    landmarks.pt           landmark detector weights (float16 state dict)
+    bmd_0.pt [bmd_1.pt..]  BMD network weights; several files form an ensemble
+    tscore_reference.csv   the T-score reference table the bundle was validated with
+
+Loading checks the manifest against what this code implements (format, landmark scheme and
+order, ROI recipe, outputs, weight checksums) and refuses a mismatch with an error that names
+the manifest key. Weights are stored as float16 to keep the demo bundle small in the wheel;
+they are widened to float32 on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from screener.pipeline.landmarks import LANDMARK_NAMES, LANDMARK_SCHEME, LandmarkDetector, LandmarkNet
+from screener.pipeline.model import Ensemble, MultiRoiConfig, MultiRoiNet
+from screener.pipeline.rois import ROI_NAMES, ROI_RECIPE
+from screener.pipeline.tscore import VERTEBRAE, ReferenceTable
+
+__all__ = ["BUNDLE_FORMAT", "BundleError", "ModelBundle", "demo_bundle_path", "write_bundle", "sha256_file"]
+
+BUNDLE_FORMAT = "cxr-bmd-bundle/1"
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """The bundle is missing, damaged, or does not match this software."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def demo_bundle_path() -> Path:
+    """The demo bundle shipped inside the package."""
+    return Path(str(resources.files("screener.bundles") / "demo"))
+
+
+def _half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def _float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def write_bundle(
+    out_dir: Path | str,
+    *,
+    name: str,
+    version: str,
+    intended_use: str,
+    demo: bool,
+    landmark_net: LandmarkNet,
+    landmark_input_size: int,
+    landmark_width: int,
+    bmd_nets: list[MultiRoiNet],
+    table: ReferenceTable,
+    training_data: dict[str, Any],
+    validation: dict[str, Any],
+    demo_statement: str = "",
+) -> Path:
+    """Write a complete bundle directory (overwriting files of the same name)."""
+    if demo and not demo_statement:
+        raise BundleError("a demo bundle needs demo_statement: say what its labels are and why it is not for use")
+    sizes = {n.config.roi_size for n in bmd_nets}
+    if len(sizes) != 1:
+        raise BundleError(f"ensemble members must share roi_size, got {sorted(sizes)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(_half_state(landmark_net.state_dict()), out / "landmarks.pt")
+    models = []
+    for i, net in enumerate(bmd_nets):
+        fname = f"bmd_{i}.pt"
+        torch.save(_half_state(net.state_dict()), out / fname)
+        models.append({"config": net.config.to_dict(), "weights": fname, "sha256": sha256_file(out / fname)})
+    (out / "tscore_reference.csv").write_text(table.to_csv())
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "name": name,
+        "version": version,
+        "intended_use": intended_use,
+        "demo": bool(demo),
+        "demo_statement": demo_statement,
+        "landmarks": {
+            "scheme": LANDMARK_SCHEME,
+            "names": list(LANDMARK_NAMES),
+            "derived_not_annotated": ["cervical_spine", "t12"],
+            "input_size": landmark_input_size,
+            "width": landmark_width,
+            "weights": "landmarks.pt",
+            "sha256": sha256_file(out / "landmarks.pt"),
+        },
+        "rois": {"recipe": ROI_RECIPE, "names": list(ROI_NAMES), "size": sizes.pop()},
+        "input_normalisation": {
+            "image": "display values in [0, 1] (VOI applied, MONOCHROME1 inverted); "
+            "percentile stretch 0.1-99.9 -> [0, 1] before ROI cropping, 0.5-99.5 for the detector",
+            "crop": "(x - 0.5) / 0.25, grey repeated to 3 channels",
+        },
+        "bmd": {"models": models, "combine": "mean of fused heads"},
+        "outputs": {"sites": list(VERTEBRAE), "quantity": "areal BMD", "unit": "g/cm2"},
+        "tscore_table": {"file": "tscore_reference.csv", "name": table.name, "sources": list(table.sources)},
+        "training_data": training_data,
+        "validation": validation,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A loaded, checked bundle: the manifest plus ready networks."""
+
+    path: Path
+    manifest: dict[str, Any]
+    landmark_net: LandmarkNet
+    bmd: Ensemble
+    table: ReferenceTable
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def demo(self) -> bool:
+        return bool(self.manifest["demo"])
+
+    @property
+    def model_id(self) -> str:
+        """Stable id of these exact weights: name, version and a checksum prefix."""
+        digest = hashlib.sha256(
+            "".join([self.manifest["landmarks"]["sha256"]] + [m["sha256"] for m in self.manifest["bmd"]["models"]]).encode()
+        ).hexdigest()
+        return f"{self.name}@{self.version}+{digest[:12]}"
+
+    @property
+    def roi_size(self) -> int:
+        return int(self.manifest["rois"]["size"])
+
+    @property
+    def landmark_input_size(self) -> int:
+        return int(self.manifest["landmarks"]["input_size"])
+
+    def detector(self, device: torch.device | str = "cpu") -> LandmarkDetector:
+        return LandmarkDetector(self.landmark_net, self.landmark_input_size, device)
+
+    @classmethod
+    def load(cls, path: Path | str | None = None) -> "ModelBundle":
+        """Load and check a bundle directory (the shipped demo bundle when ``path`` is None)."""
+        root = Path(path) if path is not None else demo_bundle_path()
+        mpath = root / MANIFEST
+        if not mpath.is_file():
+            raise BundleError(f"{root} is not a model bundle: {MANIFEST} not found")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{mpath}: not valid JSON ({exc})") from exc
+        _check_manifest(manifest, root)
+        lm = manifest["landmarks"]
+        landmark_net = LandmarkNet(width=int(lm["width"]))
+        _load_state(landmark_net, root / lm["weights"], "landmarks.weights")
+        members = []
+        for i, spec in enumerate(manifest["bmd"]["models"]):
+            try:
+                config = MultiRoiConfig.from_dict(spec["config"])
+            except (TypeError, ValueError, KeyError) as exc:
+                raise BundleError(f"manifest bmd.models[{i}].config: {exc}") from exc
+            net = MultiRoiNet(config)
+            _load_state(net, root / spec["weights"], f"bmd.models[{i}].weights")
+            members.append(net.eval())
+        try:
+            table = ReferenceTable.from_csv(root / manifest["tscore_table"]["file"], name=manifest["tscore_table"]["name"])
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"manifest tscore_table.file: {exc}") from exc
+        return cls(path=root, manifest=manifest, landmark_net=landmark_net.eval(), bmd=Ensemble(members).eval(), table=table)
+
+
+def _require(manifest: dict, key: str) -> Any:
+    node: Any = manifest
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise BundleError(f"manifest key {key!r} is missing")
+        node = node[part]
+    return node
+
+
+def _check_manifest(manifest: dict, root: Path) -> None:
+    if _require(manifest, "format") != BUNDLE_FORMAT:
+        raise BundleError(f"manifest format is {manifest['format']!r}; this software reads {BUNDLE_FORMAT!r}")
+    for key in ("name", "version", "intended_use", "demo", "rois.size", "tscore_table.file", "tscore_table.name"):
+        _require(manifest, key)
+    if _require(manifest, "landmarks.scheme") != LANDMARK_SCHEME:
+        raise BundleError(f"manifest landmarks.scheme is {manifest['landmarks']['scheme']!r}; this software implements {LANDMARK_SCHEME!r}")
+    if list(_require(manifest, "landmarks.names")) != list(LANDMARK_NAMES):
+        raise BundleError("manifest landmarks.names differ from this software's landmark order")
+    if _require(manifest, "rois.recipe") != ROI_RECIPE:
+        raise BundleError(f"manifest rois.recipe is {manifest['rois']['recipe']!r}; this software implements {ROI_RECIPE!r}")
+    if list(_require(manifest, "outputs.sites")) != list(VERTEBRAE) or _require(manifest, "outputs.unit") != "g/cm2":
+        raise BundleError(f"manifest outputs must be sites {list(VERTEBRAE)} in g/cm2")
+    if manifest["demo"] and not manifest.get("demo_statement"):
+        raise BundleError("manifest demo is true but demo_statement is empty")
+    models = _require(manifest, "bmd.models")
+    if not isinstance(models, list) or not models:
+        raise BundleError("manifest bmd.models must list at least one model")
+    checks = [("landmarks", manifest["landmarks"])] + [(f"bmd.models[{i}]", m) for i, m in enumerate(models)]
+    for key, spec in checks:
+        weights = root / str(spec.get("weights", ""))
+        if not weights.is_file():
+            raise BundleError(f"manifest {key}.weights: file {weights} not found")
+        if sha256_file(weights) != spec.get("sha256"):
+            raise BundleError(f"manifest {key}.sha256 does not match {weights.name}: the file is damaged or was replaced")
+        if key.startswith("bmd") and int(spec["config"].get("roi_size", -1)) != int(manifest["rois"]["size"]):
+            raise BundleError(f"manifest {key}.config.roi_size differs from rois.size")
+
+
+def _load_state(net: torch.nn.Module, path: Path, key: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(_float_state(state), strict=True)
+    except (RuntimeError, KeyError, OSError) as exc:
+        raise BundleError(f"manifest {key}: {path.name} does not fit the declared architecture ({exc})") from exc

@@ -1,0 +1,84 @@
+"""Landmarks -> ROIs -> multi-ROI network -> T-scores, batched, for one bundle.
+
+Pure computation on display-value images: no DICOM, no database, no network. The node and
+``screener predict`` both call :class:`BmdEstimator`; eligibility checks sit between
+:meth:`BmdEstimator.detect` and :meth:`BmdEstimator.estimate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from screener.pipeline.bundle import ModelBundle
+from screener.pipeline.geometry import Pyramid
+from screener.pipeline.landmarks import Landmarks, normalise_crop
+from screener.pipeline.rois import RoiSet, extract_rois
+from screener.pipeline.tscore import TScoreResult, compute_tscores
+
+__all__ = ["BmdEstimate", "BmdEstimator", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class BmdEstimate:
+    landmarks: Landmarks
+    rois: RoiSet
+    bmd: tuple[float, float, float, float]  # L1..L4, g/cm2
+    tscores: TScoreResult
+    model_id: str
+    demo: bool
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda' or 'auto' (CUDA when available). Fails clearly if CUDA is asked for but absent."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available (use 'cpu' or 'auto')")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
+    return torch.device(device)
+
+
+class BmdEstimator:
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
+        self.bundle = bundle
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.detector = bundle.detector(self.device)
+        self.bmd_net = bundle.bmd.to(self.device).eval()
+
+    def detect(self, images: Sequence[np.ndarray | Pyramid]) -> list[Landmarks]:
+        return self.detector.detect(images)
+
+    @torch.inference_mode()
+    def estimate(
+        self,
+        images: Sequence[np.ndarray | Pyramid],
+        sexes: Sequence[str | None],
+        landmarks: Sequence[Landmarks] | None = None,
+    ) -> list[BmdEstimate]:
+        """BMD, T-scores and WHO category for each image (display values in [0, 1])."""
+        if len(sexes) != len(images):
+            raise ValueError("one sex value (or None) per image is required")
+        pyramids = [im if isinstance(im, Pyramid) else Pyramid(im) for im in images]
+        if landmarks is None:
+            landmarks = self.detect(pyramids)
+        roi_sets = [extract_rois(p, lm, self.bundle.roi_size) for p, lm in zip(pyramids, landmarks)]
+        if not roi_sets:
+            return []
+        x = torch.from_numpy(normalise_crop(np.stack([r.crops for r in roi_sets]))).to(self.device)
+        bmd = self.bmd_net(x, roi_sets[0].names).double().cpu().numpy()
+        return [
+            BmdEstimate(
+                landmarks=lm,
+                rois=rs,
+                bmd=tuple(float(v) for v in b),  # type: ignore[arg-type]
+                tscores=compute_tscores(b, sex, self.bundle.table),
+                model_id=self.bundle.model_id,
+                demo=self.bundle.demo,
+            )
+            for lm, rs, b, sex in zip(landmarks, roi_sets, bmd, sexes)
+        ]

@@ -1,0 +1,43 @@
+"""Shared fixtures. Nothing here needs ../shared: real DICOM comes from pydicom-data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def rg1_file(name: str = "RG1_UNCR.dcm") -> Path:
+    """A real Philips CR chest radiograph from pydicom-data (RG1 in several transfer syntaxes)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        raise RuntimeError(f"pydicom-data does not provide {name}: install the [dev] extra")
+    return Path(path)
+
+
+def synthetic_contours(shift: tuple[float, float] = (0.0, 0.0)) -> dict[str, np.ndarray]:
+    """JSRT-like contours with known geometry in a 512 x 512 frame (image-left = patient right)."""
+    dx, dy = shift
+
+    def rect(x0, y0, x1, y1):
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float) + [dx, dy]
+
+    # Clavicles: thin bars, medial ends near the midline x = 256.
+    rcla = np.array([[120, 80], [236, 100], [236, 108], [120, 88]], float) + [dx, dy]
+    lcla = np.array([[276, 100], [392, 80], [392, 88], [276, 108]], float) + [dx, dy]
+    return {"RL": rect(100, 60, 220, 420), "LL": rect(292, 50, 412, 440), "H": rect(230, 250, 330, 400),
+            "RCLA": rcla, "LCLA": lcla}
+
+
+@pytest.fixture
+def contours() -> dict[str, np.ndarray]:
+    return synthetic_contours()

@@ -1,0 +1,115 @@
+"""Model bundle: write -> load round trip, and refusal of bundles that do not match."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from screener.pipeline.bundle import BundleError, ModelBundle, write_bundle
+from screener.pipeline.landmarks import LandmarkNet
+from screener.pipeline.model import MultiRoiConfig, MultiRoiNet
+from screener.pipeline.rois import ROI_NAMES
+from screener.pipeline.tscore import ReferenceTable
+
+
+def make_bundle(path: Path, demo: bool = False) -> tuple[Path, MultiRoiNet]:
+    torch.manual_seed(0)
+    net = MultiRoiNet(MultiRoiConfig(backbone="resnet18", roi_size=32)).eval()
+    net.target_mean.fill_(0.95)
+    write_bundle(
+        path, name="test-bmd", version="1.2.3", intended_use="tests", demo=demo,
+        demo_statement="demo labels" if demo else "", landmark_net=LandmarkNet(width=16),
+        landmark_input_size=64, landmark_width=16, bmd_nets=[net], table=ReferenceTable.default(),
+        training_data={"cases": 0}, validation={"note": "none"},
+    )
+    return path, net
+
+
+def test_round_trip_keeps_predictions_and_manifest(tmp_path: Path) -> None:
+    path, net = make_bundle(tmp_path / "b")
+    bundle = ModelBundle.load(path)
+    assert bundle.name == "test-bmd" and bundle.version == "1.2.3" and not bundle.demo
+    assert bundle.roi_size == 32 and bundle.landmark_input_size == 64
+    assert bundle.model_id.startswith("test-bmd@1.2.3+")
+    x = torch.randn(2, 7, 32, 32)
+    with torch.no_grad():
+        expected = net(x).final
+        got = bundle.bmd(x, ROI_NAMES)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)  # weights stored as float16
+    assert bundle.table == ReferenceTable.default()
+
+
+def test_model_id_is_stable_and_tracks_weights(tmp_path: Path) -> None:
+    a = ModelBundle.load(make_bundle(tmp_path / "a")[0]).model_id
+    assert ModelBundle.load(tmp_path / "a").model_id == a
+    torch.manual_seed(1)
+    net = MultiRoiNet(MultiRoiConfig(backbone="resnet18", roi_size=32))
+    write_bundle(tmp_path / "c", name="test-bmd", version="1.2.3", intended_use="t", demo=False,
+                 landmark_net=LandmarkNet(width=16), landmark_input_size=64, landmark_width=16,
+                 bmd_nets=[net], table=ReferenceTable.default(), training_data={}, validation={})
+    assert ModelBundle.load(tmp_path / "c").model_id != a
+
+
+def _edit_manifest(path: Path, edit) -> None:
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(format="other/9"), "format"),
+        (lambda m: m["landmarks"].update(scheme="cxr99"), "landmarks.scheme"),
+        (lambda m: m["landmarks"]["names"].reverse(), "landmarks.names"),
+        (lambda m: m["rois"].update(recipe="other"), "rois.recipe"),
+        (lambda m: m["outputs"].update(unit="mg/cm3"), "outputs"),
+        (lambda m: m.pop("intended_use"), "intended_use"),
+        (lambda m: m.update(demo=True, demo_statement=""), "demo_statement"),
+        (lambda m: m["bmd"]["models"][0]["config"].update(backbone="vgg16"), "bmd.models"),
+        (lambda m: m["bmd"]["models"][0]["config"].update(roi_size=64), "roi_size"),
+    ],
+)
+def test_mismatched_manifest_is_refused_naming_the_key(tmp_path: Path, edit, message) -> None:
+    path, _ = make_bundle(tmp_path / "b")
+    _edit_manifest(path, edit)
+    with pytest.raises(BundleError, match=message):
+        ModelBundle.load(path)
+
+
+def test_damaged_weights_are_refused(tmp_path: Path) -> None:
+    path, _ = make_bundle(tmp_path / "b")
+    data = bytearray((path / "bmd_0.pt").read_bytes())
+    data[-100] ^= 0xFF
+    (path / "bmd_0.pt").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        ModelBundle.load(path)
+
+
+def test_missing_bundle_and_missing_weights(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="manifest.json not found"):
+        ModelBundle.load(tmp_path)
+    path, _ = make_bundle(tmp_path / "b")
+    (path / "landmarks.pt").unlink()
+    with pytest.raises(BundleError, match="landmarks.weights"):
+        ModelBundle.load(path)
+
+
+def test_demo_bundle_needs_statement(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="demo_statement"):
+        write_bundle(tmp_path, name="x", version="1", intended_use="t", demo=True, landmark_net=LandmarkNet(width=16),
+                     landmark_input_size=64, landmark_width=16, bmd_nets=[MultiRoiNet(MultiRoiConfig(backbone="resnet18", roi_size=32))],
+                     table=ReferenceTable.default(), training_data={}, validation={})
+
+
+def test_shipped_demo_bundle_loads_and_says_demo() -> None:
+    bundle = ModelBundle.load()
+    assert bundle.demo and "NOT FOR CLINICAL USE" in bundle.manifest["demo_statement"]
+    assert bundle.manifest["validation"]["landmarks"]["mre_mm"] > 0
+    size_mb = sum(f.stat().st_size for f in bundle.path.iterdir()) / 1e6
+    assert size_mb < 40, f"demo bundle is {size_mb:.1f} MB: too big for the wheel"

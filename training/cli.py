@@ -1,0 +1,216 @@
+"""`python -m training` / `screener-train`: train, evaluate and export the screening models.
+
+Typical site workflow::
+
+    screener-train landmarks train --jsrt-root ../shared/data/jsrt --out runs/landmarks
+    screener-train landmarks evaluate --checkpoint runs/landmarks/best.pt --out runs/landmarks/eval
+    screener-train bmd train --manifest site/manifest.csv --out runs/bmd --landmarks-from BUNDLE_DIR
+    screener-train bmd evaluate --checkpoint runs/bmd/best.pt --manifest site/manifest.csv --out runs/bmd/eval
+    screener-train export --landmarks runs/landmarks/best.pt --bmd runs/bmd/best.pt --out my-bundle \\
+        --name site-bmd --version 1.0.0 --intended-use "..." --bmd-metrics runs/bmd/eval/metrics.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from screener.pipeline.rois import ROI_NAMES
+
+__all__ = ["main", "build_parser"]
+
+EXAMPLES = __doc__.split("::", 1)[1] if __doc__ else ""
+
+
+def _landmarks_train(a: argparse.Namespace) -> int:
+    from training.landmarks import LandmarkTrainConfig, train_landmarks
+
+    cfg = LandmarkTrainConfig(jsrt_root=a.jsrt_root, out_dir=a.out, input_size=a.input_size, epochs=a.epochs,
+                              batch_size=a.batch_size, lr=a.lr, seed=a.seed, limit=a.limit, threads=a.threads)
+    result = train_landmarks(cfg, resume=a.resume)
+    print(f"best validation mean radial error: {result['best_val_mre_mm']:.2f} mm -> {Path(a.out) / 'best.pt'}")
+    return 0
+
+
+def _landmarks_evaluate(a: argparse.Namespace) -> int:
+    from training.landmarks import evaluate_landmarks
+
+    evaluate_landmarks(a.checkpoint, a.out, a.jsrt_root)
+    print(f"wrote {Path(a.out) / 'landmark_metrics.json'} and {Path(a.out) / 'landmarks_validation.png'}")
+    return 0
+
+
+def _bmd_train(a: argparse.Namespace) -> int:
+    from training.bmd import BmdTrainConfig, train_bmd
+
+    cfg = BmdTrainConfig(
+        manifest=a.manifest, out_dir=a.out, backbone=a.backbone, head=a.head, rois=tuple(a.rois.split(",")),
+        roi_size=a.roi_size, optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, batch_size=a.batch_size,
+        epochs=a.epochs, val_fraction=a.val_fraction, test_fraction=a.test_fraction, seed=a.seed,
+        landmarks_from=a.landmarks_from, threads=a.threads, init_weights=a.init_weights,
+    )
+    cfg.model_config()  # validate backbone / head / ROI names before any work
+    result = train_bmd(cfg, resume=a.resume)
+    print(f"best validation loss {result['best_val_loss']:.4f} -> {Path(a.out) / 'best.pt'}")
+    return 0
+
+
+def _bmd_evaluate(a: argparse.Namespace) -> int:
+    from screener.pipeline.tscore import ReferenceTable
+    from training.bmd import evaluate_bmd
+
+    table = ReferenceTable.from_csv(Path(a.tscore_table)) if a.tscore_table else None
+    evaluate_bmd(a.checkpoint, a.manifest, a.out, split=a.split, landmarks_from=a.landmarks_from, table=table, title=a.title)
+    print(f"wrote metrics.json, table.txt and plots to {a.out}")
+    return 0
+
+
+def _synthetic(a: argparse.Namespace) -> int:
+    from training.synthetic import make_synthetic
+
+    manifest = make_synthetic(a.out, copies=a.copies, jsrt_root=a.jsrt_root, seed=a.seed, limit=a.limit)
+    print(f"wrote {manifest}")
+    return 0
+
+
+def _demo_labels(a: argparse.Namespace) -> int:
+    from training.demo_labels import write_demo_manifest
+
+    print(f"wrote {write_demo_manifest(a.out, a.jsrt_root)}")
+    return 0
+
+
+def _export(a: argparse.Namespace) -> int:
+    from screener.pipeline.bundle import ModelBundle, write_bundle
+    from screener.pipeline.landmarks import LandmarkNet
+    from screener.pipeline.tscore import ReferenceTable
+    from training.bmd import load_bmd_checkpoint
+    from training.common import load_checkpoint
+    from training.demo_labels import DEMO_STATEMENT
+
+    lm_state = load_checkpoint(a.landmarks)
+    lm_net = LandmarkNet(width=lm_state["config"]["width"])
+    lm_net.load_state_dict(lm_state["model"])
+    bmd_nets = [load_bmd_checkpoint(c)[0] for c in a.bmd]
+    table = ReferenceTable.from_csv(Path(a.tscore_table)) if a.tscore_table else ReferenceTable.default()
+    validation = {}
+    for key, path in (("landmarks", a.landmark_metrics), ("bmd", a.bmd_metrics)):
+        if path:
+            validation[key] = json.loads(Path(path).read_text())
+    training_data = json.loads(Path(a.training_summary).read_text()) if a.training_summary else {}
+    out = write_bundle(
+        a.out, name=a.name, version=a.version, intended_use=a.intended_use, demo=a.demo,
+        demo_statement=a.demo_statement or (DEMO_STATEMENT if a.demo else ""),
+        landmark_net=lm_net, landmark_input_size=lm_state["config"]["input_size"],
+        landmark_width=lm_state["config"]["width"], bmd_nets=bmd_nets, table=table,
+        training_data=training_data, validation=validation,
+    )
+    bundle = ModelBundle.load(out)  # prove it loads before anyone ships it
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+    print(f"wrote bundle {bundle.model_id} to {out} ({size:.1f} MB)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="screener-train",
+        description="Train, evaluate and export the landmark detector and the multi-ROI BMD network.",
+        epilog="examples:" + EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    lm = sub.add_parser("landmarks", help="the 16-landmark detector").add_subparsers(dest="action", required=True)
+    t = lm.add_parser("train", help="train on JSRT contours (fixed by-image split, resumable)")
+    t.add_argument("--jsrt-root", help="folder with images/, landmarks.json, clinical.csv (default ../shared/data/jsrt)")
+    t.add_argument("--out", default="runs/landmarks", help="run folder: last.pt, best.pt, history.json")
+    t.add_argument("--epochs", type=int, default=60)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle AdamW)")
+    t.add_argument("--input-size", type=int, default=256, help="detector input side in pixels")
+    t.add_argument("--limit", type=int, default=0, help="use only N training images (quick checks)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.set_defaults(func=_landmarks_train)
+    e = lm.add_parser("evaluate", help="mean radial error (mm) on the validation split, table + PNG")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--jsrt-root")
+    e.set_defaults(func=_landmarks_evaluate)
+
+    bmd = sub.add_parser("bmd", help="the multi-ROI BMD network").add_subparsers(dest="action", required=True)
+    t = bmd.add_parser("train", help="train from a CSV manifest (paper defaults; by-patient split; resumable)")
+    t.add_argument("--manifest", required=True, help="CSV: image,L1,L2,L3,L4,sex,age[,patient_id,split,landmarks]")
+    t.add_argument("--out", default="runs/bmd")
+    t.add_argument("--backbone", default="vgg16", help="vgg11, vgg16, vgg11_bn, vgg16_bn, resnet18, resnet34, resnet50")
+    t.add_argument("--head", default="concat", help="concat (paper 1) or attention (paper 2: transformer over ROI tokens)")
+    t.add_argument("--rois", default=",".join(ROI_NAMES),
+                   help="comma-separated ROI subset, e.g. whole_image for the global-only model (Table 2)")
+    t.add_argument("--roi-size", type=int, default=256)
+    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--weight-decay", type=float, default=4e-4)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--epochs", type=int, default=100)
+    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--test-fraction", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--landmarks-from", default="", help="bundle dir or landmark checkpoint for rows without landmarks (default: the demo bundle)")
+    t.add_argument("--init-weights", default="", help="local backbone state dict to start from (no downloads)")
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--resume", action="store_true")
+    t.set_defaults(func=_bmd_train)
+    e = bmd.add_parser("evaluate", help="r, MAE, AUC, sens/spec, Bland-Altman; JSON, table, plots")
+    e.add_argument("--checkpoint", required=True, action="append", help="repeat to evaluate an ensemble (Table 3)")
+    e.add_argument("--manifest", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--split", default="val", choices=["train", "val", "test"])
+    e.add_argument("--landmarks-from", default="")
+    e.add_argument("--tscore-table", default="", help="reference CSV (sex,site,mean,sd,source); default: packaged table")
+    e.add_argument("--title", default="")
+    e.set_defaults(func=_bmd_evaluate)
+
+    s = sub.add_parser("synthetic", help="synthetic benchmark: JSRT images with a BMD signal only local ROIs see")
+    s.add_argument("--out", required=True)
+    s.add_argument("--copies", type=int, default=2, help="synthetic images per JSRT radiograph")
+    s.add_argument("--jsrt-root")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--limit", type=int, default=0)
+    s.set_defaults(func=_synthetic)
+
+    d = sub.add_parser("demo-labels", help="manifest of JSRT with demo BMD derived from age and sex (NOT DXA)")
+    d.add_argument("--out", required=True, help="manifest CSV path to write")
+    d.add_argument("--jsrt-root")
+    d.set_defaults(func=_demo_labels)
+
+    x = sub.add_parser("export", help="write a model bundle (weights + manifest) and check that it loads")
+    x.add_argument("--landmarks", required=True, help="landmark checkpoint (best.pt)")
+    x.add_argument("--bmd", required=True, action="append", help="BMD checkpoint; repeat for an ensemble")
+    x.add_argument("--out", required=True)
+    x.add_argument("--name", required=True)
+    x.add_argument("--version", required=True)
+    x.add_argument("--intended-use", required=True)
+    x.add_argument("--demo", action="store_true", help="mark as demo (labels not from DXA)")
+    x.add_argument("--demo-statement", default="")
+    x.add_argument("--tscore-table", default="")
+    x.add_argument("--landmark-metrics", default="", help="landmark_metrics.json to record")
+    x.add_argument("--bmd-metrics", default="", help="metrics.json to record")
+    x.add_argument("--training-summary", default="", help="JSON describing the training data")
+    x.set_defaults(func=_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
