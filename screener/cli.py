@@ -37,6 +37,10 @@ def _cmd_predict(a: argparse.Namespace) -> int:
             results.append({"file": str(path), "error": str(exc)})
             continue
         est = estimator.estimate([decoded.pixels], [decoded.patient_sex])[0]
+        if a.png:
+            from screener.report.preview import render_preview
+
+            render_preview(decoded.pixels, est, a.png / f"{Path(path).stem}.png")
         t = est.tscores
         results.append(
             {
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--bundle", type=Path, default=None, help="model bundle directory (default: the shipped demo bundle)")
     pr.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     pr.add_argument("--json", action="store_true", help="print full results as JSON (landmarks, ROI corners)")
+    pr.add_argument("--png", type=Path, default=None, metavar="DIR", help="also save a preview PNG per image (ROIs, landmarks, result)")
     pr.set_defaults(func=_cmd_predict)
     b = sub.add_parser("bundle", help="show a model bundle's manifest")
     b.add_argument("path", nargs="?", type=Path, default=None)

@@ -339,3 +339,18 @@ def evaluate_bmd(
     np.savetxt(out / "predictions.csv", np.column_stack([pred, true]), delimiter=",",
                header="pred_L1,pred_L2,pred_L3,pred_L4,true_L1,true_L2,true_L3,true_L4", comments="")
     return metrics
+
+
+def summarise_manifest(path: str | Path, label_source: str) -> dict:
+    """What a bundle's manifest says about its training data (no identifiers)."""
+    rows = read_manifest(path)
+    ages = [r.age for r in rows if r.age is not None]
+    bmd = np.array([r.bmd for r in rows])
+    return {
+        "label_source": label_source,
+        "images": len(rows),
+        "patients": len({r.patient_id for r in rows}),
+        "sex": {s: sum(1 for r in rows if r.sex == s) for s in ("F", "M")} | {"unknown": sum(1 for r in rows if r.sex is None)},
+        "age_years": {"min": min(ages), "median": float(np.median(ages)), "max": max(ages)} if ages else None,
+        "bmd_g_cm2": {"mean": [round(float(v), 4) for v in bmd.mean(axis=0)], "min": round(float(bmd.min()), 4), "max": round(float(bmd.max()), 4)},
+    }

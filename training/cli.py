@@ -99,7 +99,9 @@ def _export(a: argparse.Namespace) -> int:
     for key, path in (("landmarks", a.landmark_metrics), ("bmd", a.bmd_metrics)):
         if path:
             validation[key] = json.loads(Path(path).read_text())
-    training_data = json.loads(Path(a.training_summary).read_text()) if a.training_summary else {}
+    from training.bmd import summarise_manifest
+
+    training_data = summarise_manifest(a.training_manifest, a.label_source) if a.training_manifest else {}
     out = write_bundle(
         a.out, name=a.name, version=a.version, intended_use=a.intended_use, demo=a.demo,
         demo_statement=a.demo_statement or (DEMO_STATEMENT if a.demo else ""),
@@ -198,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--tscore-table", default="")
     x.add_argument("--landmark-metrics", default="", help="landmark_metrics.json to record")
     x.add_argument("--bmd-metrics", default="", help="metrics.json to record")
-    x.add_argument("--training-summary", default="", help="JSON describing the training data")
+    x.add_argument("--training-manifest", default="", help="the BMD training manifest, summarised into the bundle")
+    x.add_argument("--label-source", default="DXA", help="what the BMD labels are, e.g. 'DXA (Hologic), 2019-2023'")
     x.set_defaults(func=_export)
     return p
 

@@ -19,7 +19,22 @@ from screener.pipeline.landmarks import Landmarks, normalise_crop
 from screener.pipeline.rois import RoiSet, extract_rois
 from screener.pipeline.tscore import TScoreResult, compute_tscores
 
-__all__ = ["BmdEstimate", "BmdEstimator", "resolve_device"]
+__all__ = ["AlgorithmInfo", "BmdEstimate", "BmdEstimator", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """What produced a result, as reports must state it (from the bundle manifest)."""
+
+    name: str
+    version: str
+    model_id: str  # name@version+weights checksum: stable id of these exact weights
+    demo: bool
+    demo_statement: str  # empty unless demo
+
+    @classmethod
+    def from_bundle(cls, bundle: ModelBundle) -> "AlgorithmInfo":
+        return cls(bundle.name, bundle.version, bundle.model_id, bundle.demo, bundle.manifest.get("demo_statement", ""))
 
 
 @dataclass(frozen=True)
@@ -28,8 +43,15 @@ class BmdEstimate:
     rois: RoiSet
     bmd: tuple[float, float, float, float]  # L1..L4, g/cm2
     tscores: TScoreResult
-    model_id: str
-    demo: bool
+    algorithm: AlgorithmInfo
+
+    @property
+    def model_id(self) -> str:
+        return self.algorithm.model_id
+
+    @property
+    def demo(self) -> bool:
+        return self.algorithm.demo
 
 
 def resolve_device(device: str) -> torch.device:
@@ -49,6 +71,7 @@ class BmdEstimator:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.detector = bundle.detector(self.device)
         self.bmd_net = bundle.bmd.to(self.device).eval()
+        self.algorithm = AlgorithmInfo.from_bundle(bundle)
 
     def detect(self, images: Sequence[np.ndarray | Pyramid]) -> list[Landmarks]:
         return self.detector.detect(images)
@@ -77,8 +100,7 @@ class BmdEstimator:
                 rois=rs,
                 bmd=tuple(float(v) for v in b),  # type: ignore[arg-type]
                 tscores=compute_tscores(b, sex, self.bundle.table),
-                model_id=self.bundle.model_id,
-                demo=self.bundle.demo,
+                algorithm=self.algorithm,
             )
             for lm, rs, b, sex in zip(landmarks, roi_sets, bmd, sexes)
         ]

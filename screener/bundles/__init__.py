@@ -1,0 +1,1 @@
+"""Model bundles shipped inside the package (``demo/``: the demo bundle, NOT for clinical use)."""
