@@ -123,6 +123,7 @@ class BmdTrainConfig:
     rois: tuple[str, ...] = ROI_NAMES
     roi_size: int = 256
     optimizer: str = "sgd"
+    schedule: str = "constant"  # constant (paper) or cosine (decay to 0: settles BatchNorm statistics)
     lr: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 4e-4
@@ -205,6 +206,15 @@ def _optimizer(config: BmdTrainConfig, net: torch.nn.Module) -> torch.optim.Opti
     raise ValueError(f"optimizer must be sgd or adamw, got {config.optimizer!r}")
 
 
+def _scheduler(config: BmdTrainConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch learning-rate schedule."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs))
+    if config.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    raise ValueError(f"schedule must be constant or cosine, got {config.schedule!r}")
+
+
 def _split_rows(config: BmdTrainConfig, rows: list[ManifestRow]) -> dict[str, list[int]]:
     splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for i, r in enumerate(rows):
@@ -235,11 +245,13 @@ def train_bmd(config: BmdTrainConfig, resume: bool = False) -> dict:
     net.target_mean.copy_(labels[train_idx].mean(dim=0))
     net.target_std.copy_(labels[train_idx].std(dim=0).clamp_min(0.02) if len(train_idx) > 1 else torch.full((4,), 0.15))
     opt = _optimizer(config, net)
+    sched = _scheduler(config, opt)
     start, best, history = 0, math.inf, []
     if resume and (out / "last.pt").exists():
         state = load_checkpoint(out / "last.pt")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
         start, best, history = state["epoch"], state["best"], state["history"]
         print(f"resumed from {out / 'last.pt'} at epoch {start}")
     gen = torch.Generator().manual_seed(config.seed * 1000 + start)
@@ -257,6 +269,7 @@ def train_bmd(config: BmdTrainConfig, resume: bool = False) -> dict:
             opt.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        sched.step()
         val_loss = _eval_loss(net, crops, labels, val_idx) if len(val_idx) else float(np.mean(losses))
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss}
         history.append(record)
@@ -266,7 +279,7 @@ def train_bmd(config: BmdTrainConfig, resume: bool = False) -> dict:
             save_checkpoint(out / "best.pt", {"model": net.state_dict(), "config": _config_dict(config), "epoch": epoch + 1})
         save_checkpoint(
             out / "last.pt",
-            {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "best": best,
+            {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best,
              "history": history, "config": _config_dict(config)},
         )
     (out / "history.json").write_text(json.dumps(history, indent=2))

@@ -47,7 +47,7 @@ def _bmd_train(a: argparse.Namespace) -> int:
 
     cfg = BmdTrainConfig(
         manifest=a.manifest, out_dir=a.out, backbone=a.backbone, head=a.head, rois=tuple(a.rois.split(",")),
-        roi_size=a.roi_size, optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, batch_size=a.batch_size,
+        roi_size=a.roi_size, optimizer=a.optimizer, schedule=a.schedule, lr=a.lr, weight_decay=a.weight_decay, batch_size=a.batch_size,
         epochs=a.epochs, val_fraction=a.val_fraction, test_fraction=a.test_fraction, seed=a.seed,
         landmarks_from=a.landmarks_from, threads=a.threads, init_weights=a.init_weights,
     )
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated ROI subset, e.g. whole_image for the global-only model (Table 2)")
     t.add_argument("--roi-size", type=int, default=256)
     t.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    t.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="learning rate per epoch (paper: constant)")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--weight-decay", type=float, default=4e-4)
     t.add_argument("--batch-size", type=int, default=64)

@@ -15,7 +15,7 @@ python -m training landmarks evaluate --jsrt-root "$JSRT" --checkpoint "$RUN/lan
 # 2. Demo BMD labels from age and sex (NOT DXA), then the multi-ROI network on them.
 python -m training demo-labels --jsrt-root "$JSRT" --out "$RUN/demo/manifest.csv"
 python -m training bmd train --manifest "$RUN/demo/manifest.csv" --out "$RUN/demo/bmd" --backbone resnet18 \
-    --roi-size 96 --optimizer adamw --lr 1e-3 --weight-decay 1e-4 --batch-size 16 --epochs 20 \
+    --roi-size 96 --optimizer adamw --schedule cosine --lr 1e-3 --weight-decay 1e-4 --batch-size 16 --epochs 20 \
     --threads "$THREADS" --resume
 python -m training bmd evaluate --checkpoint "$RUN/demo/bmd/best.pt" --manifest "$RUN/demo/manifest.csv" \
     --out "$RUN/demo/bmd/eval" --title "demo model on demo labels (age/sex curve, NOT DXA)"
