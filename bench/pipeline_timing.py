@@ -1,0 +1,125 @@
+"""Per-image CPU time of each pipeline stage, for the bundled model and the paper's VGG16.
+
+    python bench/pipeline_timing.py [FILES...] [--repeats 3] [--threads 2] [--json out.json]
+
+Default input: the pydicom-data Philips CR (RG1, 1955 x 1841) in its lossless and lossy
+transfer syntaxes. Stages: decode (read + pixel decode + LUTs), landmarks (detector forward +
+soft-argmax), rois (7 oriented crops from full resolution), model (multi-ROI forward), tscore,
+report (SR + GSPS build and encode, when screener.report.sr is present). "vgg16-256" swaps the
+bundle's BMD network for the paper's configuration (VGG16, 7 ROIs at 256 px, concat head) with
+untrained weights: timing only. Median over repeats after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+
+from screener.pipeline.bundle import ModelBundle
+from screener.pipeline.decode import decode_dataset
+from screener.pipeline.geometry import Pyramid
+from screener.pipeline.landmarks import normalise_crop
+from screener.pipeline.model import Ensemble, MultiRoiConfig, MultiRoiNet
+from screener.pipeline.rois import ROI_NAMES, extract_rois
+from screener.pipeline.tscore import compute_tscores
+
+
+def default_files() -> list[Path]:
+    from pydicom.data import get_testdata_file
+
+    return [Path(get_testdata_file(n)) for n in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")]
+
+
+def report_stage():
+    """The SR + GSPS builders if this checkout has them, else None (stage reported as n/a)."""
+    try:
+        from screener.pipeline.estimate import AlgorithmInfo, BmdEstimate
+        from screener.report.overlay import build_gsps
+        from screener.report.sr import build_sr
+    except ImportError:
+        return None
+
+    def run(ds, landmarks, rois, bmd, tscores, bundle) -> None:
+        est = BmdEstimate(landmarks, rois, tuple(bmd), tscores, AlgorithmInfo.from_bundle(bundle))
+        for obj in (build_sr(ds, est), build_gsps(ds, est)):
+            obj.save_as(io.BytesIO())
+
+    return run
+
+
+def time_one(path: Path, bundle: ModelBundle, bmd_net: Ensemble, roi_size: int, report) -> dict[str, float]:
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ds = pydicom.dcmread(path)
+    img = decode_dataset(ds)
+    t["decode"] = time.perf_counter() - t0
+    detector = bundle.detector("cpu")
+    t0 = time.perf_counter()
+    pyr = Pyramid(img.pixels)
+    lm = detector.detect([pyr])[0]
+    t["landmarks"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rois = extract_rois(pyr, lm, roi_size)
+    t["rois"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        bmd = bmd_net(torch.from_numpy(normalise_crop(rois.crops[None])), ROI_NAMES)[0].double().numpy()
+    t["model"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tscores = compute_tscores(bmd, img.patient_sex, bundle.table)
+    t["tscore"] = time.perf_counter() - t0
+    if report is not None:
+        t0 = time.perf_counter()
+        report(ds, lm, rois, bmd, tscores, bundle)
+        t["report"] = time.perf_counter() - t0
+    t["total"] = sum(t.values())
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="*", type=Path)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    files = a.files or default_files()
+    bundle = ModelBundle.load()
+    vgg = MultiRoiNet(MultiRoiConfig(backbone="vgg16", roi_size=256)).eval()
+    configs = {
+        f"bundle ({bundle.manifest['bmd']['models'][0]['config']['backbone']}-{bundle.roi_size})": (bundle.bmd, bundle.roi_size),
+        "vgg16-256 (paper)": (Ensemble([vgg]).eval(), 256),
+    }
+    report = report_stage()
+    results = {}
+    for label, (net, size) in configs.items():
+        per_file = {}
+        for f in files:
+            time_one(f, bundle, net, size, report)  # warm-up
+            runs = [time_one(f, bundle, net, size, report) for _ in range(a.repeats)]
+            per_file[f.name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        results[label] = per_file
+        stages = list(next(iter(per_file.values())))
+        print(f"\n{label}: median seconds per image on {a.threads} CPU thread(s), {a.repeats} repeats")
+        print(f"{'file':<16}" + "".join(f"{s:>10}" for s in stages))
+        for name, row in per_file.items():
+            print(f"{name:<16}" + "".join(f"{row[s]:>10.3f}" for s in stages))
+        mean = {s: float(np.mean([row[s] for row in per_file.values()])) for s in stages}
+        print(f"{'mean':<16}" + "".join(f"{mean[s]:>10.3f}" for s in stages))
+    if report is None:
+        print("\nreport stage: n/a (screener.report.sr not in this checkout)")
+    if a.json:
+        a.json.write_text(json.dumps({"threads": a.threads, "repeats": a.repeats, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,483 @@
+"""Is this image one the model may be run on? Pure functions, no I/O.
+
+Three gates, in the order the worker meets them:
+
+1. :func:`check_header` (before decoding): SOP class, Modality, BodyPartExamined,
+   ViewPosition, ImageType and patient age.
+2. :func:`check_landmarks` (after the detector): confidence and the geometry of the 16 points.
+3. :func:`check_image` (with pixels and landmarks): a film that displays inverted.
+
+Each returns a :class:`Decision`; ``code`` is stable (snake_case) for audit queries and
+``reason`` is a sentence for a person, naming the DICOM attribute and its value.
+
+Policy decisions (all configurable in :class:`EligibilityRules`, documented where they are set):
+
+- BodyPartExamined: CHEST and THORAX are both accepted. CHEST is the defined term in PS3.16
+  CID 4031, but vendors (the highdicom/Fujifilm DX test file among them) send THORAX for the
+  same examination. Missing is accepted: many DX systems leave it empty, and the landmark
+  gate rejects a film that is not a chest.
+- ViewPosition: PA and AP are screened; laterals (LL, RL), decubitus and obliques are not.
+  Missing is accepted by default because CR readers often leave it empty (two of the real
+  test files do); the landmark gate then has to confirm a frontal film (spine vertical,
+  sides in order, thorax width), so a lateral still cannot get through unchecked.
+- ImageType: value 2 SECONDARY (screenshots, reformats, annotated copies) is refused.
+  DERIVED\\PRIMARY is accepted by default: vendors label their processed for-presentation
+  CR/DX images that way (the Philips and Canon chest films in the test data both are), so
+  insisting on ORIGINAL would refuse most real chest films. Missing ImageType is accepted.
+- Age: the WHO T-score categories apply from 50 (post-menopause / men over 50), so the
+  default minimum is 50, from PatientAge or else PatientBirthDate and the study date.
+  Missing age is *accepted* by default: PACS routing rules already select the examinations,
+  and de-identified or badly registered studies often lack age; dropping them silently would
+  hide screening candidates. The reason says the age was unknown, and a site that screens
+  strictly by age sets ``missing_age = "reject"``.
+- SOP class: CR Image Storage and DX (for presentation and for processing) only. SR, PR and
+  KO are never images (they come back from our own output in routing loops). Secondary
+  Capture is refused by default: it is usually a screenshot or a re-photographed film,
+  without calibrated pixels; ``accept_secondary_capture`` turns it on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+if TYPE_CHECKING:  # the detector module pulls in torch; eligibility must stay light to import
+    from screener.pipeline.landmarks import Landmarks
+
+__all__ = [
+    "CR_IMAGE_STORAGE",
+    "DX_PRESENTATION_STORAGE",
+    "DX_PROCESSING_STORAGE",
+    "SECONDARY_CAPTURE_STORAGE",
+    "Decision",
+    "EligibilityRules",
+    "check_header",
+    "check_landmarks",
+    "check_image",
+    "patient_age",
+]
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_PROCESSING_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+_SECONDARY_CAPTURE_FAMILY = "1.2.840.10008.5.1.4.1.1.7"  # .7 and the multi-frame .7.x
+_SR_FAMILY = "1.2.840.10008.5.1.4.1.1.88."  # every SR, and KO (.88.59)
+_PR_FAMILY = "1.2.840.10008.5.1.4.1.1.11."  # presentation states
+_POLICIES = ("accept", "reject")
+
+ELIGIBLE = "eligible"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One gate's answer: ``code`` is stable for audit; ``reason`` is for a person."""
+
+    eligible: bool
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class EligibilityRules:
+    """Every eligibility threshold and policy; the defaults are the documented decisions above."""
+
+    # header
+    sop_classes: tuple[str, ...] = (CR_IMAGE_STORAGE, DX_PRESENTATION_STORAGE, DX_PROCESSING_STORAGE)
+    accept_secondary_capture: bool = False
+    modalities: tuple[str, ...] = ("CR", "DX")
+    body_parts: tuple[str, ...] = ("CHEST", "THORAX")
+    missing_body_part: str = "accept"
+    views: tuple[str, ...] = ("PA", "AP")
+    missing_view: str = "accept"
+    accept_derived_primary: bool = True
+    min_age: float = 50.0
+    missing_age: str = "accept"
+    # landmarks: confidence is the detector's heatmap mass within 2 cells (soft_argmax); a
+    # trained detector gives ~0.3-0.9 on good frontal films and less on diffuse heatmaps.
+    min_landmark_confidence: float = 0.25
+    # thorax width (40 % rib points) over image width: JSRT films span 0.58-0.84
+    min_thorax_width: float = 0.3
+    max_thorax_width: float = 1.0
+    max_spine_tilt_deg: float = 30.0
+    # share of each local ROI inside the image: on JSRT the cervical box is >= 0.53 inside
+    min_roi_inside: float = 0.5
+    # image: lungs brighter than the mediastinum by more than this (display units) = inverted
+    inverted_margin: float = 0.1  # JSRT films: lungs 0.02-0.46 darker; inverted test films 0.3-0.7 brighter
+
+    def __post_init__(self) -> None:
+        for name in ("missing_body_part", "missing_view", "missing_age"):
+            if getattr(self, name) not in _POLICIES:
+                raise ValueError(f"EligibilityRules.{name} = {getattr(self, name)!r}: use 'accept' or 'reject'")
+        for name in ("sop_classes", "modalities", "body_parts", "views"):
+            value = getattr(self, name)
+            # An empty list would make nothing eligible: surely a mistake, so say so.
+            if not isinstance(value, tuple) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+                raise ValueError(f"EligibilityRules.{name} = {value!r}: must be a non-empty list of non-empty strings")
+        for name in ("min_landmark_confidence", "min_roi_inside"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"EligibilityRules.{name} = {getattr(self, name)}: must be within 0..1")
+        if not 0.0 <= self.min_thorax_width < self.max_thorax_width:
+            raise ValueError(f"EligibilityRules.min_thorax_width/max_thorax_width = {self.min_thorax_width}/{self.max_thorax_width}: need 0 <= min < max")
+        if not 0.0 < self.max_spine_tilt_deg <= 90.0:
+            raise ValueError(f"EligibilityRules.max_spine_tilt_deg = {self.max_spine_tilt_deg}: must be within (0, 90]")
+        if not 0.0 <= self.min_age <= 150.0:
+            raise ValueError(f"EligibilityRules.min_age = {self.min_age}: must be within 0..150")
+        if self.inverted_margin < 0.0:
+            raise ValueError(f"EligibilityRules.inverted_margin = {self.inverted_margin}: must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# header
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # an unparseable value counts as missing; the reason says so
+        return ""
+    if value is None:
+        return ""
+    if not isinstance(value, str) and hasattr(value, "__len__") and len(value) > 0 and not isinstance(value, bytes):
+        value = value[0]
+    return str(value).strip().upper()
+
+
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    """All values of a multi-valued string attribute, upper case ([] when missing)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return []
+    if value is None or value == "":
+        return []
+    items = value.split("\\") if isinstance(value, str) else list(value)
+    return [str(v).strip().upper() for v in items]
+
+
+def _date(ds: Dataset, keyword: str) -> dt.date | None:
+    text = _text(ds, keyword)
+    if len(text) == 8 and text.isdigit():
+        try:
+            return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+        except ValueError:
+            return None
+    return None
+
+
+def patient_age(ds: Dataset) -> tuple[float | None, str]:
+    """(age in years or None, where it came from / why it is unknown)."""
+    text = _text(ds, "PatientAge")
+    if text:
+        if len(text) == 4 and text[:3].isdigit() and text[3] in "DWMY":
+            years = int(text[:3]) / {"D": 365.25, "W": 52.1775, "M": 12.0, "Y": 1.0}[text[3]]
+            return years, f"PatientAge (0010,1010) '{text}'"
+        bad_age = f"PatientAge (0010,1010) '{text}' is not a valid age string"
+    else:
+        bad_age = "PatientAge (0010,1010) is missing"
+    birth = _date(ds, "PatientBirthDate")
+    if birth is None:
+        return None, f"{bad_age} and PatientBirthDate (0010,0030) is missing or invalid"
+    for keyword in ("StudyDate", "AcquisitionDate", "ContentDate", "SeriesDate"):
+        when = _date(ds, keyword)
+        if when is not None:
+            if when < birth:
+                return None, f"{bad_age} and PatientBirthDate {birth:%Y%m%d} is after {keyword} {when:%Y%m%d}"
+            years = when.year - birth.year - ((when.month, when.day) < (birth.month, birth.day))
+            return float(years), f"PatientBirthDate (0010,0030) {birth:%Y%m%d} and {keyword} {when:%Y%m%d}"
+    return None, f"{bad_age} and there is no StudyDate/AcquisitionDate to compute it from PatientBirthDate"
+
+
+def _check_sop_class(ds: Dataset, rules: EligibilityRules) -> Decision | None:
+    sop = _text(ds, "SOPClassUID")
+    if not sop:
+        return Decision(False, "sop_class_missing", "SOPClassUID (0008,0016) is missing: cannot tell whether this is an image")
+    name = UID(sop).name
+    label = f"SOPClassUID (0008,0016) {sop} ({name})" if name != sop else f"SOPClassUID (0008,0016) {sop}"
+    if sop in rules.sop_classes:
+        return None
+    if sop.startswith((_SR_FAMILY, _PR_FAMILY)):
+        return Decision(False, "sop_class_not_image", f"{label} is not an image (structured report, key object or presentation state)")
+    if sop == _SECONDARY_CAPTURE_FAMILY or sop.startswith(_SECONDARY_CAPTURE_FAMILY + "."):
+        if rules.accept_secondary_capture:
+            return None
+        return Decision(False, "secondary_capture", f"{label} is a secondary capture (a screenshot or scanned copy, not a calibrated radiograph)")
+    return Decision(False, "sop_class_not_screened", f"{label} is not one of the screened image classes ({', '.join(rules.sop_classes)})")
+
+
+def _view_from_code(ds: Dataset) -> str:
+    """PA / AP / LATERAL from ViewCodeSequence meaning when ViewPosition is empty; '' if unknown."""
+    try:
+        items = ds.get("ViewCodeSequence") or []
+        meaning = str(items[0].get("CodeMeaning", "")) if len(items) else ""
+    except Exception:
+        return ""
+    flat = meaning.lower().replace("-", "").replace(" ", "")
+    if "lateral" in flat:
+        return "LATERAL"
+    if "posteroanterior" in flat:
+        return "PA"
+    if "anteroposterior" in flat:
+        return "AP"
+    return ""
+
+
+def check_header(ds: Dataset, rules: EligibilityRules = EligibilityRules()) -> Decision:
+    """Header-only eligibility: no pixels needed, so it runs before decoding."""
+    refused = _check_sop_class(ds, rules)
+    if refused is not None:
+        return refused
+    notes: list[str] = []
+    accepted: list[str] = []
+
+    modality = _text(ds, "Modality")
+    allowed = {m.upper() for m in rules.modalities}
+    if not modality:
+        return Decision(False, "modality_missing", f"Modality (0008,0060) is missing; screened modalities are {', '.join(rules.modalities)}")
+    if modality not in allowed:
+        return Decision(False, "modality", f"Modality (0008,0060) is '{modality}'; screened modalities are {', '.join(rules.modalities)}")
+    accepted.append(modality)
+
+    body_part = _text(ds, "BodyPartExamined")
+    if not body_part:
+        if rules.missing_body_part == "reject":
+            return Decision(False, "body_part_missing", "BodyPartExamined (0018,0015) is missing and the missing_body_part policy is 'reject'")
+        notes.append("BodyPartExamined (0018,0015) is missing (accepted; the landmark check must confirm a chest)")
+    elif body_part not in {b.upper() for b in rules.body_parts}:
+        return Decision(False, "body_part", f"BodyPartExamined (0018,0015) is '{body_part}'; screened body parts are {', '.join(rules.body_parts)}")
+    else:
+        accepted.append(body_part)
+
+    view = _text(ds, "ViewPosition")
+    source = "ViewPosition (0018,5101)"
+    if not view:
+        view, source = _view_from_code(ds), "ViewCodeSequence (0054,0220) meaning"
+    if not view:
+        if rules.missing_view == "reject":
+            return Decision(False, "view_missing", "ViewPosition (0018,5101) is missing and the missing_view policy is 'reject'")
+        notes.append("ViewPosition (0018,5101) is missing (accepted; the landmark check must confirm a frontal film)")
+    elif view not in {v.upper() for v in rules.views}:
+        return Decision(False, "view_not_frontal", f"{source} is '{view}'; only {', '.join(rules.views)} films are screened")
+    else:
+        accepted.append(view)
+
+    image_type = _values(ds, "ImageType")
+    if not image_type:
+        notes.append("ImageType (0008,0008) is missing (accepted)")
+    else:
+        value = "\\".join(image_type)
+        if len(image_type) > 1 and image_type[1] == "SECONDARY":
+            return Decision(False, "secondary_image", f"ImageType (0008,0008) is '{value}': a SECONDARY image is a copy or reformat, not the acquired film")
+        if image_type[0] == "DERIVED" and not rules.accept_derived_primary:
+            return Decision(False, "derived_image", f"ImageType (0008,0008) is '{value}' and only ORIGINAL images are screened")
+        if image_type[0] not in ("ORIGINAL", "DERIVED"):
+            return Decision(False, "image_type", f"ImageType (0008,0008) value 1 is '{image_type[0]}': must be ORIGINAL or DERIVED")
+
+    age, age_source = patient_age(ds)
+    if age is None:
+        if rules.missing_age == "reject":
+            return Decision(False, "age_missing", f"patient age unknown: {age_source}; the missing_age policy is 'reject'")
+        notes.append(f"patient age unknown: {age_source} (accepted by the missing_age policy; the WHO category assumes age >= {rules.min_age:g})")
+    elif age < rules.min_age:
+        return Decision(False, "age_below_minimum", f"patient age {age:.0f} years (from {age_source}) is below the minimum of {rules.min_age:g}")
+    else:
+        accepted.append(f"age {age:.0f} from {age_source}")
+
+    reason = "eligible: " + ", ".join(accepted)
+    if notes:
+        reason += "; " + "; ".join(notes)
+    return Decision(True, ELIGIBLE, reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# landmarks
+
+_RIGHT_LEFT_PAIRS = (
+    ("clavicle_right_medial", "clavicle_left_medial"),
+    ("clavicle_right_mid", "clavicle_left_mid"),
+    ("clavicle_right_lateral", "clavicle_left_lateral"),
+    ("ribcage_right_20", "ribcage_left_20"),
+    ("ribcage_right_40", "ribcage_left_40"),
+    ("ribcage_right_60", "ribcage_left_60"),
+    ("ribcage_right_80", "ribcage_left_80"),
+)
+_CLAVICLE_POINTS = tuple(f"clavicle_{s}_{p}" for s in ("right", "left") for p in ("medial", "mid", "lateral"))
+_RIB_LEVELS = (20, 40, 60, 80)
+
+
+def _roi_inside_fraction(box: Any, image_shape: tuple[int, int], n: int = 16) -> float:
+    """Share of the box's area inside the image (pixel centres at integer coordinates)."""
+    t = (np.arange(n) + 0.5) / n - 0.5
+    uv = np.stack(np.meshgrid(t, t), axis=-1).reshape(-1, 2)
+    xy = box.to_source(uv)
+    rows, cols = image_shape
+    inside = (xy[:, 0] >= -0.5) & (xy[:, 0] <= cols - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= rows - 0.5)
+    return float(inside.mean())
+
+
+def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: EligibilityRules = EligibilityRules()) -> Decision:
+    """Are the 16 detected points confident and shaped like a frontal chest film?
+
+    Checks run from the most basic to the most specific, so the first failure names the
+    real problem: a film rotated by 90 degrees fails on the spine axis, not on a side swap.
+    """
+    from screener.pipeline.landmarks import LANDMARK_NAMES  # torch-heavy module, imported late
+
+    p = landmarks.__getitem__
+    rows, cols = int(image_shape[0]), int(image_shape[1])
+    if not np.all(np.isfinite(landmarks.points)) or not np.all(np.isfinite(landmarks.confidence)):
+        return Decision(False, "landmarks_not_finite", "the landmark detector returned non-finite points or confidence")
+
+    worst = int(np.argmin(landmarks.confidence))
+    if landmarks.confidence[worst] < rules.min_landmark_confidence:
+        return Decision(
+            False,
+            "low_landmark_confidence",
+            f"landmark {LANDMARK_NAMES[worst]} has confidence {landmarks.confidence[worst]:.2f}, below the minimum of "
+            f"{rules.min_landmark_confidence:.2f}: not a recognisable frontal chest film",
+        )
+
+    span = landmarks.points.max(axis=0) - landmarks.points.min(axis=0)
+    if span[0] < 0.1 * cols or span[1] < 0.1 * rows:
+        return Decision(
+            False,
+            "landmarks_collapsed",
+            f"the 16 landmarks span only {span[0]:.0f} x {span[1]:.0f} px of a {cols} x {rows} image: no thorax was found",
+        )
+
+    axis = p("t12") - p("cervical_spine")
+    tilt = math.degrees(math.atan2(abs(float(axis[0])), float(axis[1])))  # 0 = T12 straight below
+    if tilt > 135.0:  # the cervical point is nearer the bottom than the sides: upside down
+        return Decision(
+            False,
+            "spine_upside_down",
+            f"the cervical spine landmark (row {p('cervical_spine')[1]:.0f}) is below T12 (row {p('t12')[1]:.0f}): the film is upside down",
+        )
+    if tilt > rules.max_spine_tilt_deg:
+        return Decision(
+            False,
+            "spine_tilted",
+            f"the spine axis (cervical to T12) is {tilt:.0f} degrees from vertical, more than {rules.max_spine_tilt_deg:g}: a rotated or lateral film",
+        )
+
+    for right, left in _RIGHT_LEFT_PAIRS:
+        if p(right)[0] >= p(left)[0]:
+            return Decision(
+                False,
+                "sides_swapped",
+                f"{right} (column {p(right)[0]:.0f}) is not left of {left} (column {p(left)[0]:.0f}) on the image: "
+                "the patient's right must be on the image's left (a mirrored film or a lateral)",
+            )
+
+    lowest_clavicle = max(_CLAVICLE_POINTS, key=lambda n: p(n)[1])
+    rib_floor = min(p("ribcage_right_80")[1], p("ribcage_left_80")[1])
+    if p(lowest_clavicle)[1] >= rib_floor:
+        return Decision(
+            False,
+            "clavicles_below_ribs",
+            f"{lowest_clavicle} (row {p(lowest_clavicle)[1]:.0f}) is not above the 80 % rib-cage points (row {rib_floor:.0f})",
+        )
+
+    for side in ("right", "left"):
+        ys = [float(p(f"ribcage_{side}_{k}")[1]) for k in _RIB_LEVELS]
+        if not all(a < b for a, b in zip(ys, ys[1:])):
+            return Decision(
+                False,
+                "ribcage_order",
+                f"the {side} rib-cage points (20/40/60/80 %) are not in order from top to bottom (rows {', '.join(f'{y:.0f}' for y in ys)})",
+            )
+
+    width = float(np.hypot(*(p("ribcage_left_40") - p("ribcage_right_40")))) / cols
+    if not rules.min_thorax_width <= width <= rules.max_thorax_width:
+        return Decision(
+            False,
+            "thorax_width",
+            f"the thorax (40 % rib-cage points) is {width:.2f} of the image width; expected {rules.min_thorax_width:g} to {rules.max_thorax_width:g}",
+        )
+
+    from screener.pipeline.rois import LOCAL_ROI_NAMES, roi_boxes
+
+    try:
+        boxes = roi_boxes(landmarks, (rows, cols))
+    except ValueError as exc:
+        return Decision(False, "roi_geometry", f"the ROIs cannot be placed from these landmarks: {exc}")
+    for name in LOCAL_ROI_NAMES:
+        inside = _roi_inside_fraction(boxes[name], (rows, cols))
+        if inside < rules.min_roi_inside:
+            return Decision(
+                False,
+                "roi_outside_image",
+                f"only {inside:.0%} of the {name} ROI lies inside the image (minimum {rules.min_roi_inside:.0%}): the film is cut off",
+            )
+    return Decision(
+        True,
+        ELIGIBLE,
+        f"eligible: landmark confidence >= {landmarks.min_confidence:.2f}, spine {tilt:.0f} degrees from vertical, thorax {width:.2f} of the image width",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# image
+
+
+def _sample(pixels: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    rows, cols = pixels.shape
+    ix, iy = np.rint(xy[:, 0]).astype(np.int64), np.rint(xy[:, 1]).astype(np.int64)
+    keep = (ix >= 0) & (ix < cols) & (iy >= 0) & (iy < rows)
+    return pixels[iy[keep], ix[keep]]
+
+
+def _midline_x(landmarks: Landmarks, y: np.ndarray) -> np.ndarray:
+    top, bottom = landmarks["cervical_spine"], landmarks["t12"]
+    s = (y - top[1]) / max(float(bottom[1] - top[1]), 1e-6)
+    return top[0] + s * (bottom[0] - top[0])
+
+
+def check_image(pixels: np.ndarray, landmarks: Landmarks, rules: EligibilityRules = EligibilityRules()) -> Decision:
+    """Does the film display the right way round (bright bone, dark lungs)?
+
+    Some MONOCHROME2 files are stored inverted (lungs bright, spine dark). Between the rib-cage
+    border and the midline, at the 20-60 % levels, lies aerated lung; along the midline lies
+    the mediastinum and spine. On a correctly displayed film the lungs are the darker of the
+    two; when they are clearly brighter the grey scale is inverted, and the model, trained on
+    bright bone, would read it upside down. Call after :func:`check_landmarks` has passed.
+    """
+    if pixels.ndim != 2:
+        return Decision(False, "image_shape", f"expected a 2-D grey image, got shape {pixels.shape}")
+    width = float(np.hypot(*(landmarks["ribcage_left_40"] - landmarks["ribcage_right_40"])))
+    fractions = np.linspace(0.25, 0.6, 8)  # of the way from the rib border to the midline
+    lung_points = []
+    for side in ("right", "left"):
+        top = landmarks[f"ribcage_{side}_20"]
+        bottom = landmarks[f"ribcage_{side}_60"]
+        for level in np.linspace(0.0, 1.0, 12):
+            border = top + level * (bottom - top)
+            mid = np.array([_midline_x(landmarks, np.array([border[1]]))[0], border[1]])
+            lung_points.append(border + fractions[:, None] * (mid - border))
+    ys = np.linspace(
+        (landmarks["ribcage_right_20"][1] + landmarks["ribcage_left_20"][1]) / 2,
+        (landmarks["ribcage_right_60"][1] + landmarks["ribcage_left_60"][1]) / 2,
+        24,
+    )
+    offsets = np.linspace(-0.04, 0.04, 5) * width
+    mx = _midline_x(landmarks, ys)
+    band = np.stack([np.repeat(mx, offsets.size) + np.tile(offsets, ys.size), np.repeat(ys, offsets.size)], axis=1)
+    lungs = _sample(pixels, np.concatenate(lung_points))
+    centre = _sample(pixels, band)
+    if lungs.size < 20 or centre.size < 20:
+        return Decision(False, "lung_fields_outside_image", "the lung fields or the mediastinum fall outside the image: cannot check the grey scale")
+    lung_value, centre_value = float(np.median(lungs)), float(np.median(centre))
+    if lung_value - centre_value > rules.inverted_margin:
+        return Decision(
+            False,
+            "inverted",
+            f"the lung fields (median display value {lung_value:.2f}) are brighter than the mediastinum and spine ({centre_value:.2f}): "
+            "the image displays inverted; check PhotometricInterpretation (0028,0004) and PresentationLUTShape (2050,0020)",
+        )
+    return Decision(True, ELIGIBLE, f"eligible: lung fields {lung_value:.2f} darker than the mediastinum {centre_value:.2f} (or within {rules.inverted_margin:g})")

@@ -1,0 +1,98 @@
+"""Configuration: defaults, the example file, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from screener.config import (
+    ConfigError,
+    Settings,
+    build_decode_limits,
+    build_eligibility_rules,
+    load_config,
+    parse_config,
+)
+from screener.pipeline.decode import DecodeLimits
+from screener.pipeline.eligibility import EligibilityRules
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
+
+
+def test_defaults_are_the_pipeline_defaults() -> None:
+    settings = parse_config({})
+    assert settings == Settings()
+    assert build_eligibility_rules(settings.eligibility) == EligibilityRules()
+    assert build_decode_limits(settings.decode) == DecodeLimits()
+
+
+def test_example_file_spells_out_the_defaults() -> None:
+    assert load_config(EXAMPLE) == Settings()
+
+
+def test_values_reach_the_pipeline(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(
+        '[decode]\nmax_side = 4096\n\n[eligibility]\nmissing_age = "reject"\nmin_age = 65\n'
+        'views = ["PA"]\naccept_secondary_capture = true\n'
+    )
+    settings = load_config(path)
+    rules = build_eligibility_rules(settings.eligibility)
+    assert rules.missing_age == "reject" and rules.min_age == 65.0 and rules.views == ("PA",)
+    assert rules.accept_secondary_capture is True
+    assert build_decode_limits(settings.decode) == DecodeLimits(max_side=4096)
+    assert settings.to_dict()["eligibility"]["views"] == ("PA",)
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("decode", "min_side", 0),
+        ("decode", "min_side", "128"),
+        ("decode", "max_side", 100000),
+        ("decode", "max_pixels", -1),
+        ("decode", "max_pixels", True),
+        ("eligibility", "sop_classes", ["1.2.840.10008.5.1.4.1.1.x"]),
+        ("eligibility", "sop_classes", "1.2.840.10008.5.1.4.1.1.1"),
+        ("eligibility", "accept_secondary_capture", "yes"),
+        ("eligibility", "modalities", ["CR", 3]),
+        ("eligibility", "body_parts", []),
+        ("eligibility", "missing_body_part", "sometimes"),
+        ("eligibility", "views", "PA"),
+        ("eligibility", "missing_view", "maybe"),
+        ("eligibility", "accept_derived_primary", 1),
+        ("eligibility", "min_age", "fifty"),
+        ("eligibility", "min_age", 200),
+        ("eligibility", "missing_age", "ask"),
+        ("eligibility", "min_landmark_confidence", 1.5),
+        ("eligibility", "min_thorax_width", 1.2),
+        ("eligibility", "max_spine_tilt_deg", 0),
+        ("eligibility", "min_roi_inside", -0.1),
+        ("eligibility", "inverted_margin", -1),
+    ],
+)
+def test_bad_value_names_the_key(section: str, key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+        parse_config({section: {key: value}})
+
+
+def test_min_over_max_names_both() -> None:
+    with pytest.raises(ConfigError, match=r"decode\.min_side .* max_side"):
+        parse_config({"decode": {"min_side": 600, "max_side": 500}})
+
+
+def test_unknown_keys_and_sections_are_errors() -> None:
+    with pytest.raises(ConfigError, match=r"eligibility\.min_ages: unknown key"):
+        parse_config({"eligibility": {"min_ages": 50}})
+    with pytest.raises(ConfigError, match=r"\[eligibilty\]: unknown section"):
+        parse_config({"eligibilty": {}})
+    with pytest.raises(ConfigError, match=r"\[decode\] must be a table"):
+        parse_config({"decode": 3})
+
+
+def test_model_section_still_validated() -> None:
+    with pytest.raises(ConfigError, match=r"model\.device"):
+        parse_config({"model": {"device": "tpu"}})
+    with pytest.raises(ConfigError, match=r"model\.batch_size"):
+        parse_config({"model": {"batch_size": True}})
