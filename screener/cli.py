@@ -2,6 +2,9 @@
 
 Commands available in this release:
 
+  screener process PATH... --out DIR
+                              the whole pipeline on files: a validated SR (TID 1500), a GSPS
+                              overlay and a JSON result per eligible image, the reason otherwise
   screener predict FILE...    landmarks, ROIs, BMD, T-scores and WHO category for radiographs
   screener bundle [DIR]       show a model bundle's manifest (the shipped demo bundle by default)
   screener check-config FILE  validate a TOML configuration and print the effective settings
@@ -72,6 +75,49 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 1 if failures == len(results) and results else 0
 
 
+def _cmd_process(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from screener.config import Settings, build_decode_limits, build_eligibility_rules, load_config
+    from screener.pipeline.bundle import ModelBundle
+    from screener.process import Processor, find_inputs
+
+    settings = load_config(a.config) if a.config else Settings()
+    files = find_inputs(a.paths)
+    if not files:
+        print("error: no input files found", file=sys.stderr)
+        return 2
+    bundle = ModelBundle.load(a.bundle or (settings.model.bundle or None))
+    processor = Processor(
+        bundle, a.out, device=a.device or settings.model.device, batch_size=a.batch_size or settings.model.batch_size,
+        decode_workers=a.workers, rules=build_eligibility_rules(settings.eligibility), limits=build_decode_limits(settings.decode),
+    )
+    if bundle.demo:
+        print(f"NOTE: {bundle.manifest['demo_statement']}", file=sys.stderr)
+    rows = []
+    with tqdm(total=len(files), desc="processing", unit="image", disable=len(files) < 2 or a.quiet, file=sys.stderr) as bar:
+        for outcome in processor.run(files):
+            rows.append(outcome)
+            bar.update(1)
+    print(f"{'file':<36} {'result':<34} {'L1-L4 BMD':>9} {'T':>5} {'category':<12} {'s':>5}")
+    for o in rows:
+        name = o.file.name[-36:]
+        if o.estimate is None:
+            print(f"{name:<36} {(o.status + ': ' + o.code)[:34]:<34} {'':>9} {'':>5} {'':<12} {o.seconds['total']:>5.1f}")
+            continue
+        t = o.estimate.tscores
+        tval = f"{t.tscore['L1-L4']:.1f}" if t.tscore else "-"
+        cat = t.category.value if t.category else "-"
+        print(f"{name:<36} {'reported' + (' (DEMO)' if o.estimate.demo else ''):<34} {t.bmd['L1-L4']:>9.3f} {tval:>5} {cat:<12} {o.seconds['total']:>5.1f}")
+    counts = {s: sum(1 for o in rows if o.status == s) for s in ("reported", "ineligible", "error")}
+    print(f"{len(rows)} files: {counts['reported']} reported, {counts['ineligible']} ineligible, {counts['error']} errors; "
+          f"SR, GSPS and JSON in {a.out}")
+    for o in rows:
+        if o.status != "reported":
+            print(f"  {o.file.name}: {o.reason}")
+    return 0
+
+
 def _cmd_bundle(a: argparse.Namespace) -> int:
     from screener.pipeline.bundle import ModelBundle
 
@@ -105,6 +151,19 @@ def _cmd_check_config(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="screener", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    ps = sub.add_parser("process", help="run the whole pipeline on files: SR + GSPS + JSON per image",
+                        description="Runs decode, eligibility, landmarks, ROIs, BMD, T-score and report on DICOM files. "
+                        "Writes <SOPInstanceUID>.sr.dcm, .gsps.dcm and .json per eligible image and a .json with the "
+                        "reason for every other file. Exits non-zero only on usage errors: one bad file never stops the others.")
+    ps.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders (searched recursively)")
+    ps.add_argument("--out", type=Path, required=True, help="output folder")
+    ps.add_argument("--bundle", type=Path, default=None, help="model bundle (default: config model.bundle, else the demo bundle)")
+    ps.add_argument("--config", type=Path, default=None, help="TOML configuration for [model], [decode], [eligibility]")
+    ps.add_argument("--device", default=None, help="cpu, cuda or auto (default: config model.device)")
+    ps.add_argument("--batch-size", type=int, default=None, help="images per network batch (default: config model.batch_size)")
+    ps.add_argument("--workers", type=int, default=2, help="decode threads")
+    ps.add_argument("--quiet", action="store_true", help="no progress bar")
+    ps.set_defaults(func=_cmd_process)
     pr = sub.add_parser("predict", help="estimate BMD / T-score / WHO category for DICOM or PNG radiographs")
     pr.add_argument("files", nargs="+", type=Path, help="DICOM files (or grey PNGs)")
     pr.add_argument("--bundle", type=Path, default=None, help="model bundle directory (default: the shipped demo bundle)")
@@ -124,11 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from screener.config import ConfigError
     from screener.pipeline.bundle import BundleError
 
     try:
         return args.func(args)
-    except (BundleError, ValueError, FileNotFoundError) as exc:
+    except (BundleError, ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,207 @@
+"""`screener process`: the whole pipeline on files, writing SR, GSPS and a JSON result per image.
+
+decode -> header eligibility -> landmarks -> image eligibility -> ROIs -> BMD -> T-score ->
+SR + GSPS. Images are decoded by a small thread pool and pushed through the networks in
+batches. Every input ends with exactly one :class:`Outcome` (reported, ineligible or error)
+and one JSON file; nothing about one file can stop the others.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from screener.pipeline.bundle import ModelBundle
+from screener.pipeline.decode import DEFAULT_LIMITS, DecodedImage, DecodeError, DecodeLimits, decode_dataset
+from screener.pipeline.eligibility import EligibilityRules, check_header, check_image, check_landmarks
+from screener.pipeline.estimate import BmdEstimate, BmdEstimator
+from screener.pipeline.geometry import Pyramid
+
+__all__ = ["Outcome", "Processor", "find_inputs"]
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    file: Path
+    status: str  # "reported", "ineligible" or "error"
+    code: str  # stable reason code ("eligible" when reported)
+    reason: str
+    sop_instance_uid: str = ""
+    estimate: BmdEstimate | None = None
+    outputs: tuple[Path, ...] = ()
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d: dict = {
+            "file": str(self.file), "status": self.status, "code": self.code, "reason": self.reason,
+            "sop_instance_uid": self.sop_instance_uid, "outputs": [str(p) for p in self.outputs],
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+        }
+        est = self.estimate
+        if est is not None:
+            t = est.tscores
+            d["result"] = {
+                "model_id": est.model_id, "demo": est.demo, "bmd_g_cm2": t.bmd, "tscore": t.tscore,
+                "who_category": t.category.value if t.category else None, "tscore_note": t.reason,
+                "landmarks_xy": est.landmarks.points.round(2).tolist(),
+                "landmark_confidence": est.landmarks.confidence.round(3).tolist(),
+                "roi_corners_xy": {n: c.round(2).tolist() for n, c in zip(est.rois.names, est.rois.corners)},
+            }
+            if est.demo:
+                d["result"]["demo_statement"] = est.algorithm.demo_statement
+        return d
+
+
+@dataclass
+class _Item:
+    path: Path
+    t0: float
+    seconds: dict[str, float]
+    dataset: Dataset | None = None
+    image: DecodedImage | None = None
+    outcome: Outcome | None = None  # set as soon as the item is finished
+
+
+def output_stem(sop_instance_uid: str, path: Path) -> str:
+    """Output names from the SOP Instance UID when it is a valid UID (so they cannot escape the
+    output folder or collide across input folders), else from the sanitised file name."""
+    if sop_instance_uid and len(sop_instance_uid) <= 64 and _UID.match(sop_instance_uid):
+        return sop_instance_uid
+    return re.sub(r"[^A-Za-z0-9._-]", "_", path.name)[:100]
+
+
+def find_inputs(paths: Iterable[Path]) -> list[Path]:
+    """Files as given; folders searched recursively (hidden files skipped), sorted."""
+    found: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return found
+
+
+class Processor:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        out_dir: Path,
+        *,
+        device: str = "cpu",
+        batch_size: int = 8,
+        decode_workers: int = 2,
+        rules: EligibilityRules = EligibilityRules(),
+        limits: DecodeLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self.estimator = BmdEstimator(bundle, device)
+        self.out_dir = out_dir
+        self.batch_size = batch_size
+        self.decode_workers = decode_workers
+        self.rules = rules
+        self.limits = limits
+
+    def run(self, files: list[Path]) -> Iterator[Outcome]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(max_workers=max(1, self.decode_workers)) as pool:
+            for start in range(0, len(files), self.batch_size):
+                items = list(pool.map(self._read, files[start : start + self.batch_size]))
+                yield from self._finish_batch(items)
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def _read(self, path: Path) -> _Item:
+        item = _Item(path=path, t0=time.perf_counter(), seconds={})
+        t = time.perf_counter()
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:  # pydicom raises many types for non-DICOM input
+            item.outcome = self._done(item, "error", "not-dicom", f"not a readable DICOM file: {exc}")
+            return item
+        item.dataset = ds
+        uid = str(ds.get("SOPInstanceUID", ""))
+        header = check_header(ds, self.rules)
+        if not header.eligible:
+            item.outcome = self._done(item, "ineligible", header.code, header.reason, uid)
+            return item
+        try:
+            item.image = decode_dataset(ds, self.limits)
+        except DecodeError as exc:
+            item.outcome = self._done(item, "error", exc.code, str(exc), uid)
+        item.seconds["decode"] = time.perf_counter() - t
+        return item
+
+    def _finish_batch(self, items: list[_Item]) -> Iterator[Outcome]:
+        live = [i for i in items if i.outcome is None]
+        if live:
+            t = time.perf_counter()
+            pyramids = [Pyramid(i.image.pixels) for i in live]  # type: ignore[union-attr]
+            found = self.estimator.detect(pyramids)
+            per = (time.perf_counter() - t) / len(live)
+            eligible = []
+            for item, pyr, lm in zip(live, pyramids, found):
+                item.seconds["landmarks"] = per
+                assert item.image is not None
+                decision = check_landmarks(lm, item.image.shape, self.rules)
+                if decision.eligible:
+                    decision = check_image(item.image.pixels, lm, self.rules)
+                if decision.eligible:
+                    eligible.append((item, pyr, lm))
+                else:
+                    item.outcome = self._done(item, "ineligible", decision.code, decision.reason, item.image.sop_instance_uid)
+            if eligible:
+                t = time.perf_counter()
+                estimates = self.estimator.estimate(
+                    [p for _, p, _ in eligible], [i.image.patient_sex for i, _, _ in eligible],  # type: ignore[union-attr]
+                    landmarks=[lm for _, _, lm in eligible],
+                )
+                per = (time.perf_counter() - t) / len(eligible)
+                for (item, _, _), est in zip(eligible, estimates):
+                    item.seconds["model"] = per
+                    item.outcome = self._report(item, est)
+        for item in items:
+            assert item.outcome is not None
+            self._write_json(item.outcome)
+            yield item.outcome
+
+    def _report(self, item: _Item, est: BmdEstimate) -> Outcome:
+        from screener.report.overlay import build_gsps
+        from screener.report.sr import build_sr
+
+        assert item.dataset is not None and item.image is not None
+        uid = item.image.sop_instance_uid
+        t = time.perf_counter()
+        try:
+            sr = build_sr(item.dataset, est)
+            gsps = build_gsps(item.dataset, est)
+        except Exception as exc:  # a source header highdicom cannot carry: say so, keep going
+            return self._done(item, "error", "report-failed", f"could not build the report: {exc}", uid, est)
+        stem = output_stem(uid, item.path)
+        outputs = (self.out_dir / f"{stem}.sr.dcm", self.out_dir / f"{stem}.gsps.dcm")
+        sr.save_as(outputs[0], enforce_file_format=True)
+        gsps.save_as(outputs[1], enforce_file_format=True)
+        item.seconds["report"] = time.perf_counter() - t
+        return self._done(item, "reported", "eligible", "estimated", uid, est, outputs)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _done(self, item: _Item, status: str, code: str, reason: str, uid: str = "",
+              est: BmdEstimate | None = None, outputs: tuple[Path, ...] = ()) -> Outcome:
+        seconds = dict(item.seconds)
+        seconds["total"] = time.perf_counter() - item.t0
+        return Outcome(item.path, status, code, reason, uid, est, outputs, seconds)
+
+    def _write_json(self, outcome: Outcome) -> None:
+        stem = output_stem(outcome.sop_instance_uid, outcome.file)
+        (self.out_dir / f"{stem}.json").write_text(json.dumps(outcome.to_json(), indent=2) + "\n")

@@ -1,0 +1,104 @@
+"""`screener process` end to end with the shipped demo bundle on real CR files (pydicom-data)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from screener.cli import main
+from tests.conftest import SHARED, rg1_file
+from tests.validators import dciodvfy, dsrdump, pixelmed_sr
+
+SYNTAXES = ("RG1_UNCR.dcm", "RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int, dict[str, dict]]:
+    """Four transfer syntaxes of one radiograph plus three bad inputs, processed in one run."""
+    src = tmp_path_factory.mktemp("in")
+    for i, name in enumerate(SYNTAXES):
+        ds = pydicom.dcmread(rg1_file(name))
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.1234.{i + 1}"  # the fixtures share one UID
+        ds.save_as(src / name)
+    (src / "notes.txt").write_text("not a radiograph")
+    corrupt = pydicom.dcmread(rg1_file("RG1_J2KR.dcm"))
+    corrupt.SOPInstanceUID = "1.2.826.0.1.3680043.10.1234.99"
+    corrupt.PixelData = corrupt.PixelData[: len(corrupt.PixelData) // 3]
+    corrupt.save_as(src / "corrupt.dcm")
+    out = tmp_path_factory.mktemp("out")
+    rc = main(["process", str(src), "--out", str(out), "--device", "cpu", "--batch-size", "3", "--quiet"])
+    results = {json.loads(p.read_text())["file"].split("/")[-1]: json.loads(p.read_text()) for p in out.glob("*.json")}
+    return src, out, rc, results
+
+
+def test_every_input_has_exactly_one_result(processed) -> None:
+    src, _, rc, results = processed
+    assert rc == 0
+    assert set(results) == {p.name for p in src.iterdir()}
+
+
+def test_radiographs_are_reported_with_sr_and_gsps(processed) -> None:
+    _, out, _, results = processed
+    for name in SYNTAXES:
+        r = results[name]
+        assert r["status"] == "reported", r
+        assert r["result"]["demo"] is True and "NOT FOR CLINICAL USE" in r["result"]["demo_statement"]
+        assert 0.3 < r["result"]["bmd_g_cm2"]["L1-L4"] < 1.6
+        assert r["result"]["tscore"] is not None  # PatientSex F is in the files
+        for path in r["outputs"]:
+            assert Path(path).is_file() and Path(path).parent == out
+
+
+def test_transfer_syntaxes_agree(processed) -> None:
+    _, _, _, results = processed
+    bmd = {n: np.array([results[n]["result"]["bmd_g_cm2"][s] for s in ("L1", "L2", "L3", "L4")]) for n in SYNTAXES}
+    np.testing.assert_allclose(bmd["RG1_J2KR.dcm"], bmd["RG1_UNCR.dcm"], atol=1e-6)  # lossless: identical
+    for name in ("RG1_UNCI.dcm", "RG1_J2KI.dcm"):
+        np.testing.assert_allclose(bmd[name], bmd["RG1_UNCR.dcm"], atol=0.02)
+
+
+def test_bad_inputs_get_reasons_not_crashes(processed) -> None:
+    _, _, _, results = processed
+    assert results["notes.txt"]["status"] == "error" and results["notes.txt"]["code"] == "not-dicom"
+    assert results["corrupt.dcm"]["code"] == "corrupt-pixel-data"
+
+
+def test_outputs_pass_the_validators(processed) -> None:
+    _, _, _, results = processed
+    sr_path, gsps_path = (Path(p) for p in results["RG1_UNCR.dcm"]["outputs"])
+    for check in (dciodvfy, dsrdump, pixelmed_sr):
+        errors, _ = check(sr_path)
+        assert errors == [], (check.__name__, errors)
+    assert dciodvfy(gsps_path)[0] == []
+
+
+def test_our_own_sr_is_not_processed(processed, tmp_path: Path) -> None:
+    _, _, _, results = processed
+    sr = Path(results["RG1_UNCR.dcm"]["outputs"][0])
+    shutil.copy(sr, tmp_path / "loop.dcm")
+    assert main(["process", str(tmp_path / "loop.dcm"), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    r = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    assert r["status"] == "ineligible" and "SOP" in r["reason"]
+
+
+def test_usage_errors_exit_non_zero(tmp_path: Path) -> None:
+    assert main(["process", str(tmp_path / "missing.dcm"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["process", str(tmp_path), "--out", str(tmp_path / "o"), "--bundle", str(tmp_path)]) == 2
+
+
+@pytest.mark.skipif(not (SHARED / "dicom").is_dir(), reason="extended check: ../shared/data/dicom not present")
+def test_shared_vendor_files_each_get_a_validated_sr_or_a_reason(tmp_path: Path) -> None:
+    assert main(["process", str(SHARED / "dicom"), "--out", str(tmp_path), "--quiet"]) == 0
+    results = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert len(results) == len(list((SHARED / "dicom").glob("*.dcm")))
+    by_name = {Path(r["file"]).name: r for r in results}
+    assert by_name["canon_dx_chest_j2k_corrupt.dcm"]["code"] == "corrupt-pixel-data"
+    for r in results:
+        assert r["reason"], r
+        if r["status"] == "reported":
+            assert dciodvfy(Path(r["outputs"][0]))[0] == []
