@@ -91,6 +91,7 @@ def _cmd_process(a: argparse.Namespace) -> int:
     processor = Processor(
         bundle, a.out, device=a.device or settings.model.device, batch_size=a.batch_size or settings.model.batch_size,
         decode_workers=a.workers, rules=build_eligibility_rules(settings.eligibility), limits=build_decode_limits(settings.decode),
+        previews=a.png,
     )
     if bundle.demo:
         print(f"NOTE: {bundle.manifest['demo_statement']}", file=sys.stderr)
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--device", default=None, help="cpu, cuda or auto (default: config model.device)")
     ps.add_argument("--batch-size", type=int, default=None, help="images per network batch (default: config model.batch_size)")
     ps.add_argument("--workers", type=int, default=2, help="decode threads")
+    ps.add_argument("--png", action="store_true", help="also save <uid>.gsps.png: the GSPS graphics drawn on the image")
     ps.add_argument("--quiet", action="store_true", help="no progress bar")
     ps.set_defaults(func=_cmd_process)
     pr = sub.add_parser("predict", help="estimate BMD / T-score / WHO category for DICOM or PNG radiographs")

@@ -104,7 +104,9 @@ class Processor:
         decode_workers: int = 2,
         rules: EligibilityRules = EligibilityRules(),
         limits: DecodeLimits = DEFAULT_LIMITS,
+        previews: bool = False,
     ) -> None:
+        self.previews = previews
         self.estimator = BmdEstimator(bundle, device)
         self.out_dir = out_dir
         self.batch_size = batch_size
@@ -191,6 +193,10 @@ class Processor:
         outputs = (self.out_dir / f"{stem}.sr.dcm", self.out_dir / f"{stem}.gsps.dcm")
         sr.save_as(outputs[0], enforce_file_format=True)
         gsps.save_as(outputs[1], enforce_file_format=True)
+        if self.previews:  # the GSPS read back and drawn, as a viewer would show it
+            from screener.report.preview import render_gsps
+
+            outputs += (render_gsps(item.image.pixels, gsps, self.out_dir / f"{stem}.gsps.png"),)
         item.seconds["report"] = time.perf_counter() - t
         return self._done(item, "reported", "eligible", "estimated", uid, est, outputs)
 

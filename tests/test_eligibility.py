@@ -216,12 +216,22 @@ def test_plausible_landmarks_are_eligible() -> None:
     assert check_landmarks(_rotated(15), SHAPE).eligible  # a slightly rotated patient is fine
 
 
-def test_low_confidence_names_the_landmark() -> None:
+def test_low_median_confidence_is_refused_naming_the_least_sure_landmark() -> None:
     lm = _landmarks()
-    conf = lm.confidence.copy()
-    conf[LANDMARK_NAMES.index("t12")] = 0.1
-    _refused(check_landmarks(Landmarks(lm.points, conf), SHAPE), "low_landmark_confidence", "t12", "0.10", "0.25")
-    assert check_landmarks(Landmarks(lm.points, conf), SHAPE, EligibilityRules(min_landmark_confidence=0.05)).eligible
+    threshold = EligibilityRules().min_landmark_confidence
+    conf = np.full(16, threshold / 2)
+    conf[LANDMARK_NAMES.index("t12")] = threshold / 10
+    _refused(check_landmarks(Landmarks(lm.points, conf), SHAPE), "low_landmark_confidence", "median", "t12")
+    assert check_landmarks(Landmarks(lm.points, conf), SHAPE, EligibilityRules(min_landmark_confidence=threshold / 4)).eligible
+
+
+def test_one_unsure_derived_landmark_does_not_refuse_a_film() -> None:
+    """The derived points (cervical spine, T12) are always the least sure; the median ignores one."""
+    lm = _landmarks()
+    conf = np.ones(16)
+    conf[LANDMARK_NAMES.index("t12")] = 0.0
+    conf[LANDMARK_NAMES.index("cervical_spine")] = 0.0
+    assert check_landmarks(Landmarks(lm.points, conf), SHAPE).eligible
 
 
 def test_rotated_films_fail_on_the_spine_axis() -> None:

@@ -42,6 +42,14 @@ def _landmarks_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _landmarks_calibrate(a: argparse.Namespace) -> int:
+    from training.landmarks import calibrate_confidence
+
+    calibrate_confidence(a.checkpoint, a.out, [Path(f) for f in a.dicom], a.jsrt_root)
+    print(f"wrote {Path(a.out) / 'confidence_calibration.json'}")
+    return 0
+
+
 def _bmd_train(a: argparse.Namespace) -> int:
     from training.bmd import BmdTrainConfig, train_bmd
 
@@ -142,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--jsrt-root")
     e.set_defaults(func=_landmarks_evaluate)
+    c = lm.add_parser("calibrate", help="median landmark confidence on frontal films vs non-chest negatives (sets the eligibility gate)")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--jsrt-root")
+    c.add_argument("--dicom", nargs="*", default=[], help="frontal chest DICOM files to add to the positives")
+    c.set_defaults(func=_landmarks_calibrate)
 
     bmd = sub.add_parser("bmd", help="the multi-ROI BMD network").add_subparsers(dest="action", required=True)
     t = bmd.add_parser("train", help="train from a CSV manifest (paper defaults; by-patient split; resumable)")

@@ -266,3 +266,66 @@ def _plot_predictions(cases: list[JsrtCase], images: dict[str, np.ndarray], pred
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+NEGATIVES = ("rotated_90", "upside_down", "inverted", "lower_half", "blank", "noise")
+
+
+def make_negative(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Images that are not a frontal chest film, built from one: what the gate must refuse."""
+    if kind == "rotated_90":
+        return np.ascontiguousarray(np.rot90(img))
+    if kind == "upside_down":
+        return np.ascontiguousarray(img[::-1])
+    if kind == "inverted":
+        return 1.0 - img
+    if kind == "lower_half":  # an abdomen-like field: no clavicles, no apices
+        return np.ascontiguousarray(img[img.shape[0] // 2 :])
+    if kind == "blank":
+        return np.full_like(img, 0.5)
+    if kind == "noise":
+        return rng.random(img.shape).astype(np.float32)
+    raise ValueError(f"unknown negative kind {kind!r}")
+
+
+def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_files: list[Path],
+                         jsrt_root: str | None = None) -> dict:
+    """Median landmark confidence on frontal films vs non-chest negatives, to set the gate.
+
+    Positives: the JSRT validation split and the given frontal DICOM files. Negatives: each
+    positive rotated, upside down, inverted, cut to its lower half, plus blank and noise.
+    """
+    from screener.pipeline.decode import decode_file
+
+    state = load_checkpoint(checkpoint)
+    net = LandmarkNet(width=state["config"]["width"])
+    net.load_state_dict(state["model"])
+    detector = LandmarkDetector(net, state["config"]["input_size"])
+    cfg = LandmarkTrainConfig(**{**state["config"], "jsrt_root": jsrt_root or state["config"].get("jsrt_root")})
+    _, val = _split(cfg)
+    positives = {c.case_id: load_grey_png(c.image_path) for c in val}
+    for f in dicom_files:
+        positives[f.name] = decode_file(f).pixels
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, img in tqdm(positives.items(), desc="calibrating", leave=False):
+        for kind in ("frontal",) + NEGATIVES:
+            probe = img if kind == "frontal" else make_negative(img, kind, rng)
+            conf = detector.detect([probe])[0].confidence
+            rows.append({"image": name, "kind": kind, "median": float(np.median(conf)), "min": float(conf.min())})
+    pos = np.array([r["median"] for r in rows if r["kind"] == "frontal"])
+    neg = {k: np.array([r["median"] for r in rows if r["kind"] == k]) for k in NEGATIVES}
+    summary = {
+        "frontal": {"n": int(pos.size), "min": float(pos.min()), "p05": float(np.percentile(pos, 5)), "median": float(np.median(pos))},
+        "negatives": {k: {"n": int(v.size), "max": float(v.max()), "p95": float(np.percentile(v, 95))} for k, v in neg.items()},
+        "rows": rows,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "confidence_calibration.json").write_text(json.dumps(summary, indent=2))
+    print(f"{'input':<14}{'n':>5}{'min':>8}{'p05':>8}{'median':>8}{'p95':>8}{'max':>8}   (median landmark confidence)")
+    f = summary["frontal"]
+    print(f"{'frontal':<14}{f['n']:>5}{f['min']:>8.3f}{f['p05']:>8.3f}{f['median']:>8.3f}")
+    for k, v in neg.items():
+        print(f"{k:<14}{v.size:>5}{v.min():>8.3f}{np.percentile(v, 5):>8.3f}{np.median(v):>8.3f}{np.percentile(v, 95):>8.3f}{v.max():>8.3f}")
+    return summary

@@ -1,7 +1,9 @@
-"""A PNG preview of one result: the radiograph with ROI outlines, landmarks and a summary line.
+"""PNG previews for people checking results by eye.
 
-For people checking the pipeline by eye (``screener predict --png``); viewers get the same
-drawing as a DICOM presentation state from :mod:`screener.report.overlay`.
+:func:`render_gsps` draws a presentation state's own graphics (ROI outlines, landmark circles,
+text) onto the decoded image, so the picture shows what a viewer will show, read back from
+the DICOM object. :func:`render_preview` draws an estimate directly (``screener predict``,
+which builds no DICOM objects).
 """
 
 from __future__ import annotations
@@ -10,24 +12,20 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydicom.dataset import Dataset
 
 from screener.pipeline.estimate import BmdEstimate
 
-__all__ = ["render_preview"]
+__all__ = ["render_preview", "render_gsps"]
 
-ROI_COLOURS = {
-    "left_clavicle": (255, 80, 80),
-    "right_clavicle": (255, 160, 60),
-    "cervical_spine": (80, 200, 255),
-    "left_ribcage": (120, 255, 120),
-    "right_ribcage": (200, 255, 80),
-    "t12": (200, 120, 255),
-    "whole_image": (160, 160, 160),
-}
+OUTLINE = (255, 200, 0)
+POINT = (255, 60, 60)
 
 
-def render_preview(pixels: np.ndarray, estimate: BmdEstimate, path: str | Path, max_side: int = 1024) -> Path:
-    """Draw on a downsized copy (longest side ``max_side``) and save as PNG."""
+def _draw(pixels: np.ndarray, polylines: list[np.ndarray], circles: list[tuple[np.ndarray, float]], text: str,
+          path: str | Path, max_side: int) -> Path:
+    """Draw on a copy downsized to ``max_side``; coordinates are source pixels, centre of the
+    top-left pixel at (0, 0)."""
     h, w = pixels.shape
     scale = min(1.0, max_side / max(h, w))
     img = Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)).convert("RGB")
@@ -35,28 +33,42 @@ def render_preview(pixels: np.ndarray, estimate: BmdEstimate, path: str | Path, 
         img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(img)
 
-    def to_px(xy: np.ndarray) -> list[tuple[float, float]]:
-        # source pixel centres are at integers; the resized image's at (k + 0.5) / scale - 0.5
-        return [((x + 0.5) * scale - 0.5, (y + 0.5) * scale - 0.5) for x, y in xy]
+    def px(xy: np.ndarray) -> list[tuple[float, float]]:
+        return [((x + 0.5) * scale - 0.5, (y + 0.5) * scale - 0.5) for x, y in np.asarray(xy, float)]
 
-    for name, corners in zip(estimate.rois.names, estimate.rois.corners):
-        if name == "whole_image":
-            continue
-        pts = to_px(corners)
-        draw.line(pts + pts[:1], fill=ROI_COLOURS[name], width=2)
-    r = max(2.0, 4 * scale * max(h, w) / 1024)
-    for (x, y), conf in zip(to_px(estimate.landmarks.points), estimate.landmarks.confidence):
-        colour = (255, 255, 0) if conf >= 0.5 else (255, 0, 0)
-        draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=2)
-    t = estimate.tscores
-    text = f"L1-L4 BMD {t.bmd['L1-L4']:.3f} g/cm2"
-    if t.tscore:
-        text += f"  T {t.tscore['L1-L4']:.1f}  {t.category.value if t.category else ''}"
-    if estimate.demo:
-        text += "  [DEMO MODEL - NOT FOR CLINICAL USE]"
+    for line in polylines:
+        draw.line(px(line), fill=OUTLINE, width=2)
+    for centre, radius in circles:
+        (x, y), r = px(centre[None])[0], max(2.0, radius * scale)
+        draw.ellipse([x - r, y - r, x + r, y + r], outline=POINT, width=2)
     draw.rectangle([0, 0, img.width, 16], fill=(0, 0, 0))
     draw.text((4, 2), text, fill=(255, 255, 255))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def render_preview(pixels: np.ndarray, estimate: BmdEstimate, path: str | Path, max_side: int = 1024) -> Path:
+    from screener.report.sr import summary_text
+
+    lines = [np.vstack([c, c[:1]]) for n, c in zip(estimate.rois.names, estimate.rois.corners) if n != "whole_image"]
+    radius = 0.006 * max(pixels.shape)
+    circles = [(p, radius) for p in estimate.landmarks.points]
+    return _draw(pixels, lines, circles, summary_text(estimate), path, max_side)
+
+
+def render_gsps(pixels: np.ndarray, gsps: Dataset, path: str | Path, max_side: int = 1024) -> Path:
+    """Draw every POLYLINE, CIRCLE and text object of a GSPS (PIXEL units) onto ``pixels``."""
+    lines, circles, texts = [], [], []
+    for annotation in gsps.get("GraphicAnnotationSequence", []):
+        for obj in annotation.get("GraphicObjectSequence", []):
+            if obj.GraphicAnnotationUnits != "PIXEL":
+                continue
+            pts = np.asarray(obj.GraphicData, float).reshape(-1, 2) - 0.5  # DICOM puts pixel centres at +0.5
+            if obj.GraphicType == "POLYLINE":
+                lines.append(pts)
+            elif obj.GraphicType == "CIRCLE":
+                circles.append((pts[0], float(np.hypot(*(pts[1] - pts[0])))))
+        texts += [str(t.UnformattedTextValue) for t in annotation.get("TextObjectSequence", [])]
+    return _draw(pixels, lines, circles, " | ".join(texts), path, max_side)

@@ -7,7 +7,7 @@ JSRT=${1:-../shared/data/jsrt}
 RUN=${2:-runs/synthetic}
 THREADS=${THREADS:-0}
 EPOCHS=${EPOCHS:-12}
-COMMON=(--backbone resnet18 --roi-size 96 --optimizer adamw --lr 1e-3 --weight-decay 1e-4 --batch-size 16
+COMMON=(--backbone resnet18 --roi-size 96 --optimizer adamw --schedule cosine --lr 1e-3 --weight-decay 1e-4 --batch-size 16
         --epochs "$EPOCHS" --threads "$THREADS")
 [ -f "$RUN/manifest.csv" ] || python -m training synthetic --jsrt-root "$JSRT" --out "$RUN" --copies 2
 python -m training bmd train --manifest "$RUN/manifest.csv" --out "$RUN/multi_roi" "${COMMON[@]}" --resume
