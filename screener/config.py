@@ -92,6 +92,8 @@ class EligibilitySettings:
     min_landmark_confidence: float = _RULES.min_landmark_confidence
     min_thorax_width: float = _RULES.min_thorax_width
     max_thorax_width: float = _RULES.max_thorax_width
+    min_thorax_aspect: float = _RULES.min_thorax_aspect
+    max_thorax_aspect: float = _RULES.max_thorax_aspect
     max_spine_tilt_deg: float = _RULES.max_spine_tilt_deg
     min_roi_inside: float = _RULES.min_roi_inside
     inverted_margin: float = _RULES.inverted_margin

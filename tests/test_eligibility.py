@@ -267,6 +267,15 @@ def test_rib_points_must_run_top_to_bottom() -> None:
     _refused(check_landmarks(_moved(ribcage_left_40=tuple(r60), ribcage_left_60=tuple(r40)), SHAPE), "ribcage_order", "left rib-cage")
 
 
+def test_flattened_thorax_is_refused() -> None:
+    """A film cut to the lower chest: the detector squeezes the thorax flat."""
+    lm = _landmarks()
+    pts = lm.points.copy()
+    centre_y = pts[:, 1].mean()
+    pts[:, 1] = centre_y + (pts[:, 1] - centre_y) * 0.5
+    _refused(check_landmarks(Landmarks(pts, lm.confidence), SHAPE), "thorax_aspect", "times as tall")
+
+
 def test_thorax_width_fraction() -> None:
     # The same thorax on a 512 x 1400 image is only ~0.22 of its width.
     _refused(check_landmarks(_landmarks(), (512, 1400)), "thorax_width", "0.3")

@@ -296,7 +296,9 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
     positive rotated, upside down, inverted, cut to its lower half, plus blank and noise.
     """
     from screener.pipeline.decode import decode_file
+    from screener.pipeline.eligibility import EligibilityRules, check_image, check_landmarks
 
+    rules = EligibilityRules()
     state = load_checkpoint(checkpoint)
     net = LandmarkNet(width=state["config"]["width"])
     net.load_state_dict(state["model"])
@@ -311,11 +313,19 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
     for name, img in tqdm(positives.items(), desc="calibrating", leave=False):
         for kind in ("frontal",) + NEGATIVES:
             probe = img if kind == "frontal" else make_negative(img, kind, rng)
-            conf = detector.detect([probe])[0].confidence
-            rows.append({"image": name, "kind": kind, "median": float(np.median(conf)), "min": float(conf.min())})
+            found = detector.detect([probe])[0]
+            decision = check_landmarks(found, probe.shape, rules)
+            if decision.eligible:
+                decision = check_image(probe, found, rules)
+            conf = found.confidence
+            rows.append({"image": name, "kind": kind, "median": float(np.median(conf)), "min": float(conf.min()),
+                         "eligible": decision.eligible, "code": decision.code})
     pos = np.array([r["median"] for r in rows if r["kind"] == "frontal"])
     neg = {k: np.array([r["median"] for r in rows if r["kind"] == k]) for k in NEGATIVES}
+    accepted = {k: float(np.mean([r["eligible"] for r in rows if r["kind"] == k])) for k in ("frontal",) + NEGATIVES}
     summary = {
+        "threshold": rules.min_landmark_confidence,
+        "accepted_share": accepted,
         "frontal": {"n": int(pos.size), "min": float(pos.min()), "p05": float(np.percentile(pos, 5)), "median": float(np.median(pos))},
         "negatives": {k: {"n": int(v.size), "max": float(v.max()), "p95": float(np.percentile(v, 95))} for k, v in neg.items()},
         "rows": rows,
@@ -323,9 +333,13 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "confidence_calibration.json").write_text(json.dumps(summary, indent=2))
-    print(f"{'input':<14}{'n':>5}{'min':>8}{'p05':>8}{'median':>8}{'p95':>8}{'max':>8}   (median landmark confidence)")
-    f = summary["frontal"]
-    print(f"{'frontal':<14}{f['n']:>5}{f['min']:>8.3f}{f['p05']:>8.3f}{f['median']:>8.3f}")
-    for k, v in neg.items():
-        print(f"{k:<14}{v.size:>5}{v.min():>8.3f}{np.percentile(v, 5):>8.3f}{np.median(v):>8.3f}{np.percentile(v, 95):>8.3f}{v.max():>8.3f}")
+    print(f"median landmark confidence per input; 'accepted' = share passing the whole gate "
+          f"(confidence >= {rules.min_landmark_confidence}, geometry, inversion)")
+    print(f"{'input':<14}{'n':>5}{'min':>8}{'p05':>8}{'median':>8}{'p95':>8}{'max':>8}{'accepted':>10}")
+    for k, v in {"frontal": pos, **neg}.items():
+        print(f"{k:<14}{v.size:>5}{v.min():>8.3f}{np.percentile(v, 5):>8.3f}{np.median(v):>8.3f}"
+              f"{np.percentile(v, 95):>8.3f}{v.max():>8.3f}{100 * accepted[k]:>9.1f}%")
+    for r in rows:
+        if r["kind"] == "frontal" and not r["eligible"]:
+            print(f"  frontal refused: {r['image']}: {r['code']}")
     return summary

@@ -99,12 +99,19 @@ class EligibilityRules:
     accept_derived_primary: bool = True
     min_age: float = 50.0
     missing_age: str = "accept"
-    # landmarks: confidence is the detector's heatmap mass within 2 cells (soft_argmax); a
-    # trained detector gives ~0.3-0.9 on good frontal films and less on diffuse heatmaps.
-    min_landmark_confidence: float = 0.25
+    # landmarks: the median over the 16 points of the detector's heatmap mass within 2 cells
+    # (soft_argmax). `screener-train landmarks calibrate` on the demo detector: frontal films
+    # (JSRT validation + Philips CR + Canon DX) 0.100-0.45, p05 0.215; rotated, inverted,
+    # blank and noise images at most 0.059. Upside-down and cropped films overlap and are
+    # refused by the geometry checks below.
+    min_landmark_confidence: float = 0.08
     # thorax width (40 % rib points) over image width: JSRT films span 0.58-0.84
     min_thorax_width: float = 0.3
     max_thorax_width: float = 1.0
+    # cervical-to-T12 length over thorax width: JSRT validation 0.76-1.42, Philips CR and Canon
+    # DX 1.17-1.19; films cut to the lower half (abdomen-like) give 0.47-0.74 (calibrate command)
+    min_thorax_aspect: float = 0.7
+    max_thorax_aspect: float = 2.0
     max_spine_tilt_deg: float = 30.0
     # share of each local ROI inside the image: on JSRT the cervical box is >= 0.53 inside
     min_roi_inside: float = 0.5
@@ -125,6 +132,8 @@ class EligibilityRules:
                 raise ValueError(f"EligibilityRules.{name} = {getattr(self, name)}: must be within 0..1")
         if not 0.0 <= self.min_thorax_width < self.max_thorax_width:
             raise ValueError(f"EligibilityRules.min_thorax_width/max_thorax_width = {self.min_thorax_width}/{self.max_thorax_width}: need 0 <= min < max")
+        if not 0.0 < self.min_thorax_aspect < self.max_thorax_aspect:
+            raise ValueError(f"EligibilityRules.min_thorax_aspect/max_thorax_aspect = {self.min_thorax_aspect}/{self.max_thorax_aspect}: need 0 < min < max")
         if not 0.0 < self.max_spine_tilt_deg <= 90.0:
             raise ValueError(f"EligibilityRules.max_spine_tilt_deg = {self.max_spine_tilt_deg}: must be within (0, 90]")
         if not 0.0 <= self.min_age <= 150.0:
@@ -404,6 +413,17 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
             f"the thorax (40 % rib-cage points) is {width:.2f} of the image width; expected {rules.min_thorax_width:g} to {rules.max_thorax_width:g}",
         )
 
+    # Spine length over thorax width: a whole chest is about as tall as it is wide, while a
+    # field cut to the lower chest and abdomen squeezes the detected thorax flat.
+    aspect = float(np.hypot(*(p("t12") - p("cervical_spine")))) / (width * cols)
+    if not rules.min_thorax_aspect <= aspect <= rules.max_thorax_aspect:
+        return Decision(
+            False,
+            "thorax_aspect",
+            f"the detected thorax is {aspect:.2f} times as tall (cervical spine to T12) as it is wide; expected "
+            f"{rules.min_thorax_aspect:g} to {rules.max_thorax_aspect:g}: not a whole frontal chest",
+        )
+
     from screener.pipeline.rois import LOCAL_ROI_NAMES, roi_boxes
 
     try:
@@ -421,7 +441,7 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
     return Decision(
         True,
         ELIGIBLE,
-        f"eligible: landmark confidence >= {landmarks.min_confidence:.2f}, spine {tilt:.0f} degrees from vertical, thorax {width:.2f} of the image width",
+        f"eligible: median landmark confidence {np.median(landmarks.confidence):.2f}, spine {tilt:.0f} degrees from vertical, thorax {width:.2f} of the image width",
     )
 
 
