@@ -38,6 +38,16 @@ def synthetic_contours(shift: tuple[float, float] = (0.0, 0.0)) -> dict[str, np.
             "RCLA": rcla, "LCLA": lcla}
 
 
+def edit_dataset(ds, **changes: object):
+    """Set each keyword to its value on ``ds``; a value of None deletes the attribute."""
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
 @pytest.fixture
 def contours() -> dict[str, np.ndarray]:
     return synthetic_contours()

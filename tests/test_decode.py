@@ -19,7 +19,7 @@ from pydicom import uid as dicom_uid
 
 from screener.pipeline import decode as decode_module
 from screener.pipeline.decode import DecodeError, DecodeLimits, decode_dataset, decode_file
-from tests.conftest import SHARED, rg1_file
+from tests.conftest import edit_dataset, SHARED, rg1_file
 
 
 def test_monochrome1_cr_is_inverted_to_bright_bone() -> None:
@@ -160,13 +160,7 @@ def test_jpeg2000_lossy_matches_its_uncompressed_twin(reference: np.ndarray) -> 
 
 
 def _rg1(**changes: object) -> pydicom.Dataset:
-    ds = pydicom.dcmread(rg1_file())
-    for keyword, value in changes.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    return ds
+    return edit_dataset(pydicom.dcmread(rg1_file()), **changes)
 
 
 def _with_raw(ds: pydicom.Dataset, raw: np.ndarray) -> pydicom.Dataset:

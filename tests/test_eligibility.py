@@ -21,7 +21,7 @@ from screener.pipeline.eligibility import (
     patient_age,
 )
 from screener.pipeline.landmarks import LANDMARK_NAMES, Landmarks
-from tests.conftest import SHARED, rg1_file, synthetic_contours
+from tests.conftest import edit_dataset, SHARED, rg1_file, synthetic_contours
 from training.jsrt import landmarks_from_contours
 
 # ---------------------------------------------------------------------------------------------
@@ -36,12 +36,7 @@ def _header(**changes: object) -> Dataset:
     ds.ViewPosition = "PA"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.PatientAge = "064Y"
-    for keyword, value in changes.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    return ds
+    return edit_dataset(ds, **changes)
 
 
 def _refused(decision: Decision, code: str, *named: str) -> None:
