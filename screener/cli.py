@@ -103,7 +103,7 @@ def _cmd_process(a: argparse.Namespace) -> int:
     print(f"{'file':<36} {'result':<34} {'L1-L4 BMD':>9} {'T':>5} {'category':<12} {'s':>5}")
     for o in rows:
         name = o.file.name[-36:]
-        if o.estimate is None:
+        if o.status != "reported" or o.estimate is None:
             print(f"{name:<36} {(o.status + ': ' + o.code)[:34]:<34} {'':>9} {'':>5} {'':<12} {o.seconds['total']:>5.1f}")
             continue
         t = o.estimate.tscores

@@ -102,3 +102,27 @@ def test_shared_vendor_files_each_get_a_validated_sr_or_a_reason(tmp_path: Path)
         assert r["reason"], r
         if r["status"] == "reported":
             assert dciodvfy(Path(r["outputs"][0]))[0] == []
+
+
+def test_gsps_preview_draws_outlines_where_the_rois_are(processed, tmp_path: Path) -> None:
+    """Read the GSPS back, draw it, and find the outline colour on each ROI edge."""
+    from PIL import Image
+
+    from screener.pipeline.decode import decode_file
+    from screener.report.preview import OUTLINE, render_gsps
+
+    _, _, _, results = processed
+    r = results["RG1_UNCR.dcm"]
+    gsps = pydicom.dcmread(r["outputs"][1])
+    pixels = decode_file(rg1_file()).pixels
+    png = render_gsps(pixels, gsps, tmp_path / "gsps.png", max_side=4096)  # full size: no rescaling
+    drawn = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    h, w = pixels.shape
+    for name, corners in r["result"]["roi_corners_xy"].items():
+        if name == "whole_image":
+            continue
+        a, b = np.array(corners[0]), np.array(corners[1])  # top edge of the ROI
+        x, y = np.round((a + b) / 2).astype(int)
+        if 0 <= x < w and 0 <= y < h:
+            patch = drawn[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3].reshape(-1, 3)
+            assert (np.abs(patch - OUTLINE).sum(axis=1) < 30).any(), name

@@ -469,3 +469,18 @@ def test_missing_validator_fails_with_install_hint(monkeypatch, tmp_path) -> Non
     monkeypatch.setattr(validators.shutil, "which", lambda name: None)
     with pytest.raises(AssertionError, match=r"\.ci/run.*apt-get install dicom3tools"):
         validators.dciodvfy(tmp_path / "x.dcm")
+
+
+def test_values_breaking_their_vr_are_blanked_not_fatal(tmp_path) -> None:
+    """Anonymisers write hashes into dates and short strings (seen in a real Canon DX file)."""
+    import pydicom
+
+    from screener.report.sr import source_header
+
+    ds = pydicom.dcmread(rg1_file(), stop_before_pixels=True)
+    ds.PatientBirthDate = "d14a028c2a3a2bc9476102bb288234c4"
+    ds.StudyTime = "not-a-time"
+    ds.AccessionNumber = "d14a028c2a3a2bc9476102bb288234c415a2b01f828ea62ac5b3e42f"  # SH: max 16
+    header = source_header(ds)
+    assert header.PatientBirthDate == "" and header.StudyTime == "" and header.AccessionNumber == ""
+    assert header.StudyDate == ds.StudyDate  # valid values are kept

@@ -34,6 +34,10 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
+import pydicom
+import pydicom.config
+import pydicom.tag
+import pydicom.valuerep
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -216,6 +220,8 @@ _TYPE2_EMPTY = (
     "ReferringPhysicianName",
 )
 _PATIENT_SEX = ("M", "F", "O")
+#: Checked before: the report cannot exist without them, so they are never blanked.
+_KEEP_TAGS = {pydicom.tag.Tag(k) for k, _ in _REQUIRED}
 
 
 def source_header(source: Dataset) -> Dataset:
@@ -236,12 +242,33 @@ def source_header(source: Dataset) -> Dataset:
     for keyword in _TYPE2_EMPTY:
         if keyword not in header or header[keyword].value is None:
             setattr(header, keyword, "")
+    _blank_invalid_values(header)
     # highdicom only accepts M/F/O; anything else (e.g. "U", lower case) must not crash us.
     if str(header.PatientSex).strip().upper() not in _PATIENT_SEX:
         header.PatientSex = ""
     else:
         header.PatientSex = str(header.PatientSex).strip().upper()
     return header
+
+
+_CHECKED_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI"}
+
+
+def _blank_invalid_values(header: Dataset) -> None:
+    """Empty every top-level value that breaks its VR, e.g. an anonymiser's 56-character hash in
+    AccessionNumber (SH, at most 16) or in PatientBirthDate (DA), both seen in a real Canon DX
+    file. highdicom refuses some of them and validators reject all of them; the copied
+    attributes are type 2 or optional in what we write, and empty is the standard's 'unknown'.
+    """
+    for element in header:
+        if element.VR not in _CHECKED_VRS or element.value in (None, "") or element.tag in _KEEP_TAGS:
+            continue
+        values = element.value if element.VM > 1 else [element.value]
+        try:
+            for value in values:
+                pydicom.valuerep.validate_value(element.VR, str(value), pydicom.config.RAISE)  # the text as stored
+        except (ValueError, TypeError):
+            element.value = ""
 
 
 # --------------------------------------------------------------------------- geometry
