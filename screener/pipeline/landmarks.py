@@ -141,7 +141,9 @@ def stretch_contrast(crop: np.ndarray, low: float = 0.5, high: float = 99.5) -> 
     inside = crop[np.isfinite(crop)]
     if inside.size == 0:
         return np.zeros_like(crop)
-    lo, hi = np.percentile(inside, [low, high])
+    # A regular subsample of ~250k pixels gives the same percentiles to well under a grey
+    # level at a fraction of the cost on a 3000 x 3000 film.
+    lo, hi = np.percentile(inside[:: max(1, inside.size // 250_000)], [low, high])
     out = (crop - lo) / max(hi - lo, 1e-6)
     return np.nan_to_num(np.clip(out, 0.0, 1.0), nan=0.0).astype(np.float32)
 
