@@ -83,7 +83,7 @@ def _cmd_process(a: argparse.Namespace) -> int:
     from screener.process import Processor, find_inputs
 
     settings = load_config(a.config) if a.config else Settings()
-    files = find_inputs(a.paths)
+    files = find_inputs(a.paths, exclude=a.out)
     if not files:
         print("error: no input files found", file=sys.stderr)
         return 2
@@ -149,6 +149,13 @@ def _cmd_check_config(a: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="screener", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--bundle", type=Path, default=None, help="model bundle (default: config model.bundle, else the demo bundle)")
     ps.add_argument("--config", type=Path, default=None, help="TOML configuration for [model], [decode], [eligibility]")
     ps.add_argument("--device", default=None, help="cpu, cuda or auto (default: config model.device)")
-    ps.add_argument("--batch-size", type=int, default=None, help="images per network batch (default: config model.batch_size)")
-    ps.add_argument("--workers", type=int, default=2, help="decode threads")
+    ps.add_argument("--batch-size", type=_positive_int, default=None, help="images per network batch (default: config model.batch_size)")
+    ps.add_argument("--workers", type=_positive_int, default=2, help="decode threads")
     ps.add_argument("--png", action="store_true", help="also save <uid>.gsps.png: the GSPS graphics drawn on the image")
     ps.add_argument("--quiet", action="store_true", help="no progress bar")
     ps.set_defaults(func=_cmd_process)

@@ -8,7 +8,9 @@ and one JSON file; nothing about one file can stop the others.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from screener.pipeline.bundle import ModelBundle
-from screener.pipeline.decode import DEFAULT_LIMITS, DecodedImage, DecodeError, DecodeLimits, decode_dataset
+from screener.pipeline.decode import DEFAULT_LIMITS, DecodedImage, DecodeError, DecodeLimits, decode_dataset, read_dataset
 from screener.pipeline.eligibility import EligibilityRules, check_header, check_image, check_landmarks
 from screener.pipeline.estimate import BmdEstimate, BmdEstimator
 from screener.pipeline.geometry import Pyramid
@@ -52,6 +53,8 @@ class Outcome:
             t = est.tscores
             d["result"] = {
                 "model_id": est.model_id, "demo": est.demo, "bmd_g_cm2": t.bmd, "tscore": t.tscore,
+                "coordinates": "source pixels, x = column, y = row, centre of the top-left pixel at (0, 0) "
+                               "(the SR's SCOORD puts it at (0.5, 0.5))",
                 "who_category": t.category.value if t.category else None, "tscore_note": t.reason,
                 "landmarks_xy": est.landmarks.points.round(2).tolist(),
                 "landmark_confidence": est.landmarks.confidence.round(3).tolist(),
@@ -77,20 +80,29 @@ def output_stem(sop_instance_uid: str, path: Path) -> str:
     output folder or collide across input folders), else from the sanitised file name."""
     if sop_instance_uid and len(sop_instance_uid) <= 64 and _UID.match(sop_instance_uid):
         return sop_instance_uid
-    return re.sub(r"[^A-Za-z0-9._-]", "_", path.name)[:100]
+    # Two folders may hold files of the same name: a hash of the full path keeps them apart.
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', path.name)[:80]}-{digest}"
 
 
-def find_inputs(paths: Iterable[Path]) -> list[Path]:
-    """Files as given; folders searched recursively (hidden files skipped), sorted."""
-    found: list[Path] = []
+def find_inputs(paths: Iterable[Path], exclude: Path | None = None) -> list[Path]:
+    """Files as given; folders searched recursively, skipping hidden files and folders and
+    anything under ``exclude`` (the output folder); each file once, in a stable order."""
+    skip = exclude.resolve() if exclude is not None else None
+    found: dict[Path, Path] = {}
     for p in paths:
         if p.is_dir():
-            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")))
+            candidates = sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
         elif p.is_file():
-            found.append(p)
+            candidates = [p]
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
-    return found
+        for f in candidates:
+            resolved = f.resolve()
+            if skip is not None and resolved.is_relative_to(skip):
+                continue
+            found.setdefault(resolved, f)
+    return list(found.values())
 
 
 class Processor:
@@ -106,6 +118,8 @@ class Processor:
         limits: DecodeLimits = DEFAULT_LIMITS,
         previews: bool = False,
     ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.previews = previews
         self.estimator = BmdEstimator(bundle, device)
         self.out_dir = out_dir
@@ -126,56 +140,75 @@ class Processor:
     def _read(self, path: Path) -> _Item:
         item = _Item(path=path, t0=time.perf_counter(), seconds={})
         t = time.perf_counter()
+        uid = ""
         try:
-            ds = pydicom.dcmread(path)
-        except Exception as exc:  # pydicom raises many types for non-DICOM input
-            item.outcome = self._done(item, "error", "not-dicom", f"not a readable DICOM file: {exc}")
-            return item
-        item.dataset = ds
-        uid = str(ds.get("SOPInstanceUID", ""))
-        header = check_header(ds, self.rules)
-        if not header.eligible:
-            item.outcome = self._done(item, "ineligible", header.code, header.reason, uid)
-            return item
-        try:
+            ds = read_dataset(path, self.limits)
+            item.dataset = ds
+            uid = str(ds.get("SOPInstanceUID", ""))
+            header = check_header(ds, self.rules)
+            if not header.eligible:
+                item.outcome = self._done(item, "ineligible", header.code, header.reason, uid)
+                return item
             item.image = decode_dataset(ds, self.limits)
         except DecodeError as exc:
             item.outcome = self._done(item, "error", exc.code, str(exc), uid)
+        except Exception as exc:  # anything unforeseen: this file fails, the others go on
+            item.outcome = self._done(item, "error", "internal-error", f"{type(exc).__name__}: {exc}", uid)
         item.seconds["decode"] = time.perf_counter() - t
         return item
 
     def _finish_batch(self, items: list[_Item]) -> Iterator[Outcome]:
         live = [i for i in items if i.outcome is None]
-        if live:
-            t = time.perf_counter()
-            pyramids = [Pyramid(i.image.pixels) for i in live]  # type: ignore[union-attr]
-            found = self.estimator.detect(pyramids)
-            per = (time.perf_counter() - t) / len(live)
-            eligible = []
-            for item, pyr, lm in zip(live, pyramids, found):
-                item.seconds["landmarks"] = per
-                assert item.image is not None
-                decision = check_landmarks(lm, item.image.shape, self.rules)
-                if decision.eligible:
-                    decision = check_image(item.image.pixels, lm, self.rules)
-                if decision.eligible:
-                    eligible.append((item, pyr, lm))
-                else:
-                    item.outcome = self._done(item, "ineligible", decision.code, decision.reason, item.image.sop_instance_uid)
-            if eligible:
-                t = time.perf_counter()
-                estimates = self.estimator.estimate(
-                    [p for _, p, _ in eligible], [i.image.patient_sex for i, _, _ in eligible],  # type: ignore[union-attr]
-                    landmarks=[lm for _, _, lm in eligible],
-                )
-                per = (time.perf_counter() - t) / len(eligible)
-                for (item, _, _), est in zip(eligible, estimates):
-                    item.seconds["model"] = per
-                    item.outcome = self._report(item, est)
+        try:
+            self._estimate(live)
+        except Exception:
+            # One image broke the batch (a shape, a NaN, memory): redo them one at a time so only
+            # that image fails, with its own error, and the rest of the batch is reported.
+            for item in live:
+                if item.outcome is None:
+                    try:
+                        self._estimate([item])
+                    except Exception as exc:
+                        item.outcome = self._done(item, "error", "internal-error", f"{type(exc).__name__}: {exc}",
+                                                  item.image.sop_instance_uid if item.image else "")
         for item in items:
             assert item.outcome is not None
-            self._write_json(item.outcome)
+            try:
+                self._write_json(item.outcome)
+            except OSError as exc:
+                item.outcome = self._done(item, "error", "output-failed", f"could not write the result: {exc}")
             yield item.outcome
+
+    def _estimate(self, live: list[_Item]) -> None:
+        """Landmarks, image eligibility, BMD and report for decoded items (sets their outcome)."""
+        if not live:
+            return
+        t = time.perf_counter()
+        pyramids = [Pyramid(i.image.pixels) for i in live]  # type: ignore[union-attr]
+        found = self.estimator.detect(pyramids)
+        per = (time.perf_counter() - t) / len(live)
+        eligible = []
+        for item, pyr, lm in zip(live, pyramids, found):
+            item.seconds["landmarks"] = per
+            assert item.image is not None
+            decision = check_landmarks(lm, item.image.shape, self.rules)
+            if decision.eligible:
+                decision = check_image(item.image.pixels, lm, self.rules)
+            if decision.eligible:
+                eligible.append((item, pyr, lm))
+            else:
+                item.outcome = self._done(item, "ineligible", decision.code, decision.reason, item.image.sop_instance_uid)
+        if not eligible:
+            return
+        t = time.perf_counter()
+        estimates = self.estimator.estimate(
+            [p for _, p, _ in eligible], [i.image.patient_sex for i, _, _ in eligible],  # type: ignore[union-attr]
+            landmarks=[lm for _, _, lm in eligible],
+        )
+        per = (time.perf_counter() - t) / len(eligible)
+        for (item, _, _), est in zip(eligible, estimates):
+            item.seconds["model"] = per
+            item.outcome = self._report(item, est)
 
     def _report(self, item: _Item, est: BmdEstimate) -> Outcome:
         from screener.report.overlay import build_gsps
@@ -191,12 +224,17 @@ class Processor:
             return self._done(item, "error", "report-failed", f"could not build the report: {exc}", uid, est)
         stem = output_stem(uid, item.path)
         outputs = (self.out_dir / f"{stem}.sr.dcm", self.out_dir / f"{stem}.gsps.dcm")
-        sr.save_as(outputs[0], enforce_file_format=True)
-        gsps.save_as(outputs[1], enforce_file_format=True)
-        if self.previews:  # the GSPS read back and drawn, as a viewer would show it
-            from screener.report.preview import render_gsps
+        try:
+            for obj, path in zip((sr, gsps), outputs):
+                _atomic_write(path, lambda tmp, obj=obj: obj.save_as(tmp, enforce_file_format=True))
+            if self.previews:  # the GSPS read back and drawn, as a viewer would show it
+                from screener.report.preview import render_gsps
 
-            outputs += (render_gsps(item.image.pixels, gsps, self.out_dir / f"{stem}.gsps.png"),)
+                png = self.out_dir / f"{stem}.gsps.png"
+                _atomic_write(png, lambda tmp: render_gsps(item.image.pixels, gsps, tmp))  # type: ignore[union-attr]
+                outputs += (png,)
+        except Exception as exc:
+            return self._done(item, "error", "output-failed", f"could not write the report: {exc}", uid, est)
         item.seconds["report"] = time.perf_counter() - t
         return self._done(item, "reported", "eligible", "estimated", uid, est, outputs)
 
@@ -210,4 +248,16 @@ class Processor:
 
     def _write_json(self, outcome: Outcome) -> None:
         stem = output_stem(outcome.sop_instance_uid, outcome.file)
-        (self.out_dir / f"{stem}.json").write_text(json.dumps(outcome.to_json(), indent=2) + "\n")
+        text = json.dumps(outcome.to_json(), indent=2) + "\n"
+        _atomic_write(self.out_dir / f"{stem}.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary name and rename: a reader (or a router watching the folder)
+    never sees a half-written SR, and a crash leaves the old file or none."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -73,12 +73,39 @@ def _edit_manifest(path: Path, edit) -> None:
         (lambda m: m.update(demo=True, demo_statement=""), "demo_statement"),
         (lambda m: m["bmd"]["models"][0]["config"].update(backbone="vgg16"), "bmd.models"),
         (lambda m: m["bmd"]["models"][0]["config"].update(roi_size=64), "roi_size"),
+        (lambda m: m["bmd"]["models"][0].update(weights="../../etc/passwd"), "outside the bundle"),
+        (lambda m: m["landmarks"].pop("width"), "landmarks.width"),
+        (lambda m: m["bmd"].update(models=["x"]), "must be an object"),
     ],
 )
 def test_mismatched_manifest_is_refused_naming_the_key(tmp_path: Path, edit, message) -> None:
     path, _ = make_bundle(tmp_path / "b")
     _edit_manifest(path, edit)
     with pytest.raises(BundleError, match=message):
+        ModelBundle.load(path)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [lambda m: m.update(demo=True, demo_statement="now a demo"), lambda m: m["rois"]["names"].reverse(),
+     lambda m: m["bmd"]["models"][0]["config"]["rois"].reverse(), lambda m: m["landmarks"].update(input_size=128)],
+)
+def test_any_result_shaping_edit_changes_the_model_id(tmp_path: Path, edit) -> None:
+    path, _ = make_bundle(tmp_path / "b")
+    before = ModelBundle.load(path).model_id
+    _edit_manifest(path, edit)
+    try:
+        after = ModelBundle.load(path).model_id
+    except BundleError:
+        return  # refused outright is also fine
+    assert after != before
+
+
+def test_edited_tscore_table_is_refused(tmp_path: Path) -> None:
+    path, _ = make_bundle(tmp_path / "b")
+    text = (path / "tscore_reference.csv").read_text().replace("0.106", "0.206")
+    (path / "tscore_reference.csv").write_text(text)
+    with pytest.raises(BundleError, match="tscore_table.sha256"):
         ModelBundle.load(path)
 
 

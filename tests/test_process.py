@@ -126,3 +126,42 @@ def test_gsps_preview_draws_outlines_where_the_rois_are(processed, tmp_path: Pat
         if 0 <= x < w and 0 <= y < h:
             patch = drawn[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3].reshape(-1, 3)
             assert (np.abs(patch - OUTLINE).sum(axis=1) < 30).any(), name
+
+
+def test_one_failing_output_does_not_stop_the_others(tmp_path: Path) -> None:
+    """An unwritable output for one image: that image errors, the next is still processed."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, name in enumerate(("RG1_UNCR.dcm", "RG1_J2KR.dcm")):
+        ds = pydicom.dcmread(rg1_file(name))
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.1234.{50 + i}"
+        ds.save_as(src / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "1.2.826.0.1.3680043.10.1234.50.sr.dcm").mkdir()  # a folder where the SR should go
+    assert main(["process", str(src), "--out", str(out), "--quiet", "--batch-size", "2"]) == 0
+    first = json.loads((out / "1.2.826.0.1.3680043.10.1234.50.json").read_text())
+    second = json.loads((out / "1.2.826.0.1.3680043.10.1234.51.json").read_text())
+    assert first["status"] == "error" and first["code"] == "output-failed"
+    assert second["status"] == "reported"
+    assert not list(out.glob(".*.tmp"))  # no half-written files left behind
+
+
+def test_inputs_skip_hidden_and_output_folders_and_duplicates(tmp_path: Path) -> None:
+    from screener.process import find_inputs
+
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "a.dcm").write_bytes(b"x")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.json").write_text("{}")
+    (tmp_path / "b.dcm").write_bytes(b"x")
+    found = find_inputs([tmp_path, tmp_path / "b.dcm"], exclude=tmp_path / "out")
+    assert [f.name for f in found] == ["b.dcm"]
+
+
+def test_same_file_names_in_two_folders_do_not_collide(tmp_path: Path) -> None:
+    from screener.process import output_stem
+
+    assert output_stem("", tmp_path / "a" / "IM0001") != output_stem("", tmp_path / "b" / "IM0001")
+    assert output_stem("1.2.3", tmp_path / "x") == "1.2.3"
+    assert output_stem("../../etc", tmp_path / "x").startswith("x-")

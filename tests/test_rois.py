@@ -48,6 +48,22 @@ def test_large_box_is_antialiased_through_pyramid() -> None:
     assert crop.std() < 0.05 and abs(crop.mean() - 0.5) < 0.05
 
 
+@pytest.mark.parametrize("shape", [(2500, 2000), (1955, 1841), (777, 1023)])
+def test_pyramid_sampling_is_exact_for_sizes_not_divisible_by_the_factor(shape) -> None:
+    """A linear ramp sampled through a reduced level must give back the source coordinates."""
+    h, w = shape
+    ramp_x = np.tile(np.arange(w, dtype=np.float32), (h, 1))
+    ramp_y = np.tile(np.arange(h, dtype=np.float32)[:, None], (1, w))
+    box = letterbox_box(h, w)
+    size = 256
+    expected = box.crop_to_source(np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1).reshape(-1, 2), size)
+    got_x = sample_box(ramp_x, box, size, fill=np.nan).ravel()
+    got_y = sample_box(ramp_y, box, size, fill=np.nan).ravel()
+    inside = np.isfinite(got_x) & (expected[:, 0] > 8) & (expected[:, 0] < w - 9) & (expected[:, 1] > 8) & (expected[:, 1] < h - 9)
+    np.testing.assert_allclose(got_x[inside], expected[inside, 0], atol=0.05)
+    np.testing.assert_allclose(got_y[inside], expected[inside, 1], atol=0.05)
+
+
 def test_letterbox_pads_short_side_with_fill() -> None:
     img = np.ones((100, 200), np.float32)
     crop = sample_box(img, letterbox_box(100, 200), 50, fill=np.nan)

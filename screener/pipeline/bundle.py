@@ -54,7 +54,9 @@ def demo_bundle_path() -> Path:
 
 
 def _half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    # contiguous(): the in-memory layout (channels-last) must not change the file's bytes, so
+    # the same weights always give the same checksum.
+    return {k: (v.half() if v.is_floating_point() else v).clone(memory_format=torch.contiguous_format) for k, v in state.items()}
 
 
 def _float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -92,6 +94,7 @@ def write_bundle(
         torch.save(_half_state(net.state_dict()), out / fname)
         models.append({"config": net.config.to_dict(), "weights": fname, "sha256": sha256_file(out / fname)})
     (out / "tscore_reference.csv").write_text(table.to_csv())
+    table_sha = sha256_file(out / "tscore_reference.csv")
     manifest = {
         "format": BUNDLE_FORMAT,
         "name": name,
@@ -116,7 +119,7 @@ def write_bundle(
         },
         "bmd": {"models": models, "combine": "mean of fused heads"},
         "outputs": {"sites": list(VERTEBRAE), "quantity": "areal BMD", "unit": "g/cm2"},
-        "tscore_table": {"file": "tscore_reference.csv", "name": table.name, "sources": list(table.sources)},
+        "tscore_table": {"file": "tscore_reference.csv", "sha256": table_sha, "name": table.name, "sources": list(table.sources)},
         "training_data": training_data,
         "validation": validation,
     }
@@ -148,11 +151,11 @@ class ModelBundle:
 
     @property
     def model_id(self) -> str:
-        """Stable id of these exact weights: name, version and a checksum prefix."""
-        digest = hashlib.sha256(
-            "".join([self.manifest["landmarks"]["sha256"]] + [m["sha256"] for m in self.manifest["bmd"]["models"]]).encode()
-        ).hexdigest()
-        return f"{self.name}@{self.version}+{digest[:12]}"
+        """Stable id of everything that shapes a result or its report: name, version and a
+        checksum over the weights' hashes, the T-score table's hash, the landmark, ROI and
+        network settings and the demo flag and statement. Editing any of them gives a new id,
+        so SR UIDs (derived from it) change and a PACS never takes a new result for a duplicate."""
+        return model_id_of(self.manifest)
 
     @property
     def roi_size(self) -> int:
@@ -176,7 +179,10 @@ class ModelBundle:
             manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as exc:
             raise BundleError(f"{mpath}: not valid JSON ({exc})") from exc
-        _check_manifest(manifest, root)
+        try:
+            _check_manifest(manifest, root)
+        except (KeyError, TypeError, AttributeError) as exc:  # a malformed manifest, not a crash
+            raise BundleError(f"{mpath}: malformed manifest ({type(exc).__name__}: {exc})") from exc
         lm = manifest["landmarks"]
         landmark_net = LandmarkNet(width=int(lm["width"]))
         _load_state(landmark_net, root / lm["weights"], "landmarks.weights")
@@ -194,6 +200,15 @@ class ModelBundle:
         except (OSError, ValueError) as exc:
             raise BundleError(f"manifest tscore_table.file: {exc}") from exc
         return cls(path=root, manifest=manifest, landmark_net=landmark_net.eval(), bmd=Ensemble(members).eval(), table=table)
+
+
+#: Manifest keys that change results or report text (the rest documents the bundle).
+IDENTITY_KEYS = ("name", "version", "demo", "demo_statement", "landmarks", "rois", "input_normalisation", "bmd", "outputs", "tscore_table")
+
+
+def model_id_of(manifest: dict) -> str:
+    canonical = json.dumps({k: manifest.get(k) for k in IDENTITY_KEYS}, sort_keys=True, separators=(",", ":"))
+    return f"{manifest['name']}@{manifest['version']}+{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
 
 
 def _require(manifest: dict, key: str) -> Any:
@@ -223,15 +238,28 @@ def _check_manifest(manifest: dict, root: Path) -> None:
     models = _require(manifest, "bmd.models")
     if not isinstance(models, list) or not models:
         raise BundleError("manifest bmd.models must list at least one model")
+    for key in ("landmarks.width", "landmarks.input_size", "tscore_table.sha256"):
+        _require(manifest, key)
+    table = root / str(manifest["tscore_table"]["file"])
+    if not _inside(root, table) or not table.is_file() or sha256_file(table) != manifest["tscore_table"]["sha256"]:
+        raise BundleError(f"manifest tscore_table.sha256 does not match {table.name} (or the file is missing): the table was changed")
     checks = [("landmarks", manifest["landmarks"])] + [(f"bmd.models[{i}]", m) for i, m in enumerate(models)]
     for key, spec in checks:
+        if not isinstance(spec, dict) or "config" not in spec and key != "landmarks":
+            raise BundleError(f"manifest {key} must be an object with weights, sha256 and config")
         weights = root / str(spec.get("weights", ""))
+        if not _inside(root, weights):
+            raise BundleError(f"manifest {key}.weights points outside the bundle: {spec.get('weights')!r}")
         if not weights.is_file():
             raise BundleError(f"manifest {key}.weights: file {weights} not found")
         if sha256_file(weights) != spec.get("sha256"):
             raise BundleError(f"manifest {key}.sha256 does not match {weights.name}: the file is damaged or was replaced")
         if key.startswith("bmd") and int(spec["config"].get("roi_size", -1)) != int(manifest["rois"]["size"]):
             raise BundleError(f"manifest {key}.config.roi_size differs from rois.size")
+
+
+def _inside(root: Path, path: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
 
 
 def _load_state(net: torch.nn.Module, path: Path, key: str) -> None:

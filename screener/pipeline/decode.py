@@ -52,6 +52,7 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.pixels.decoders.base import get_decoder
 
 __all__ = [
+    "read_dataset",
     "DecodeError",
     "DecodeLimits",
     "DecodedImage",
@@ -639,14 +640,26 @@ def decode_file(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Deco
     Raises only :class:`DecodeError`.
     """
     path = Path(path)
+    _check_file_size(path, limits)
+    if path.suffix.lower() == ".png":
+        return _decode_png(path, limits)
+    return decode_dataset(read_dataset(path, limits), limits)
+
+
+def _check_file_size(path: Path, limits: DecodeLimits) -> None:
     try:
         size = path.stat().st_size
     except OSError as exc:
         raise DecodeError("unreadable-file", f"{path}: cannot read the file ({exc})") from exc
     if size > limits.max_file_bytes:
         raise DecodeError("bad-size", f"{path}: {size} bytes is larger than any image within the limits ({limits.max_file_bytes} bytes)")
-    if path.suffix.lower() == ".png":
-        return _decode_png(path, limits)
+
+
+def read_dataset(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Dataset:
+    """Read a DICOM file with the guards decoding relies on: file size, deflate bombs and
+    truncated encapsulated pixel data. Raises only :class:`DecodeError`."""
+    path = Path(path)
+    _check_file_size(path, limits)
     try:
         meta = pydicom.filereader.read_file_meta_info(path)
         if meta.get("TransferSyntaxUID") == dicom_uid.DeflatedExplicitVRLittleEndian:
@@ -666,4 +679,4 @@ def decode_file(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Deco
     if truncated and "PixelData" not in ds:
         # pydicom drops an encapsulated Pixel Data element cut off by the end of the file.
         raise DecodeError("corrupt-pixel-data", f"{path}: corrupt pixel data: the file is truncated ({truncated[0]})")
-    return decode_dataset(ds, limits)
+    return ds

@@ -100,14 +100,16 @@ class Pyramid:
         return self._levels[1]
 
     def level(self, factor: int) -> np.ndarray:
+        """The image box-averaged over ``factor`` x ``factor`` blocks: level pixel k covers base
+        pixels [k*f, (k+1)*f) on both axes. A partial last block is padded by edge replication
+        rather than dropped, so every base pixel stays inside the level."""
         factor = max(1, int(factor))
         if factor not in self._levels:
             img = self._levels[1]
-            h = (img.shape[0] // factor) * factor
-            w = (img.shape[1] // factor) * factor
-            if h == 0 or w == 0:
-                return self._levels[1]
-            reduced = img[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+            h, w = img.shape
+            padded = np.pad(img, ((0, -h % factor), (0, -w % factor)), mode="edge")
+            hp, wp = padded.shape
+            reduced = padded.reshape(hp // factor, factor, wp // factor, factor).mean(axis=(1, 3))
             self._levels[factor] = reduced.astype(np.float32)
         return self._levels[factor]
 
@@ -120,9 +122,9 @@ def sample_box(
     Points outside the source take ``fill``.
     """
     pyramid = source if isinstance(source, Pyramid) else Pyramid(source)
-    factor = int(np.floor(box.side / size))
-    img = pyramid.level(factor) if factor >= 2 else pyramid.base
-    scale = pyramid.base.shape[1] / img.shape[1] if img is not pyramid.base else 1.0
+    factor = max(1, int(np.floor(box.side / size)))
+    img = pyramid.level(factor)
+    scale = float(factor)  # exact on both axes: level pixel k covers base [k*f, (k+1)*f)
     idx = np.arange(size, dtype=np.float64)
     jj, ii = np.meshgrid(idx, idx)  # jj: column, ii: row
     xy = box.crop_to_source(np.stack([jj.ravel(), ii.ravel()], axis=1), size)

@@ -45,7 +45,7 @@ def _draw(pixels: np.ndarray, polylines: list[np.ndarray], circles: list[tuple[n
     draw.text((4, 2), text, fill=(255, 255, 255))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    img.save(path, format="PNG")  # explicit: callers may write through a temporary name
     return path
 
 

@@ -1,0 +1,1 @@
+"""The DICOM node: transport and durable storage around the pipeline."""
