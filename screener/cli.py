@@ -5,7 +5,6 @@ Commands available in this release:
   screener process PATH... --out DIR
                               the whole pipeline on files: a validated SR (TID 1500), a GSPS
                               overlay and a JSON result per eligible image, the reason otherwise
-  screener predict FILE...    landmarks, ROIs, BMD, T-scores and WHO category for radiographs
   screener bundle [DIR]       show a model bundle's manifest (the shipped demo bundle by default)
   screener check-config FILE  validate a TOML configuration and print the effective settings
 """
@@ -19,60 +18,6 @@ import time
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
-
-
-def _cmd_predict(a: argparse.Namespace) -> int:
-    from screener.pipeline.bundle import ModelBundle
-    from screener.pipeline.decode import DecodeError, decode_file
-    from screener.pipeline.estimate import BmdEstimator
-
-    bundle = ModelBundle.load(a.bundle)
-    estimator = BmdEstimator(bundle, a.device)
-    if bundle.demo:
-        print(f"NOTE: {bundle.manifest['demo_statement']}", file=sys.stderr)
-    results, failures = [], 0
-    for path in a.files:
-        t0 = time.perf_counter()
-        try:
-            decoded = decode_file(path)
-        except (DecodeError, OSError) as exc:
-            failures += 1
-            results.append({"file": str(path), "error": str(exc)})
-            continue
-        est = estimator.estimate([decoded.pixels], [decoded.patient_sex])[0]
-        if a.png:
-            from screener.report.preview import render_preview
-
-            render_preview(decoded.pixels, est, a.png / f"{Path(path).stem}.png")
-        t = est.tscores
-        results.append(
-            {
-                "file": str(path),
-                "model": est.model_id,
-                "demo": est.demo,
-                "bmd_g_cm2": dict(zip(("L1", "L2", "L3", "L4", "L1-L4"), [*est.bmd, t.bmd["L1-L4"]])),
-                "tscore": t.tscore,
-                "who_category": t.category.value if t.category else None,
-                "tscore_note": t.reason,
-                "landmark_min_confidence": est.landmarks.min_confidence,
-                "landmarks": {"points_xy": est.landmarks.points.round(1).tolist(), "confidence": est.landmarks.confidence.round(3).tolist()},
-                "roi_corners_xy": {n: c.round(1).tolist() for n, c in zip(est.rois.names, est.rois.corners)},
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-        )
-    if a.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(f"{'file':<40} {'L1-L4 BMD':>10} {'T-score':>8} {'category':<13} {'conf':>5} {'s':>5}")
-        for r in results:
-            name = Path(r["file"]).name[:40]
-            if "error" in r:
-                print(f"{name:<40} error: {r['error']}")
-                continue
-            tscore = f"{r['tscore']['L1-L4']:.1f}" if r["tscore"] else "-"
-            print(f"{name:<40} {r['bmd_g_cm2']['L1-L4']:>10.3f} {tscore:>8} {r['who_category'] or '-':<13} "
-                  f"{r['landmark_min_confidence']:>5.2f} {r['seconds']:>5.1f}")
-    return 1 if failures == len(results) and results else 0
 
 
 def _cmd_process(a: argparse.Namespace) -> int:
@@ -100,16 +45,16 @@ def _cmd_process(a: argparse.Namespace) -> int:
         for outcome in processor.run(files):
             rows.append(outcome)
             bar.update(1)
-    print(f"{'file':<36} {'result':<34} {'L1-L4 BMD':>9} {'T':>5} {'category':<12} {'s':>5}")
+    print(f"{'file':<36} {'result':<34} {'L1-L4 BMD':>9} {'T':>6} {'category':<12} {'s':>5}")
     for o in rows:
         name = o.file.name[-36:]
         if o.status != "reported" or o.estimate is None:
-            print(f"{name:<36} {(o.status + ': ' + o.code)[:34]:<34} {'':>9} {'':>5} {'':<12} {o.seconds['total']:>5.1f}")
+            print(f"{name:<36} {(o.status + ': ' + o.code)[:34]:<34} {'':>9} {'':>6} {'':<12} {o.seconds['total']:>5.1f}")
             continue
         t = o.estimate.tscores
-        tval = f"{t.tscore['L1-L4']:.1f}" if t.tscore else "-"
+        tval = f"{t.tscore['L1-L4']:.2f}" if t.tscore else "-"
         cat = t.category.value if t.category else "-"
-        print(f"{name:<36} {'reported' + (' (DEMO)' if o.estimate.demo else ''):<34} {t.bmd['L1-L4']:>9.3f} {tval:>5} {cat:<12} {o.seconds['total']:>5.1f}")
+        print(f"{name:<36} {'reported' + (' (DEMO)' if o.estimate.demo else ''):<34} {t.bmd['L1-L4']:>9.3f} {tval:>6} {cat:<12} {o.seconds['total']:>5.1f}")
     counts = {s: sum(1 for o in rows if o.status == s) for s in ("reported", "ineligible", "error")}
     print(f"{len(rows)} files: {counts['reported']} reported, {counts['ineligible']} ineligible, {counts['error']} errors; "
           f"SR, GSPS and JSON in {a.out}")
@@ -173,13 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--png", action="store_true", help="also save <uid>.gsps.png: the GSPS graphics drawn on the image")
     ps.add_argument("--quiet", action="store_true", help="no progress bar")
     ps.set_defaults(func=_cmd_process)
-    pr = sub.add_parser("predict", help="estimate BMD / T-score / WHO category for DICOM or PNG radiographs")
-    pr.add_argument("files", nargs="+", type=Path, help="DICOM files (or grey PNGs)")
-    pr.add_argument("--bundle", type=Path, default=None, help="model bundle directory (default: the shipped demo bundle)")
-    pr.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    pr.add_argument("--json", action="store_true", help="print full results as JSON (landmarks, ROI corners)")
-    pr.add_argument("--png", type=Path, default=None, metavar="DIR", help="also save a preview PNG per image (ROIs, landmarks, result)")
-    pr.set_defaults(func=_cmd_predict)
     b = sub.add_parser("bundle", help="show a model bundle's manifest")
     b.add_argument("path", nargs="?", type=Path, default=None)
     b.add_argument("--json", action="store_true")

@@ -174,4 +174,8 @@ def load_config(path: str | Path) -> Settings:
         raise ConfigError(f"configuration file {path} not found") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    # A relative bundle path means "next to this file", whatever the service's working folder.
+    bundle = data.get("model", {}).get("bundle") if isinstance(data.get("model"), dict) else None
+    if isinstance(bundle, str) and bundle and not Path(bundle).is_absolute():
+        data["model"]["bundle"] = str((path.parent / bundle).resolve())
     return parse_config(data)

@@ -96,3 +96,15 @@ def test_model_section_still_validated() -> None:
         parse_config({"model": {"device": "tpu"}})
     with pytest.raises(ConfigError, match=r"model\.batch_size"):
         parse_config({"model": {"batch_size": True}})
+
+
+def test_relative_bundle_path_is_relative_to_the_config_file(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from screener.config import load_config
+    from screener.pipeline.bundle import demo_bundle_path
+
+    shutil.copytree(demo_bundle_path(), tmp_path / "etc" / "bundle")
+    (tmp_path / "etc" / "screener.toml").write_text('[model]\nbundle = "bundle"\n')
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    assert load_config(tmp_path / "etc" / "screener.toml").model.bundle == str((tmp_path / "etc" / "bundle").resolve())

@@ -400,7 +400,7 @@ def test_gsps_draws_rois_landmarks_and_summary(source, geometry) -> None:
     (text,) = _graphics(gsps, "BMD_SUMMARY")
     t = estimate.tscores
     assert text.UnformattedTextValue.startswith(
-        f"L1-L4 BMD {t.bmd['L1-L4']:.3f} g/cm2, T {t.tscore['L1-L4']:.1f} {t.category.value}"
+        f"L1-L4 BMD {t.bmd['L1-L4']:.3f} g/cm2, T {t.tscore['L1-L4']:.2f} {t.category.value}"
     )
     assert "DEMO" in text.UnformattedTextValue and "by software" in text.UnformattedTextValue
 

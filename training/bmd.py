@@ -36,7 +36,7 @@ from screener.pipeline.landmarks import NUM_LANDMARKS, LandmarkDetector, Landmar
 from screener.pipeline.model import Ensemble, MultiRoiConfig, MultiRoiNet, multi_roi_loss
 from screener.pipeline.rois import ROI_NAMES, extract_rois
 from screener.pipeline.tscore import VERTEBRAE, ReferenceTable
-from training.common import load_checkpoint, save_checkpoint, seed_everything
+from training.common import check_resumable, load_checkpoint, save_checkpoint, seed_everything
 
 __all__ = ["ManifestRow", "read_manifest", "assign_split", "BmdTrainConfig", "train_bmd", "evaluate_bmd", "prepare_crops"]
 
@@ -153,17 +153,40 @@ def _load_detector(source: str) -> LandmarkDetector:
     return LandmarkDetector(net, state["config"]["input_size"])
 
 
+def _detector_identity(source: str) -> str:
+    """What decides the detected landmarks: the bundle's model id or the checkpoint's bytes."""
+    from screener.pipeline.bundle import ModelBundle, sha256_file
+
+    p = Path(source) if source else None
+    if p is None or p.is_dir():
+        return ModelBundle.load(p).model_id
+    return sha256_file(p)
+
+
 def prepare_crops(rows: list[ManifestRow], roi_size: int, landmarks_from: str, cache: Path | None) -> torch.Tensor:
-    """(N, 7, S, S) float16 crops of every ROI, in ROI_NAMES order; cached by manifest content."""
-    key = hashlib.sha256(
-        json.dumps([[str(r.image), None if r.landmarks is None else r.landmarks.round(3).tolist()] for r in rows]).encode()
-        + f"{roi_size}|{landmarks_from}".encode()
-    ).hexdigest()[:16]
+    """(N, 7, S, S) float16 crops of every ROI, in ROI_NAMES order; cached in ``cache``.
+
+    The cache key covers everything the crops depend on: each image's path, size and mtime,
+    given landmarks, the detector that finds the others, the ROI recipe and size, and the
+    software version. A cache that does not match, or cannot be read, is rebuilt.
+    """
+    import screener
+    from screener.pipeline.rois import IMAGE_STRETCH, ROI_RECIPE
+
+    needs_detector = any(r.landmarks is None for r in rows)
+    parts = [[str(r.image), r.image.stat().st_size, r.image.stat().st_mtime_ns,
+              None if r.landmarks is None else r.landmarks.round(3).tolist()] for r in rows]
+    parts.append([roi_size, ROI_RECIPE, list(IMAGE_STRETCH), screener.__version__,
+                  _detector_identity(landmarks_from) if needs_detector else None])
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     if cache is not None and cache.exists():
-        stored = torch.load(cache, weights_only=True)
-        if stored.get("key") == key:
-            return stored["crops"]
-    detector = _load_detector(landmarks_from) if any(r.landmarks is None for r in rows) else None
+        try:
+            stored = torch.load(cache, weights_only=True)
+            if stored.get("key") == key:
+                return stored["crops"]
+        except Exception:  # an interrupted write or another format: rebuild
+            pass
+    detector = _load_detector(landmarks_from) if needs_detector else None
     crops = torch.empty((len(rows), len(ROI_NAMES), roi_size, roi_size), dtype=torch.float16)
     for i, row in enumerate(tqdm(rows, desc="extracting ROIs", leave=False)):
         img = decode_file(row.image).pixels
@@ -175,7 +198,7 @@ def prepare_crops(rows: list[ManifestRow], roi_size: int, landmarks_from: str, c
         crops[i] = torch.from_numpy(extract_rois(img, lm, roi_size).crops).half()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "crops": crops}, cache)
+        save_checkpoint(cache, {"key": key, "crops": crops})
     return crops
 
 
@@ -253,6 +276,9 @@ def train_bmd(config: BmdTrainConfig, resume: bool = False) -> dict:
     start, best, history = 0, math.inf, []
     if resume and (out / "last.pt").exists():
         state = load_checkpoint(out / "last.pt")
+        check_resumable(state["config"], _config_dict(config))
+        if config.schedule == "cosine" and state["config"]["epochs"] != config.epochs:
+            raise ValueError(f"cannot --resume a cosine schedule with epochs {config.epochs}: it was built for {state['config']['epochs']}")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -278,14 +304,16 @@ def train_bmd(config: BmdTrainConfig, resume: bool = False) -> dict:
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss}
         history.append(record)
         tqdm.write(json.dumps(record))
-        if val_loss < best:
-            best = val_loss
-            save_checkpoint(out / "best.pt", {"model": net.state_dict(), "config": _config_dict(config), "epoch": epoch + 1})
+        improved = val_loss < best
+        best = min(best, val_loss)
+        # last.pt first: a crash between the two writes then redoes nothing already counted.
         save_checkpoint(
             out / "last.pt",
             {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best,
              "history": history, "config": _config_dict(config)},
         )
+        if improved:
+            save_checkpoint(out / "best.pt", {"model": net.state_dict(), "config": _config_dict(config), "epoch": epoch + 1})
     (out / "history.json").write_text(json.dumps(history, indent=2))
     return {"best_val_loss": best, "history": history}
 

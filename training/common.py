@@ -11,7 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["load_grey_png", "seed_everything", "save_checkpoint", "load_checkpoint"]
+__all__ = ["load_grey_png", "seed_everything", "save_checkpoint", "load_checkpoint", "check_resumable"]
+
+#: Settings that may differ between a run and its resumption (they change no learned state).
+RESUMABLE_CHANGES = {"epochs", "threads", "out_dir", "jsrt_root", "landmarks_from", "manifest"}
 
 
 def load_grey_png(path: str | Path) -> np.ndarray:
@@ -42,3 +45,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume with other settings: the saved optimizer and schedule would silently
+    override them, and the result would match neither run."""
+    changed = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot --resume with changed settings ({detail}); use the original settings or a new --out")

@@ -29,7 +29,7 @@ from screener.pipeline.landmarks import (
     normalise_crop,
     soft_argmax,
 )
-from training.common import load_grey_png, save_checkpoint, load_checkpoint, seed_everything
+from training.common import check_resumable, load_checkpoint, load_grey_png, save_checkpoint, seed_everything
 from training.jsrt import PIXEL_MM, JsrtCase, load_jsrt, split_ids
 
 __all__ = ["LandmarkTrainConfig", "train_landmarks", "evaluate_landmarks"]
@@ -153,6 +153,10 @@ def train_landmarks(config: LandmarkTrainConfig, resume: bool = False) -> dict:
     start_epoch, best, history = 0, math.inf, []
     if resume and (out / "last.pt").exists():
         state = load_checkpoint(out / "last.pt")
+        # epochs too: the one-cycle schedule's length is fixed by it
+        check_resumable({**state["config"], "epochs": 0}, {**asdict(config), "epochs": 0})
+        if state["config"]["epochs"] != config.epochs:
+            raise ValueError(f"cannot --resume with epochs {config.epochs}: the run's one-cycle schedule was built for {state['config']['epochs']}")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -179,9 +183,8 @@ def train_landmarks(config: LandmarkTrainConfig, resume: bool = False) -> dict:
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_mre_mm": metrics["mre_mm"]}
         history.append(record)
         tqdm.write(json.dumps(record))
-        if metrics["mre_mm"] < best:
-            best = metrics["mre_mm"]
-            save_checkpoint(out / "best.pt", {"model": net.state_dict(), "config": asdict(config), "epoch": epoch + 1})
+        improved = metrics["mre_mm"] < best
+        best = min(best, metrics["mre_mm"])
         save_checkpoint(
             out / "last.pt",
             {
@@ -194,6 +197,8 @@ def train_landmarks(config: LandmarkTrainConfig, resume: bool = False) -> dict:
                 "config": asdict(config),
             },
         )
+        if improved:  # after last.pt: a crash between the two writes loses nothing counted
+            save_checkpoint(out / "best.pt", {"model": net.state_dict(), "config": asdict(config), "epoch": epoch + 1})
     (out / "history.json").write_text(json.dumps(history, indent=2))
     return {"best_val_mre_mm": best, "history": history}
 

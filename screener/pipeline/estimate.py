@@ -1,7 +1,7 @@
 """Landmarks -> ROIs -> multi-ROI network -> T-scores, batched, for one bundle.
 
 Pure computation on display-value images: no DICOM, no database, no network. The node and
-``screener predict`` both call :class:`BmdEstimator`; eligibility checks sit between
+``screener process`` both call :class:`BmdEstimator`; eligibility checks sit between
 :meth:`BmdEstimator.detect` and :meth:`BmdEstimator.estimate`.
 """
 

@@ -2,8 +2,7 @@
 
 :func:`render_gsps` draws a presentation state's own graphics (ROI outlines, landmark circles,
 text) onto the decoded image, so the picture shows what a viewer will show, read back from
-the DICOM object. :func:`render_preview` draws an estimate directly (``screener predict``,
-which builds no DICOM objects).
+the DICOM object.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 
-from screener.pipeline.estimate import BmdEstimate
 
-__all__ = ["render_preview", "render_gsps"]
+__all__ = ["render_gsps"]
 
 OUTLINE = (255, 200, 0)
 POINT = (255, 60, 60)
@@ -47,15 +45,6 @@ def _draw(pixels: np.ndarray, polylines: list[np.ndarray], circles: list[tuple[n
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")  # explicit: callers may write through a temporary name
     return path
-
-
-def render_preview(pixels: np.ndarray, estimate: BmdEstimate, path: str | Path, max_side: int = 1024) -> Path:
-    from screener.report.sr import summary_text
-
-    lines = [np.vstack([c, c[:1]]) for n, c in zip(estimate.rois.names, estimate.rois.corners) if n != "whole_image"]
-    radius = 0.006 * max(pixels.shape)
-    circles = [(p, radius) for p in estimate.landmarks.points]
-    return _draw(pixels, lines, circles, summary_text(estimate), path, max_side)
 
 
 def render_gsps(pixels: np.ndarray, gsps: Dataset, path: str | Path, max_side: int = 1024) -> Path:

@@ -335,7 +335,8 @@ def summary_text(estimate: BmdEstimate) -> str:
     t = estimate.tscores
     text = f"L1-L4 BMD {t.bmd['L1-L4']:.3f} g/cm2"
     if t.tscore is not None and t.category is not None:
-        text += f", T {t.tscore['L1-L4']:.1f} {t.category.value}"
+        # two decimals, as stored in the SR: one decimal could show -2.5 beside "osteopenia"
+        text += f", T {t.tscore['L1-L4']:.2f} {t.category.value}"
     else:
         text += ", no T-score (patient sex unknown)"
     text += " (estimated from CXR by software"
