@@ -142,15 +142,13 @@ class BmdTrainConfig:
 
 def _load_detector(source: str) -> LandmarkDetector:
     from screener.pipeline.bundle import ModelBundle
-    from screener.pipeline.landmarks import LandmarkNet
+    from training.landmarks import load_landmark_checkpoint
 
     p = Path(source) if source else None
     if p is None or p.is_dir():
         return ModelBundle.load(p).detector()
-    state = load_checkpoint(p)
-    net = LandmarkNet(width=state["config"]["width"])
-    net.load_state_dict(state["model"])
-    return LandmarkDetector(net, state["config"]["input_size"])
+    net, cfg = load_landmark_checkpoint(p)
+    return LandmarkDetector(net, cfg.input_size)
 
 
 def _detector_identity(source: str) -> str:

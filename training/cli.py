@@ -92,15 +92,12 @@ def _demo_labels(a: argparse.Namespace) -> int:
 
 def _export(a: argparse.Namespace) -> int:
     from screener.pipeline.bundle import ModelBundle, write_bundle
-    from screener.pipeline.landmarks import LandmarkNet
     from screener.pipeline.tscore import ReferenceTable
     from training.bmd import load_bmd_checkpoint
-    from training.common import load_checkpoint
     from training.demo_labels import DEMO_STATEMENT
+    from training.landmarks import load_landmark_checkpoint
 
-    lm_state = load_checkpoint(a.landmarks)
-    lm_net = LandmarkNet(width=lm_state["config"]["width"])
-    lm_net.load_state_dict(lm_state["model"])
+    lm_net, lm_cfg = load_landmark_checkpoint(a.landmarks)
     bmd_nets = [load_bmd_checkpoint(c)[0] for c in a.bmd]
     table = ReferenceTable.from_csv(Path(a.tscore_table)) if a.tscore_table else ReferenceTable.default()
     validation = {}
@@ -113,8 +110,8 @@ def _export(a: argparse.Namespace) -> int:
     out = write_bundle(
         a.out, name=a.name, version=a.version, intended_use=a.intended_use, demo=a.demo,
         demo_statement=a.demo_statement or (DEMO_STATEMENT if a.demo else ""),
-        landmark_net=lm_net, landmark_input_size=lm_state["config"]["input_size"],
-        landmark_width=lm_state["config"]["width"], bmd_nets=bmd_nets, table=table,
+        landmark_net=lm_net, landmark_input_size=lm_cfg.input_size,
+        landmark_width=lm_cfg.width, bmd_nets=bmd_nets, table=table,
         training_data=training_data, validation=validation,
     )
     bundle = ModelBundle.load(out)  # prove it loads before anyone ships it

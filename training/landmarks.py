@@ -227,12 +227,18 @@ def mean_radial_error(
     }
 
 
-def evaluate_landmarks(checkpoint: str | Path, out_dir: str | Path, jsrt_root: str | None = None) -> dict:
-    """Validation-split MRE table (printed, JSON) and a PNG of predicted vs true points."""
-    state = load_checkpoint(checkpoint)
+def load_landmark_checkpoint(path: str | Path, jsrt_root: str | None = None) -> tuple[LandmarkNet, LandmarkTrainConfig]:
+    """The trained net (eval mode) and the settings it was trained with (``jsrt_root`` overrides)."""
+    state = load_checkpoint(path)
     cfg = LandmarkTrainConfig(**{**state["config"], "jsrt_root": jsrt_root or state["config"].get("jsrt_root")})
     net = LandmarkNet(width=cfg.width)
     net.load_state_dict(state["model"])
+    return net.eval(), cfg
+
+
+def evaluate_landmarks(checkpoint: str | Path, out_dir: str | Path, jsrt_root: str | None = None) -> dict:
+    """Validation-split MRE table (printed, JSON) and a PNG of predicted vs true points."""
+    net, cfg = load_landmark_checkpoint(checkpoint, jsrt_root)
     _, val = _split(cfg)
     images = {c.case_id: load_grey_png(c.image_path) for c in val}
     t0 = time.perf_counter()
@@ -304,11 +310,8 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
     from screener.pipeline.eligibility import EligibilityRules, check_image, check_landmarks
 
     rules = EligibilityRules()
-    state = load_checkpoint(checkpoint)
-    net = LandmarkNet(width=state["config"]["width"])
-    net.load_state_dict(state["model"])
-    detector = LandmarkDetector(net, state["config"]["input_size"])
-    cfg = LandmarkTrainConfig(**{**state["config"], "jsrt_root": jsrt_root or state["config"].get("jsrt_root")})
+    net, cfg = load_landmark_checkpoint(checkpoint, jsrt_root)
+    detector = LandmarkDetector(net, cfg.input_size)
     _, val = _split(cfg)
     positives = {c.case_id: load_grey_png(c.image_path) for c in val}
     for f in dicom_files:

@@ -164,7 +164,6 @@ class DecodedImage:
     photometric: str
     sop_instance_uid: str
     patient_sex: str | None
-    patient_age_years: float | None
     transfer_syntax_uid: str = ""
     voi_source: str = ""  # "VOILUTSequence", "WindowCenter/WindowWidth" or "percentile ..."
     valid_mask: np.ndarray | None = None  # (rows, columns) bool, False on pixel padding; None = all valid
@@ -526,13 +525,6 @@ def _spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str]:
     return None, "unknown"
 
 
-def _age_years(ds: Dataset) -> float | None:
-    text = str(ds.get("PatientAge", "") or "").strip().upper()
-    if len(text) == 4 and text[:3].isdigit() and text[3] in "DWMY":
-        return int(text[:3]) / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[text[3]]
-    return None
-
-
 def _decode(ds: Dataset, limits: DecodeLimits) -> DecodedImage:
     if "PixelData" not in ds:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
@@ -582,7 +574,6 @@ def _decode(ds: Dataset, limits: DecodeLimits) -> DecodedImage:
         photometric=pm.photometric,
         sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
         patient_sex=sex if sex in ("M", "F") else None,
-        patient_age_years=_age_years(ds),
         transfer_syntax_uid=str(ts),
         voi_source=voi_source,
         valid_mask=valid,
@@ -631,7 +622,8 @@ def _decode_png(path: Path, limits: DecodeLimits) -> DecodedImage:
                 raise DecodeError("bad-size", f"{path}: {height} x {width} px is outside the limits {limits}")
             arr = np.asarray(im.convert("I;16") if im.mode not in ("L", "I;16") else im)
     top = 65535.0 if arr.dtype == np.uint16 else 255.0
-    return DecodedImage(arr.astype(np.float32) / top, None, "unknown", "MONOCHROME2", "", None, None)
+    return DecodedImage(pixels=arr.astype(np.float32) / top, pixel_spacing_mm=None, spacing_source="unknown",
+                        photometric="MONOCHROME2", sop_instance_uid="", patient_sex=None)
 
 
 def decode_file(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedImage:

@@ -1,0 +1,426 @@
+"""DICOM C-STORE / C-ECHO SCP: AE titles, allow-lists, limits, and the ack-only-on-disk rule.
+
+The network layer (the pynetdicom handlers here) checks who is calling and hands each C-STORE
+to a :class:`Receiver`, which decides what the dataset becomes: a spooled file plus a queued
+job, an acknowledged-and-dropped routing-loop object, or a failure status. The C-STORE response
+says Success only after the file is fsynced and renamed and its row committed
+(ARCHITECTURE.md, "ack only what is on disk"); when that cannot be done the answer is 0xA700
+Out of Resources, so the PACS retries, or a 0xC000-range status for data we cannot accept.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import uid as tsuid
+from pynetdicom import AE, evt
+from pynetdicom.events import Event as NetEvent
+from pynetdicom.sop_class import (
+    BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    EnhancedSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from screener.node.spool import (
+    InvalidUID,
+    SpoolFull,
+    check_watermark,
+    spool_path,
+    validate_uid,
+    write_atomically,
+    write_dataset_stream,
+)
+from screener.store.db import SQLITE_BEGIN
+from screener.store.models import Event, utcnow
+from screener.store.queue import ReceivedInstance, record_received
+
+LOGGER = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 B.2.3; 0xC210 and 0xC211 are the values pynetdicom itself uses).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210  # dataset unreadable or its UIDs unusable as spool names
+UNABLE_TO_PROCESS = 0xC211  # an unexpected error in our code: never Success
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, diagnostic.
+REJECTED_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+REASON_NO_REASON = 0x01
+REASON_CALLING_AE = 0x03
+REASON_CALLED_AE = 0x07
+_REASON_NAMES = {
+    REASON_NO_REASON: "no-reason-given",
+    0x02: "application-context-not-supported",
+    REASON_CALLING_AE: "calling-ae-not-recognised",
+    REASON_CALLED_AE: "called-ae-not-recognised",
+}
+
+IMAGE_STORAGE = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
+# What we send back to the PACS ourselves; routing loops return it, and it must never be queued.
+OWN_OUTPUT_STORAGE = (
+    BasicTextSRStorage,
+    EnhancedSRStorage,
+    ComprehensiveSRStorage,
+    Comprehensive3DSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
+)
+UNCOMPRESSED_SYNTAXES = (
+    tsuid.ExplicitVRLittleEndian,
+    tsuid.ImplicitVRLittleEndian,
+    tsuid.DeflatedExplicitVRLittleEndian,
+)
+# Everything screener.pipeline.decode can decode.
+IMAGE_SYNTAXES = UNCOMPRESSED_SYNTAXES + (
+    tsuid.JPEGBaseline8Bit,
+    tsuid.JPEGExtended12Bit,
+    tsuid.JPEGLossless,
+    tsuid.JPEGLosslessSV1,
+    tsuid.JPEGLSLossless,
+    tsuid.JPEGLSNearLossless,
+    tsuid.JPEG2000Lossless,
+    tsuid.JPEG2000,
+    tsuid.RLELossless,
+)
+
+_OWN_OUTPUT_UIDS = frozenset(str(u) for u in OWN_OUTPUT_STORAGE)
+_AE_FORBIDDEN = frozenset("\\") | frozenset(chr(c) for c in range(32)) | {chr(127)}
+
+
+def _validate_ae_title(name: str, value: object) -> str:
+    # PS3.5 6.2 AE: at most 16 characters, no backslash or control characters, not all spaces.
+    if not isinstance(value, str) or not value.strip() or len(value) > 16 or _AE_FORBIDDEN & set(value):
+        raise ValueError(f"{name}: {value!r} is not a valid AE title (1-16 characters, no backslash "
+                         "or control characters)")
+    return value.strip()
+
+
+def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.ip_address(value)
+    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; compare them as IPv4.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass(frozen=True)
+class ReceiveSettings:
+    """What the SCP listens on, whom it accepts, and the limits it keeps.
+
+    ``allowed_calling_aes`` / ``allowed_peers`` empty means anyone; ``port`` 0 picks a free port
+    (read it back from the server). ``min_free_bytes`` is the spool free-space watermark.
+    """
+
+    spool_root: Path
+    model_id: str
+    patient_salt: bytes = field(repr=False)
+    port: int = 11112
+    ae_title: str = "CXRBMD"
+    bind_address: str = "127.0.0.1"
+    allowed_calling_aes: tuple[str, ...] = ()
+    allowed_peers: tuple[str, ...] = ()
+    max_pdu: int = 262_144
+    max_dataset_bytes: int = 512 * 1024 * 1024
+    min_free_bytes: int = 1024 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise in place once, at construction
+        set_(self, "ae_title", _validate_ae_title("ae_title", self.ae_title))
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be an integer 0-65535, got {self.port!r}")
+        try:
+            _ip(self.bind_address)
+        except ValueError:
+            raise ValueError(f"bind_address: {self.bind_address!r} is not an IP address") from None
+        if isinstance(self.allowed_calling_aes, str):
+            raise ValueError("allowed_calling_aes: must be a tuple of AE titles, not one string")
+        set_(self, "allowed_calling_aes",
+             tuple(_validate_ae_title("allowed_calling_aes", ae) for ae in self.allowed_calling_aes))
+        if isinstance(self.allowed_peers, str):
+            raise ValueError("allowed_peers: must be a tuple of IP addresses, not one string")
+        for peer in self.allowed_peers:
+            try:
+                _ip(peer)
+            except ValueError:
+                raise ValueError(f"allowed_peers: {peer!r} is not an IP address") from None
+        set_(self, "allowed_peers", tuple(self.allowed_peers))
+        # pynetdicom: 0 means no limit; DICOM's smallest sensible PDU is 4096 bytes (PS3.8 D.1).
+        if not isinstance(self.max_pdu, int) or not (self.max_pdu == 0 or 4096 <= self.max_pdu < 2**32):
+            raise ValueError(f"max_pdu: must be 0 (no limit) or 4096 to 2**32-1, got {self.max_pdu!r}")
+        if not isinstance(self.max_dataset_bytes, int) or self.max_dataset_bytes <= 0:
+            raise ValueError(f"max_dataset_bytes: must be a positive integer, got {self.max_dataset_bytes!r}")
+        if not isinstance(self.min_free_bytes, int) or self.min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes: must be a non-negative integer, got {self.min_free_bytes!r}")
+        if not isinstance(self.spool_root, (str, Path)) or str(self.spool_root) == "":
+            raise ValueError(f"spool_root: must be a directory path, got {self.spool_root!r}")
+        set_(self, "spool_root", Path(self.spool_root))
+        if not isinstance(self.model_id, str) or not self.model_id.strip():
+            raise ValueError("model_id: must be a non-empty string (jobs are queued per model id)")
+        if not isinstance(self.patient_salt, bytes) or not self.patient_salt:
+            raise ValueError("patient_salt: must be non-empty bytes (PatientID is stored hashed)")
+
+    def peer_allowed(self, address: str) -> bool:
+        if not self.allowed_peers:
+            return True
+        try:
+            peer = _ip(address)
+        except ValueError:
+            return False
+        return any(peer == _ip(allowed) for allowed in self.allowed_peers)
+
+    def calling_ae_allowed(self, ae_title: str) -> bool:
+        return not self.allowed_calling_aes or ae_title.strip() in self.allowed_calling_aes
+
+
+# ---------------------------------------------------------------- audit
+
+
+def record_event(session_factory: sessionmaker[Session], kind: str, outcome: str, **fields: Any) -> bool:
+    """Write one audit row in its own transaction; False (and a log line) if the DB refuses.
+
+    Used where no state changes (rejections, drops): a failing audit write must not turn a
+    refusal into a success or crash the association thread.
+    """
+    try:
+        with session_factory() as session:
+            session.connection(execution_options={SQLITE_BEGIN: "IMMEDIATE"})
+            session.add(Event(time=utcnow(), kind=kind, outcome=outcome, **fields))
+            session.commit()
+        return True
+    except SQLAlchemyError:
+        LOGGER.exception("audit event %s could not be written", kind)
+        return False
+
+
+def _peer(assoc: Any) -> dict[str, str | None]:
+    calling = assoc.requestor.primitive.calling_ae_title if assoc.requestor.primitive else None
+    return {"peer_ae": calling.strip() if calling else None,
+            "peer_address": f"{assoc.requestor.address}:{assoc.requestor.port}"}
+
+
+# ---------------------------------------------------------------- C-STORE logic
+
+
+class StoreRefused(Exception):
+    """A C-STORE that gets a failure status, with the audit reason code."""
+
+    def __init__(self, status: int, reason_code: str, message: str) -> None:
+        self.status = status
+        self.reason_code = reason_code
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class _Header:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    accession_number: str | None
+    patient_id: str | None
+
+
+class Receiver:
+    """Turns one received C-STORE into a spooled file + queued job, a drop, or a refusal."""
+
+    def __init__(self, settings: ReceiveSettings, session_factory: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+
+    def store(self, event: NetEvent) -> int:
+        peer = _peer(event.assoc)
+        try:
+            return self._store(event, peer)
+        except StoreRefused as refused:
+            LOGGER.warning("C-STORE refused (0x%04X): %s", refused.status, refused)
+            if refused.status != OUT_OF_RESOURCES:
+                # Resource failures are retried by the PACS and logged; refusals of the data
+                # itself are what an administrator asks about, so they go to the audit.
+                record_event(self.session_factory, "rejected", "error", reason_code=refused.reason_code,
+                             message=str(refused)[:1000], **peer)
+            return refused.status
+
+    def _store(self, event: NetEvent, peer: dict[str, str | None]) -> int:
+        raw = event.encoded_dataset(include_meta=False)
+        if len(raw) > self.settings.max_dataset_bytes:
+            raise StoreRefused(OUT_OF_RESOURCES, "too-large",
+                               f"dataset of {len(raw)} bytes exceeds max_dataset_bytes "
+                               f"{self.settings.max_dataset_bytes}")
+        header = self._header(event)
+        if header.sop_class_uid in _OWN_OUTPUT_UIDS:
+            record_event(self.session_factory, "dropped_own_output", "skipped",
+                         sop_instance_uid=header.sop_instance_uid, study_uid=header.study_uid,
+                         accession_number=header.accession_number, reason_code="routing-loop",
+                         message=f"SOP class {header.sop_class_uid} is our own output kind; "
+                                 "acknowledged and dropped", **peer)
+            return SUCCESS
+        try:
+            check_watermark(self.settings.spool_root, self.settings.min_free_bytes)
+        except SpoolFull as full:
+            raise StoreRefused(OUT_OF_RESOURCES, "spool-full", str(full)) from full
+        path = spool_path(self.settings.spool_root, header.study_uid, header.series_uid,
+                          header.sop_instance_uid)
+        try:
+            size = write_atomically(path, lambda fh: write_dataset_stream(fh, event.file_meta, raw))
+        except OSError as error:
+            raise StoreRefused(OUT_OF_RESOURCES, "spool-write", f"writing {path.name}: {error}") from error
+        self._record(event, header, path, size, peer)
+        return SUCCESS
+
+    def _header(self, event: NetEvent) -> _Header:
+        try:
+            ds = event.dataset
+            sop_class = str(event.request.AffectedSOPClassUID)
+            header = _Header(
+                sop_class_uid=sop_class,
+                sop_instance_uid=validate_uid("SOPInstanceUID", ds.get("SOPInstanceUID")),
+                study_uid=validate_uid("StudyInstanceUID", ds.get("StudyInstanceUID")),
+                series_uid=validate_uid("SeriesInstanceUID", ds.get("SeriesInstanceUID")),
+                accession_number=str(ds.get("AccessionNumber", "")) or None,
+                patient_id=str(ds.get("PatientID", "")) or None,
+            )
+        except InvalidUID as invalid:
+            raise StoreRefused(CANNOT_UNDERSTAND, f"invalid-{invalid.attribute}",
+                               f"{invalid.attribute} is not a valid UID: {str(invalid.value)[:128]!r}") from invalid
+        except Exception as error:  # pydicom raises many kinds on a malformed dataset
+            raise StoreRefused(CANNOT_UNDERSTAND, "undecodable", f"dataset cannot be decoded: {error}") from error
+        # The command set names the instance too, and the file meta is built from it.
+        if str(event.request.AffectedSOPInstanceUID) != header.sop_instance_uid:
+            raise StoreRefused(CANNOT_UNDERSTAND, "uid-mismatch",
+                               "Affected SOP Instance UID differs from the dataset's SOPInstanceUID")
+        return header
+
+    def _record(self, event: NetEvent, header: _Header, path: Path, size: int,
+                peer: dict[str, str | None]) -> None:
+        received = ReceivedInstance(
+            sop_instance_uid=header.sop_instance_uid, study_instance_uid=header.study_uid,
+            series_instance_uid=header.series_uid, sop_class_uid=header.sop_class_uid,
+            transfer_syntax_uid=str(event.context.transfer_syntax), spool_path=str(path),
+            size_bytes=size, accession_number=header.accession_number, patient_id=header.patient_id,
+            calling_ae=peer["peer_ae"], peer_address=peer["peer_address"],
+        )
+        try:
+            with self.session_factory() as session:
+                record_received(session, received, self.settings.model_id, self.settings.patient_salt)
+        except OperationalError as error:
+            # The file stays: without a row nothing reads it, and the PACS resend overwrites it.
+            raise StoreRefused(OUT_OF_RESOURCES, "database-unavailable",
+                               f"database unavailable: {error.orig}") from error
+
+
+# ---------------------------------------------------------------- network layer
+
+
+def _handle_echo(event: NetEvent) -> int:
+    return SUCCESS
+
+
+def _handle_store(event: NetEvent, receiver: Receiver) -> int:
+    try:
+        return receiver.store(event)
+    except Exception:
+        LOGGER.exception("C-STORE handler failed")
+        return UNABLE_TO_PROCESS
+
+
+def _reject(event: NetEvent, session_factory: sessionmaker[Session], reason: int, message: str) -> None:
+    assoc = event.assoc
+    assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
+    LOGGER.warning("association rejected: %s", message)
+    record_event(session_factory, "association_rejected", "rejected",
+                 reason_code=_REASON_NAMES[reason], message=message, **_peer(assoc))
+
+
+def _handle_requested(event: NetEvent, settings: ReceiveSettings,
+                      session_factory: sessionmaker[Session]) -> None:
+    """Check the peer before pynetdicom negotiates; a rejection here skips negotiation."""
+    assoc = event.assoc
+    rq = assoc.requestor.primitive
+    calling, called = rq.calling_ae_title.strip(), rq.called_ae_title.strip()
+    if not settings.peer_allowed(assoc.requestor.address):
+        _reject(event, session_factory, REASON_NO_REASON,
+                f"peer address {assoc.requestor.address} not in allowed_peers")
+    elif not settings.calling_ae_allowed(calling):
+        _reject(event, session_factory, REASON_CALLING_AE,
+                f"calling AE title {calling!r} not recognised")
+    elif called != settings.ae_title:
+        _reject(event, session_factory, REASON_CALLED_AE,
+                f"called AE title {called!r} is not {settings.ae_title!r}")
+
+
+def _handle_rejected(event: NetEvent, session_factory: sessionmaker[Session]) -> None:
+    """Audit rejections made by pynetdicom itself (e.g. too many associations)."""
+    primitive = event.assoc.acceptor.primitive
+    reason = getattr(primitive, "diagnostic", None)
+    record_event(session_factory, "association_rejected", "rejected",
+                 reason_code=_REASON_NAMES.get(reason, f"diagnostic-{reason}") if reason else None,
+                 message=f"rejected by the association layer (source {getattr(primitive, 'result_source', None)})",
+                 **_peer(event.assoc))
+
+
+def build_ae(settings: ReceiveSettings, session_factory: sessionmaker[Session]) -> AE:
+    """An AE with our presentation contexts and the settings' AE title checks."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = settings.max_pdu
+    # Belt and braces behind the EVT_REQUESTED handler: pynetdicom checks these itself too.
+    ae.require_called_aet = True
+    ae.require_calling_aet = list(settings.allowed_calling_aes)
+    ae.add_supported_context(Verification)
+    for sop_class in IMAGE_STORAGE:
+        ae.add_supported_context(sop_class, list(IMAGE_SYNTAXES))
+    for sop_class in OWN_OUTPUT_STORAGE:
+        ae.add_supported_context(sop_class, list(UNCOMPRESSED_SYNTAXES))
+    return ae
+
+
+def event_handlers(settings: ReceiveSettings, session_factory: sessionmaker[Session],
+                   receiver: Receiver | None = None) -> list[Any]:
+    receiver = receiver or Receiver(settings, session_factory)
+    return [
+        (evt.EVT_REQUESTED, _handle_requested, [settings, session_factory]),
+        (evt.EVT_REJECTED, _handle_rejected, [session_factory]),
+        (evt.EVT_C_ECHO, _handle_echo),
+        (evt.EVT_C_STORE, _handle_store, [receiver]),
+    ]
+
+
+def start_scp(settings: ReceiveSettings, session_factory: sessionmaker[Session],
+              receiver: Receiver | None = None) -> ThreadedAssociationServer:
+    """Start listening in background threads; returns the server (``stop`` it when done)."""
+    settings.spool_root.mkdir(parents=True, exist_ok=True)
+    ae = build_ae(settings, session_factory)
+    server = ae.start_server((settings.bind_address, settings.port), block=False,
+                             evt_handlers=event_handlers(settings, session_factory, receiver))
+    assert server is not None  # block=False always returns the server
+    return server
+
+
+def bound_port(server: ThreadedAssociationServer) -> int:
+    """The port the server listens on (useful with ``port=0``)."""
+    return int(server.server_address[1])
+
+
+def stop(server: ThreadedAssociationServer) -> None:
+    """Stop accepting, close the socket and end the server's AE."""
+    server.shutdown()
+    server.ae.shutdown()
