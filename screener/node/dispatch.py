@@ -20,7 +20,8 @@ from typing import Any
 import pydicom
 import structlog
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.store.models import Delivery, DeliveryKind, DeliveryState
@@ -154,13 +155,28 @@ def send_file(destination: Destination, path: Path | str, settings: DispatchSett
     if destination.tls is not None:
         tls_args = (destination.tls.context(), destination.host)
     where = f"destination {destination.name} ({destination.label})"
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    # pynetdicom reports a refused TCP connection as an aborted association; these handlers
+    # tell "never connected" from "connected, then rejected/aborted", and keep the reason.
+    seen: dict[str, str] = {}
+
+    def on_open(event: Any) -> None:
+        seen["connected"] = "yes"
+
+    def on_acse(event: Any) -> None:
+        primitive = event.primitive
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result not in (None, 0x00):
+            seen["reason"] = f"{primitive.source_str}: {primitive.reason_str}"
+
+    handlers = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse)]
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         tls_args=tls_args, evt_handlers=handlers)
     if not assoc.is_established:
         if assoc.is_rejected:
-            raise DispatchError(f"{where} refused the association (calling AE {settings.calling_ae})")
-        if assoc.is_aborted:
-            raise DispatchError(f"{where} aborted the association request")
-        raise DispatchError(f"{where} unreachable (no association within {destination.timeout_s:g} s)")
+            reason = seen.get("reason", "no reason given")
+            raise DispatchError(f"{where} refused the association from {settings.calling_ae} ({reason})")
+        if "connected" not in seen:
+            raise DispatchError(f"{where} unreachable (no connection within {destination.timeout_s:g} s)")
+        raise DispatchError(f"{where} aborted the association request")
     try:
         try:
             response = assoc.send_c_store(dataset)

@@ -345,10 +345,14 @@ def _handle_store(event: NetEvent, receiver: Receiver) -> int:
 
 def _reject(event: NetEvent, session_factory: sessionmaker[Session], reason: int, message: str) -> None:
     assoc = event.assoc
-    assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
     LOGGER.warning("association rejected: %s", message)
+    # Audit first: once the peer has the A-ASSOCIATE-RJ, the refusal must already be on record.
     record_event(session_factory, "association_rejected", "rejected",
                  reason_code=_REASON_NAMES[reason], message=message, **_peer(assoc))
+    assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, reason)
+    # As pynetdicom's own ACSE does: wait until the DUL has sent the A-ASSOCIATE-RJ and the peer
+    # closed, otherwise the caller closes the socket first and the peer sees only an abort.
+    assoc.kill()
 
 
 def _handle_requested(event: NetEvent, settings: ReceiveSettings,

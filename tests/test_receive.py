@@ -1,0 +1,241 @@
+"""Receive: a real pynetdicom SCP on loopback, driven by DCMTK echoscu/storescu."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from screener.node.receive import ReceiveSettings, bound_port, start_scp, stop
+from screener.node.spool import spool_path
+from screener.store.db import create_schema, make_engine, session_factory
+from screener.store.models import Event, Instance, Job
+from tests.conftest import edit_dataset, rg1_file
+from tests.dcmtk import run_tool
+
+SALT = b"receive-test-salt"
+MODEL = "demo-1.0"
+CALLING = "PACS"
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def factory(engine: Engine) -> sessionmaker[Session]:
+    return session_factory(engine)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> ReceiveSettings:
+    return ReceiveSettings(spool_root=tmp_path / "spool", model_id=MODEL, patient_salt=SALT, port=0,
+                           allowed_calling_aes=(CALLING,), min_free_bytes=0)
+
+
+@pytest.fixture
+def scp(factory: sessionmaker[Session]) -> Iterator[Callable[[ReceiveSettings], int]]:
+    """Start an SCP with the given settings; returns its port. Stopped after the test."""
+    servers = []
+
+    def start(settings: ReceiveSettings) -> int:
+        server = start_scp(settings, factory)
+        servers.append(server)
+        return bound_port(server)
+
+    yield start
+    for server in servers:
+        stop(server)
+
+
+def storescu(port: int, path: Path, *flags: str, calling: str = CALLING, called: str = "CXRBMD"):
+    # -v: storescu then prints each response status by name, e.g. "(Refused: OutOfResources)".
+    return run_tool("storescu", "-v", "-aet", calling, "-aec", called, *flags, "127.0.0.1", port, path)
+
+
+def rows(factory: sessionmaker[Session], model: type, **where: object) -> list:
+    with factory() as s:
+        return list(s.scalars(select(model).filter_by(**where).order_by(model.id)))
+
+
+def rg1_copy(tmp_path: Path, **changes: object) -> Path:
+    ds = edit_dataset(pydicom.dcmread(rg1_file()), **changes)
+    if "SOPInstanceUID" in changes:
+        ds.file_meta.MediaStorageSOPInstanceUID = changes["SOPInstanceUID"]
+    out = tmp_path / "sent" / "copy.dcm"
+    out.parent.mkdir(exist_ok=True)
+    ds.save_as(out, enforce_file_format=False)
+    return out
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("ae_title", ""), ("ae_title", "A" * 17), ("ae_title", "A\\B"), ("port", 70000), ("port", -1),
+    ("bind_address", "localhost:104"), ("allowed_calling_aes", "PACS"), ("allowed_calling_aes", ("",)),
+    ("allowed_peers", ("10.0.0.300",)), ("max_pdu", 100), ("max_dataset_bytes", 0),
+    ("min_free_bytes", -1), ("model_id", " "), ("patient_salt", b""), ("patient_salt", "text"),
+])
+def test_settings_name_the_invalid_field(settings: ReceiveSettings, field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(settings, **{field: value})
+
+
+def test_settings_are_frozen_and_normalised(settings: ReceiveSettings) -> None:
+    s = dataclasses.replace(settings, ae_title=" CXRBMD ", allowed_calling_aes=["PACS "])  # type: ignore[arg-type]
+    assert s.ae_title == "CXRBMD" and s.allowed_calling_aes == ("PACS",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.port = 104  # type: ignore[misc]
+    assert s.peer_allowed("10.1.1.1")
+    assert dataclasses.replace(s, allowed_peers=("127.0.0.1",)).peer_allowed("::ffff:127.0.0.1")
+
+
+# ---------------------------------------------------------------- echo and store
+
+
+def test_echo(scp, settings: ReceiveSettings) -> None:
+    port = scp(settings)
+    result = run_tool("echoscu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", port)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize(("name", "flags"), [("RG1_UNCR.dcm", ()), ("RG1_J2KR.dcm", ("-xv", "-R"))])
+def test_store_spools_streams_and_queues(scp, settings, factory, name: str, flags: tuple[str, ...]) -> None:
+    port = scp(settings)
+    source = rg1_file(name)
+    result = storescu(port, source, *flags)
+    assert result.returncode == 0, result.stdout
+    assert "Received Store Response (Success)" in result.stdout, result.stdout
+
+    sent = pydicom.dcmread(source)
+    path = spool_path(settings.spool_root, sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID)
+    stored = pydicom.dcmread(path)
+    assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+    assert stored.PixelData == sent.PixelData  # byte for byte: streamed, not re-encoded
+
+    [instance] = rows(factory, Instance)
+    assert instance.sop_instance_uid == sent.SOPInstanceUID and instance.spool_path == str(path)
+    assert instance.transfer_syntax_uid == sent.file_meta.TransferSyntaxUID
+    assert instance.calling_ae == CALLING and instance.size_bytes == path.stat().st_size
+    [job] = rows(factory, Job)
+    assert job.state == "queued" and job.model_id == MODEL
+    [event] = rows(factory, Event, kind="received")
+    assert event.peer_ae == CALLING and event.peer_address.startswith("127.0.0.1:")
+    # Nothing but the file itself (no leftover temp files) in the spool.
+    assert files_under(settings.spool_root) == {path}
+
+
+def test_same_instance_twice_is_one_job_and_a_duplicate_event(scp, settings, factory) -> None:
+    port = scp(settings)
+    for _ in range(2):
+        result = storescu(port, rg1_file())
+        assert result.returncode == 0, result.stdout
+    assert len(rows(factory, Job)) == 1
+    assert len(rows(factory, Event, kind="duplicate")) == 1
+
+
+def test_routing_loop_sr_is_acknowledged_and_dropped(scp, settings, factory) -> None:
+    port = scp(settings)
+    sr = Path(get_testdata_file("test-SR.dcm"))
+    assert pydicom.dcmread(sr).SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    result = storescu(port, sr)
+    assert result.returncode == 0, result.stdout
+    assert "Received Store Response (Success)" in result.stdout, result.stdout
+    assert rows(factory, Instance) == [] and rows(factory, Job) == []
+    assert files_under(settings.spool_root) == set()
+    [event] = rows(factory, Event, kind="dropped_own_output")
+    assert event.peer_ae == CALLING and event.sop_instance_uid == pydicom.dcmread(sr).SOPInstanceUID
+
+
+# ---------------------------------------------------------------- association checks
+
+
+def test_unknown_calling_ae_is_rejected_and_audited(scp, settings, factory) -> None:
+    port = scp(settings)
+    result = storescu(port, rg1_file(), calling="STRANGER")
+    assert result.returncode != 0
+    assert "Calling AE Title Not Recognized" in result.stdout, result.stdout
+    [event] = rows(factory, Event, kind="association_rejected")
+    assert event.peer_ae == "STRANGER" and event.reason_code == "calling-ae-not-recognised"
+    assert rows(factory, Instance) == []
+
+
+def test_wrong_called_ae_is_rejected_and_audited(scp, settings, factory) -> None:
+    port = scp(settings)
+    result = storescu(port, rg1_file(), called="SOMEONEELSE")
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stdout, result.stdout
+    [event] = rows(factory, Event, kind="association_rejected")
+    assert event.reason_code == "called-ae-not-recognised"
+
+
+def test_peer_not_in_allow_list_is_rejected_and_audited(scp, settings, factory) -> None:
+    port = scp(dataclasses.replace(settings, allowed_peers=("10.9.9.9",)))
+    result = run_tool("echoscu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", port)
+    assert result.returncode != 0
+    assert "No Reason" in result.stdout, result.stdout
+    [event] = rows(factory, Event, kind="association_rejected")
+    assert event.reason_code == "no-reason-given" and event.peer_address.startswith("127.0.0.1:")
+
+
+# ---------------------------------------------------------------- refusals
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_traversal_uid_is_refused_and_nothing_escapes(scp, settings, factory, tmp_path: Path) -> None:
+    port = scp(settings)
+    evil = rg1_copy(tmp_path, SOPInstanceUID="../../evil")
+    before = files_under(tmp_path.parent)
+    result = storescu(port, evil)
+    assert result.returncode != 0
+    assert "Received Store Response (Error: CannotUnderstand)" in result.stdout, result.stdout
+    new = files_under(tmp_path.parent) - before
+    assert not [p for p in new if "evil" in str(p)]
+    assert not [p for p in new if p.is_relative_to(settings.spool_root)]
+    assert rows(factory, Instance) == [] and rows(factory, Job) == []
+    [event] = rows(factory, Event, kind="rejected")
+    assert event.reason_code == "invalid-SOPInstanceUID" and "evil" in event.message
+
+
+def test_spool_under_watermark_is_out_of_resources(scp, settings, factory) -> None:
+    port = scp(dataclasses.replace(settings, min_free_bytes=2**62))
+    result = storescu(port, rg1_file())
+    assert result.returncode != 0
+    assert "Received Store Response (Refused: OutOfResources)" in result.stdout, result.stdout
+    assert rows(factory, Instance) == [] and rows(factory, Job) == []
+    assert files_under(settings.spool_root) == set()
+
+
+def test_dataset_over_size_limit_is_out_of_resources(scp, settings, factory) -> None:
+    port = scp(dataclasses.replace(settings, max_dataset_bytes=1024))
+    result = storescu(port, rg1_file())
+    assert result.returncode != 0
+    assert "Received Store Response (Refused: OutOfResources)" in result.stdout, result.stdout
+    assert rows(factory, Instance) == [] and files_under(settings.spool_root) == set()
+
+
+def test_database_down_is_out_of_resources_never_success(scp, settings, factory, engine) -> None:
+    port = scp(settings)
+    with engine.begin() as connection:
+        connection.execute(text("PRAGMA foreign_keys=OFF"))
+        for table in ("deliveries", "jobs", "instances"):
+            connection.execute(text(f"DROP TABLE {table}"))
+    result = storescu(port, rg1_file())
+    assert result.returncode != 0
+    assert "Received Store Response (Refused: OutOfResources)" in result.stdout, result.stdout
+    assert "(Success)" not in result.stdout
