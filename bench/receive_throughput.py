@@ -82,11 +82,11 @@ def send_all(port: int, files: list[Path], associations: int, called_ae: str) ->
     return time.perf_counter() - t0
 
 
-def bench_node(files: list[Path], associations: int, work: Path) -> float:
+def bench_node(files: list[Path], associations: int, work: Path, max_pdu: int) -> float:
     engine = make_engine(f"sqlite:///{work / 'node.db'}")
     create_schema(engine)
     settings = ReceiveSettings(spool_root=work / "spool", model_id="bench", patient_salt=b"bench-salt", port=0,
-                               min_free_bytes=0)
+                               min_free_bytes=0, max_pdu=max_pdu)
     server = start_scp(settings, session_factory(engine))
     try:
         return send_all(bound_port(server), files, associations, settings.ae_title)
@@ -113,6 +113,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--associations", type=int, default=4)
+    ap.add_argument("--max-pdu", type=int, default=ReceiveSettings.__dataclass_fields__["max_pdu"].default,
+                    help="the node's maximum PDU length in bytes")
+    ap.add_argument("--node-only", action="store_true", help="skip the storescp runs")
     ap.add_argument("--source", default="RG1_UNCR.dcm", help="pydicom-data file to copy (uncompressed: storescu sends it as is)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
@@ -120,14 +123,13 @@ def main() -> None:
         files = make_files(a.source, a.images, work)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"{a.images} x {a.source} ({mb:.0f} MB) over {a.associations} parallel associations (DCMTK storescu)")
-        results = {
-            "node SCP (fsync + SQLite journal)": bench_node(files, a.associations, work),
-            "DCMTK storescp": bench_storescp(files, a.associations, work, fork=False),
-            "DCMTK storescp --fork": bench_storescp(files, a.associations, work, fork=True),
-        }
-        print(f"{'receiver':<36}{'seconds':>9}{'MB/s':>9}{'images/s':>10}")
+        results = {f"node SCP (fsync + SQLite journal), max PDU {a.max_pdu}": bench_node(files, a.associations, work, a.max_pdu)}
+        if not a.node_only:
+            results["DCMTK storescp"] = bench_storescp(files, a.associations, work, fork=False)
+            results["DCMTK storescp --fork"] = bench_storescp(files, a.associations, work, fork=True)
+        print(f"{'receiver':<56}{'seconds':>9}{'MB/s':>9}{'images/s':>10}")
         for name, seconds in results.items():
-            print(f"{name:<36}{seconds:>9.2f}{mb / seconds:>9.1f}{a.images / seconds:>10.1f}")
+            print(f"{name:<56}{seconds:>9.2f}{mb / seconds:>9.1f}{a.images / seconds:>10.1f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
