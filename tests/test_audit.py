@@ -1,0 +1,388 @@
+"""Audit queries, output formats, the audit command line and the SQL views (migration 0002)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from screener import audit
+from screener.store.db import alembic_config, create_schema, make_engine, session_factory
+from screener.store.models import Base
+from screener.store.queue import (
+    ReceivedInstance,
+    claim_jobs,
+    complete_job,
+    fail_job,
+    mark_failed,
+    mark_sent,
+    record_received,
+)
+
+T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+SALT = b"per-install-salt-0123456789abcdef"
+MODEL = "demo-1.0"
+VIEWS = ("v_instance_history", "v_failures", "v_delivery_backlog", "v_positive_screens")
+
+
+def minutes(m: float) -> datetime:
+    return T0 + timedelta(minutes=m)
+
+
+def outcome(bmd: float, tscore: float | None, category: str | None) -> dict:
+    """The document ``Outcome.to_json()`` writes for a reported image."""
+    sites = ("L1", "L2", "L3", "L4")
+    return {
+        "file": "/spool/x.dcm", "status": "reported", "code": "eligible", "reason": "eligible",
+        "sop_instance_uid": "x", "outputs": [], "seconds": {"total": 1.0},
+        "result": {
+            "model_id": MODEL, "demo": True,
+            "bmd_g_cm2": {**{s: bmd + 0.01 * i for i, s in enumerate(sites)}, "L1-L4": bmd},
+            "tscore": None if tscore is None else {**{s: tscore for s in sites}, "L1-L4": tscore},
+            "who_category": category, "tscore_note": None,
+        },
+    }
+
+
+def ineligible(code: str, reason: str) -> dict:
+    return {"file": "/spool/y.dcm", "status": "ineligible", "code": code, "reason": reason,
+            "sop_instance_uid": "y", "outputs": [], "seconds": {}}
+
+
+def received(n: int, accession: str, study: str) -> ReceivedInstance:
+    return ReceivedInstance(
+        sop_instance_uid=f"1.2.3.4.{n}", study_instance_uid=study, series_instance_uid=f"{study}.1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        spool_path=f"/spool/{n}.dcm", size_bytes=1000, accession_number=accession,
+        patient_id=f"PID-{n}", calling_ae="MODALITY", peer_address="10.0.0.1:104",
+    )
+
+
+def receive_and_claim(factory: sessionmaker[Session], n: int, accession: str, study: str, at: datetime) -> int:
+    with factory() as s:
+        _, job, duplicate = record_received(s, received(n, accession, study), MODEL, SALT, now=at)
+    assert job is not None and not duplicate
+    claimed = claim_jobs(factory, "w1", limit=1, lease_seconds=300, now=at + timedelta(seconds=30))
+    assert [j.id for j in claimed] == [job.id]
+    return job.id
+
+
+def deliveries_of(factory: sessionmaker[Session], job_id: int) -> dict[tuple[str, str], int]:
+    with factory() as s:
+        rows = s.execute(text("SELECT destination, kind, id FROM deliveries WHERE job_id = :j"), {"j": job_id})
+        return {(d, k): i for d, k, i in rows}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> tuple[Engine, sessionmaker[Session], str]:
+    """Five instances: positive screen with one dead GSPS; normal with its SR pending; ineligible;
+    failed; next day a second positive screen."""
+    url = f"sqlite:///{tmp_path / 'screener.db'}"
+    engine = make_engine(url)
+    create_schema(engine)
+    factory = session_factory(engine)
+
+    j1 = receive_and_claim(factory, 1, "ACC1", "1.2.3.100", minutes(0))
+    with factory() as s:
+        complete_job(s, j1, "w1", "done", outcome(0.62, -3.1, "osteoporosis"),
+                     [("PACS", ("sr", "gsps")), ("ARCHIVE", ("sr",))], now=minutes(2))
+    d1 = deliveries_of(factory, j1)
+    with factory() as s:
+        mark_sent(s, d1[("PACS", "sr")], now=minutes(3))
+    with factory() as s:
+        mark_failed(s, d1[("PACS", "gsps")], "association rejected", backoff_base_s=10, backoff_cap_s=60,
+                    max_attempts=1, now=minutes(4))
+    with factory() as s:
+        mark_sent(s, d1[("ARCHIVE", "sr")], now=minutes(5))
+
+    j2 = receive_and_claim(factory, 2, "ACC2", "1.2.3.200", minutes(10))
+    with factory() as s:
+        complete_job(s, j2, "w1", "done", outcome(1.05, 0.2, "normal"), [("PACS", ("sr",))], now=minutes(14))
+
+    j3 = receive_and_claim(factory, 3, "ACC3", "1.2.3.300", minutes(20))
+    with factory() as s:
+        complete_job(s, j3, "w1", "ineligible", ineligible("not-chest", "BodyPartExamined is KNEE"), [],
+                     now=minutes(21))
+
+    j4 = receive_and_claim(factory, 4, "ACC4", "1.2.3.400", minutes(30))
+    with factory() as s:
+        fail_job(s, j4, "w1", "decoder crashed", retry=False, now=minutes(31))
+
+    day2 = T0 + timedelta(days=1)
+    j5 = receive_and_claim(factory, 5, "ACC5", "1.2.3.500", day2)
+    with factory() as s:
+        complete_job(s, j5, "w1", "done", outcome(0.70, -2.6, "osteoporosis"), [("PACS", ("sr",))],
+                     now=day2 + timedelta(minutes=1))
+    with factory() as s:
+        mark_sent(s, deliveries_of(factory, j5)[("PACS", "sr")], now=day2 + timedelta(minutes=2))
+
+    yield engine, factory, url
+    engine.dispose()
+
+
+# ---------------------------------------------------------------- queries
+
+
+def test_history_by_accession_study_and_sop(db) -> None:
+    _, factory, _ = db
+    with factory() as s:
+        rows = audit.history(s, accession="ACC1")
+        assert [r["kind"] for r in rows] == ["received", "claimed", "done", "sent", "dead", "sent"]
+        assert [r["time"] for r in rows] == sorted(r["time"] for r in rows)
+        assert [r["destination"] for r in rows][3:] == ["PACS", "PACS", "ARCHIVE"]
+        assert "L1-L4 BMD 0.620 g/cm2" in rows[2]["detail"] and "osteoporosis" in rows[2]["detail"]
+        assert "association rejected" in rows[4]["detail"]
+        assert audit.history(s, study_uid="1.2.3.100") == rows
+        assert audit.history(s, sop_uid="1.2.3.4.1") == rows
+        assert audit.history(s, sop_uid="1.2.3.4.1", accession="ACC2") == []
+        assert s.in_transaction() is False
+        with pytest.raises(ValueError, match="history"):
+            audit.history(s)
+
+
+def test_failures_since(db) -> None:
+    _, factory, _ = db
+    with factory() as s:
+        rows = audit.failures(s, T0)
+        assert [(r["kind"], r["accession_number"]) for r in rows] == [
+            ("dead", "ACC1"), ("ineligible", "ACC3"), ("failed", "ACC4")]
+        dead, inel, failed = rows
+        assert (dead["destination"], dead["delivery_kind"]) == ("PACS", "gsps")
+        assert "association rejected" in dead["message"]
+        assert inel["reason_code"] == "not-chest" and inel["message"] == "BodyPartExamined is KNEE"
+        assert "not retryable: decoder crashed" in failed["message"]
+        assert [r["kind"] for r in audit.failures(s, minutes(25))] == ["failed"]
+        with pytest.raises(ValueError, match="since"):
+            audit.failures(s, datetime(2024, 6, 1))
+
+
+def test_backlog_per_destination(db) -> None:
+    _, factory, _ = db
+    with factory() as s:
+        rows = audit.backlog(s, now=minutes(60))
+    assert rows == [{"destination": "PACS", "pending": 1, "retrying": 0, "oldest_queued_at": minutes(14),
+                     "oldest_age_s": 46 * 60.0, "next_attempt_at": minutes(14)}]
+
+
+def test_throughput_per_hour_and_day(db) -> None:
+    _, factory, _ = db
+    with factory() as s:
+        hours = audit.throughput(s, T0, "hour")
+        days = audit.throughput(s, T0, "day")
+        assert audit.throughput(s, T0 + timedelta(days=3), "day") == []
+        with pytest.raises(ValueError, match="bucket"):
+            audit.throughput(s, T0, "week")
+    assert [h["bucket"] for h in hours] == ["2024-06-01T12:00Z", "2024-06-02T12:00Z"]
+    first = hours[0]
+    assert (first["received"], first["done"], first["ineligible"], first["failed"], first["sr_sent"]) == (4, 2, 1, 1, 2)
+    # received -> done: 120 s and 240 s; received -> SR acknowledged: 180 s (PACS) and 300 s (ARCHIVE)
+    assert (first["done_p50_s"], first["done_p95_s"]) == (180.0, 234.0)
+    assert (first["sr_p50_s"], first["sr_p95_s"]) == (240.0, 294.0)
+    assert (hours[1]["done_p50_s"], hours[1]["sr_p50_s"]) == (60.0, 120.0)
+    assert [(d["bucket"], d["received"], d["done"], d["sr_sent"]) for d in days] == [
+        ("2024-06-01", 4, 2, 2), ("2024-06-02", 1, 1, 1)]
+    # only events since the start count; latency still uses the earlier received time
+    late = audit.throughput(factory(), minutes(4), "hour")[0]
+    assert (late["received"], late["done"], late["sr_sent"], late["sr_p50_s"]) == (3, 1, 1, 300.0)
+
+
+def test_percentile_interpolates() -> None:
+    assert audit.percentile([], 50) is None
+    assert audit.percentile([5.0], 95) == 5.0
+    assert audit.percentile([1, 2, 3, 4], 50) == 2.5
+    assert audit.percentile([10, 0, 20], 95) == pytest.approx(19.0)
+
+
+def test_positives_in_period(db) -> None:
+    _, factory, _ = db
+    with factory() as s:
+        rows = audit.positives(s, T0, T0 + timedelta(days=2))
+        assert [(r["accession_number"], r["sop_instance_uid"]) for r in rows] == [
+            ("ACC1", "1.2.3.4.1"), ("ACC5", "1.2.3.4.5")]
+        assert rows[0]["bmd_l1_l4"] == pytest.approx(0.62) and rows[0]["tscore_l1_l4"] == pytest.approx(-3.1)
+        assert rows[0]["bmd_l4"] == pytest.approx(0.65)
+        assert rows[0]["who_category"] == "osteoporosis"
+        assert [r["accession_number"] for r in audit.positives(s, T0, minutes(60))] == ["ACC1"]
+        assert audit.positives(s, minutes(3), minutes(60)) == []
+        with pytest.raises(ValueError, match="until"):
+            audit.positives(s, minutes(60), T0)
+
+
+def test_result_fields_read_outcome_and_bare_result() -> None:
+    doc = outcome(0.8, -1.5, "osteopenia")
+    assert audit.result_fields(doc) == audit.result_fields(doc["result"]) | {"code": "eligible", "reason": "eligible"}
+    assert audit.result_fields(outcome(0.8, None, None))["tscore_l1_l4"] is None
+    assert audit.result_fields(None)["bmd_l1_l4"] is None
+
+
+# ---------------------------------------------------------------- formats
+
+
+ROWS = [{"time": T0, "kind": "done", "detail": "a, \"b\"\nc", "n": 1.5},
+        {"time": minutes(1), "kind": "sent", "detail": None, "n": None}]
+
+
+def test_render_table() -> None:
+    out = audit.render(ROWS, "table").splitlines()
+    assert out[0].split() == ["time", "kind", "detail", "n"]
+    assert set(out[1]) <= {"-", " "}
+    assert out[2].startswith("2024-06-01T12:00:00Z  done")
+    assert out[3].split()[-2:] == ["-", "-"]  # missing values shown as "-"
+    assert len(out) == 4  # the newline inside a message does not break the row
+    assert audit.render([], "table") == "(no rows)\n"
+
+
+def test_render_json_and_csv() -> None:
+    data = json.loads(audit.render(ROWS, "json"))
+    assert data[0] == {"time": "2024-06-01T12:00:00Z", "kind": "done", "detail": "a, \"b\"\nc", "n": 1.5}
+    assert data[1]["detail"] is None
+    rows = list(csv.DictReader(io.StringIO(audit.render(ROWS, "csv"))))
+    assert rows[0]["detail"] == "a, \"b\"\nc" and rows[0]["time"] == "2024-06-01T12:00:00Z"
+    assert rows[1]["n"] == ""
+    assert json.loads(audit.render([], "json")) == []
+    with pytest.raises(ValueError, match="format"):
+        audit.render(ROWS, "xml")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_parse_time() -> None:
+    now = datetime(2024, 6, 10, tzinfo=UTC)
+    assert audit.parse_time("24h", now=now) == now - timedelta(hours=24)
+    assert audit.parse_time("7d", now=now) == now - timedelta(days=7)
+    assert audit.parse_time("90m", now=now) == now - timedelta(minutes=90)
+    assert audit.parse_time("2024-06-01") == T0 - timedelta(hours=12)
+    assert audit.parse_time("2024-06-01T12:00Z") == T0
+    assert audit.parse_time("2024-06-01T14:00+02:00") == T0
+    with pytest.raises(ValueError, match="ISO 8601"):
+        audit.parse_time("yesterday")
+
+
+def test_cli_each_command(db, capsys) -> None:
+    _, _, url = db
+    base = ["--database-url", url]
+    assert audit.main(["audit", "history", "--accession", "ACC1", "--format", "json", *base]) == 0
+    assert [r["kind"] for r in json.loads(capsys.readouterr().out)][:3] == ["received", "claimed", "done"]
+    assert audit.main(["audit", "failures", "--since", "2024-06-01T12:00Z", "--format", "csv", *base]) == 0
+    assert [r["kind"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["dead", "ineligible", "failed"]
+    assert audit.main(["audit", "backlog", *base]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("destination") and lines[2].split()[:3] == ["PACS", "1", "0"]
+    assert audit.main(["audit", "throughput", "--since", "2024-06-01", "--bucket", "day", "--format", "json", *base]) == 0
+    assert [r["bucket"] for r in json.loads(capsys.readouterr().out)] == ["2024-06-01", "2024-06-02"]
+    assert audit.main(["audit", "positives", "--since", "2024-06-01", "--until", "2024-06-03", "--format", "csv", *base]) == 0
+    assert [r["accession_number"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["ACC1", "ACC5"]
+
+
+def test_cli_reads_database_url_from_config(db, tmp_path: Path, capsys) -> None:
+    _, _, url = db
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndatabase_url = "{url}"\n')
+    assert audit.main(["audit", "history", "--sop", "1.2.3.4.3", "--format", "json", "--config", str(config)]) == 0
+    assert [r["kind"] for r in json.loads(capsys.readouterr().out)] == ["received", "claimed", "ineligible"]
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["failures", "--since", "yesterday"], "--since"),
+    (["positives", "--since", "7d", "--until", "soon"], "--until"),
+    (["throughput", "--bucket", "week"], "--bucket"),
+    (["backlog", "--format", "xml"], "--format"),
+])
+def test_cli_bad_values_name_the_option(argv: list[str], option: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        audit.main(["audit", *argv])
+    assert exc.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
+
+
+def test_cli_usage_errors(tmp_path: Path, capsys) -> None:
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    assert audit.main(["audit", "backlog", "--database-url", missing]) == 2
+    assert "no SQLite file" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+    assert audit.main(["audit", "history", "--database-url", missing]) == 2
+    assert "--study, --accession or --sop" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- views
+
+
+def test_views_do_not_disturb_the_schema_comparison(db) -> None:
+    engine, _, _ = db
+    with engine.connect() as c:
+        diff = compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}), Base.metadata)
+        assert diff == []
+        assert c.scalar(text("SELECT version_num FROM alembic_version")) == "0002"
+
+
+def test_view_instance_history(db) -> None:
+    engine, _, _ = db
+    with engine.connect() as c:
+        rows = {r.accession_number: r for r in c.execute(text("SELECT * FROM v_instance_history"))}
+    assert sorted(rows) == ["ACC1", "ACC2", "ACC3", "ACC4", "ACC5"]
+    acc1 = rows["ACC1"]
+    assert (acc1.job_state, acc1.model_id, acc1.who_category) == ("done", MODEL, "osteoporosis")
+    assert acc1.bmd_l1_l4 == pytest.approx(0.62) and acc1.bmd_l2 == pytest.approx(0.63)
+    assert acc1.tscore_l1_l4 == pytest.approx(-3.1)
+    assert (acc1.deliveries_pending, acc1.deliveries_sent, acc1.deliveries_dead) == (0, 2, 1)
+    assert (rows["ACC2"].who_category, rows["ACC2"].deliveries_pending) == ("normal", 1)
+    assert (rows["ACC3"].job_state, rows["ACC3"].result_code, rows["ACC3"].bmd_l1_l4) == ("ineligible", "not-chest", None)
+    assert (rows["ACC4"].job_state, rows["ACC4"].last_error) == ("failed", "decoder crashed")
+
+
+def test_view_failures_backlog_and_positives(db) -> None:
+    engine, _, _ = db
+    with engine.connect() as c:
+        failures = c.execute(text("SELECT kind, accession_number, destination, reason_code, message "
+                                  "FROM v_failures ORDER BY time")).all()
+        backlog = c.execute(text("SELECT destination, pending, retrying, oldest_age_s FROM v_delivery_backlog")).all()
+        positives = c.execute(text("SELECT accession_number, sop_instance_uid, bmd_l1_l4, tscore_l1_l4 "
+                                   "FROM v_positive_screens ORDER BY completed_at")).all()
+    assert [(f.kind, f.accession_number, f.destination) for f in failures] == [
+        ("dead", "ACC1", "PACS"), ("ineligible", "ACC3", None), ("failed", "ACC4", None)]
+    assert failures[1].reason_code == "not-chest" and failures[1].message == "BodyPartExamined is KNEE"
+    assert [(b.destination, b.pending, b.retrying) for b in backlog] == [("PACS", 1, 0)]
+    assert backlog[0].oldest_age_s > 0
+    assert [(p.accession_number, p.sop_instance_uid) for p in positives] == [("ACC1", "1.2.3.4.1"), ("ACC5", "1.2.3.4.5")]
+    assert positives[0].bmd_l1_l4 == pytest.approx(0.62) and positives[1].tscore_l1_l4 == pytest.approx(-2.6)
+
+
+def test_views_downgrade_and_upgrade_again(db) -> None:
+    engine, _, _ = db
+    config = alembic_config()
+    with engine.begin() as c:
+        config.attributes["connection"] = c
+        command.downgrade(config, "0001")
+    with engine.connect() as c:
+        names = set(c.scalars(text("SELECT name FROM sqlite_master WHERE type = 'view'")))
+        assert names == set()
+        assert c.scalar(text("SELECT COUNT(*) FROM events")) > 0
+    create_schema(engine)
+    with engine.connect() as c:
+        assert set(c.scalars(text("SELECT name FROM sqlite_master WHERE type = 'view'"))) == set(VIEWS)
+
+
+def test_postgresql_view_text_uses_its_json_operators() -> None:
+    import importlib.util
+
+    path = Path(audit.__file__).parent / "store" / "migrations" / "versions" / "0002_views.py"
+    spec = importlib.util.spec_from_file_location("views_0002", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    pg = module.view_sql("postgresql")
+    assert set(pg) == set(module.VIEWS) and list(pg)[-1] == "v_positive_screens"  # after the view it reads
+    assert "json_extract" not in "".join(pg.values())
+    assert "((j.result_json) -> 'result' -> 'bmd_g_cm2' ->> 'L1-L4')" in pg["v_instance_history"]
+    assert "EXTRACT(EPOCH FROM" in pg["v_delivery_backlog"]
+    assert ":" not in "".join(pg.values()).replace("::", "")  # no bind-parameter look-alikes for text()
