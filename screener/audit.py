@@ -15,7 +15,6 @@ import json
 import math
 import re
 import sys
-import tomllib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -429,23 +428,15 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def database_url(args: argparse.Namespace) -> str:
-    """--database-url, else [storage] database_url (or url) of --config, else the default."""
+    """--database-url, else the database of --config (the node's own rule: [storage]
+    database_url, or the SQLite file under data_dir), else the embedded default."""
     if getattr(args, "database_url", None):
         return args.database_url
+    from screener.config import Settings, load_config
+    from screener.service import database_url as node_database_url
+
     config = getattr(args, "config", None)
-    if config is not None:
-        try:
-            data = tomllib.loads(Path(config).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--config: no such file {config}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"--config: {config} is not valid TOML: {exc}") from None
-        storage = data.get("storage", {})
-        if isinstance(storage, Mapping):
-            for key in ("database_url", "url"):
-                if isinstance(storage.get(key), str) and storage[key]:
-                    return storage[key]
-    return DEFAULT_DATABASE_URL
+    return node_database_url(load_config(config) if config is not None else Settings())
 
 
 def _open(url: str) -> Any:

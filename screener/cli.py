@@ -7,6 +7,14 @@ Commands available in this release:
                               overlay and a JSON result per eligible image, the reason otherwise
   screener bundle [DIR]       show a model bundle's manifest (the shipped demo bundle by default)
   screener check-config FILE  validate a TOML configuration and print the effective settings
+  screener serve [--config FILE]
+                              the DICOM node: receive, queue, process, deliver, audit
+  screener status [--config FILE]
+                              queue depth, delivery backlog, last errors
+  screener echo DEST [--config FILE]
+                              C-ECHO a configured destination
+  screener requeue (--job ID | --failed-since TIME) [--config FILE]
+                              queue finished jobs again
 """
 
 from __future__ import annotations
@@ -94,6 +102,112 @@ def _cmd_check_config(a: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from screener.config import Settings, load_config
+
+    return load_config(a.config) if a.config else Settings(base_dir=str(Path.cwd()))
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from screener.service import Service, configure_logging
+
+    settings = _settings(a)
+    configure_logging()
+    return Service(settings).serve_forever()
+
+
+def _sessions(settings):  # type: ignore[no-untyped-def]
+    from screener.service import database_url
+    from screener.store.db import make_engine, session_factory
+
+    if not settings.storage.database_url and not (settings.data_dir / "screener.db").exists():
+        raise FileNotFoundError(f"no database at {settings.data_dir / 'screener.db'}: has `screener serve` run?")
+    return session_factory(make_engine(database_url(settings)))
+
+
+def _cmd_status(a: argparse.Namespace) -> int:
+    from sqlalchemy import func, select
+
+    from screener.store.models import Delivery, Event, Job
+
+    with _sessions(_settings(a))() as session:
+        jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        backlog = session.execute(select(Delivery.destination, Delivery.state, func.count())
+                                  .group_by(Delivery.destination, Delivery.state)).all()
+        errors = session.scalars(select(Event).where(Event.outcome.in_(("error", "rejected")))
+                                 .order_by(Event.id.desc()).limit(5)).all()
+        report = {
+            "jobs": {state: jobs.get(state, 0) for state in ("queued", "running", "done", "ineligible", "failed")},
+            "deliveries": [{"destination": d, "state": st, "count": n} for d, st, n in backlog],
+            "last_errors": [{"time": e.time.isoformat(), "kind": e.kind, "sop_instance_uid": e.sop_instance_uid,
+                             "job_id": e.job_id, "reason_code": e.reason_code, "message": e.message} for e in errors],
+        }
+    if a.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print("jobs        " + "  ".join(f"{k} {v}" for k, v in report["jobs"].items()))
+    for row in report["deliveries"]:
+        print(f"deliveries  {row['destination']:<16} {row['state']:<8} {row['count']}")
+    print("last errors" + ("" if report["last_errors"] else "  none"))
+    for e in report["last_errors"]:
+        print(f"  {e['time']} {e['kind']:<20} job {e['job_id']} {e['sop_instance_uid'] or ''} {e['reason_code'] or ''} "
+              f"{(e['message'] or '')[:120]}")
+    return 0
+
+
+def _cmd_echo(a: argparse.Namespace) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    settings = _settings(a)
+    found = [d for d in settings.destinations if d.name == a.destination]
+    if not found:
+        names = ", ".join(d.name for d in settings.destinations) or "none configured"
+        print(f"error: no destination {a.destination!r} ({names})", file=sys.stderr)
+        return 2
+    dest = found[0].destination()
+    ae = AE(ae_title=settings.dispatch.calling_ae)
+    ae.add_requested_context(Verification)
+    for attribute in ("connection_timeout", "acse_timeout", "dimse_timeout", "network_timeout"):
+        setattr(ae, attribute, a.timeout)
+    t = time.perf_counter()
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        print(f"{dest.name} ({dest.label}): no association ({'rejected' if assoc.is_rejected else 'unreachable or aborted'})",
+              file=sys.stderr)
+        return 1
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = status.get("Status") if status else None
+    if code != 0:
+        print(f"{dest.name} ({dest.label}): C-ECHO failed (status {code})", file=sys.stderr)
+        return 1
+    print(f"{dest.name} ({dest.label}): C-ECHO ok in {time.perf_counter() - t:.3f} s")
+    return 0
+
+
+def _cmd_requeue(a: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from screener.store.queue import failed_job_ids, requeue_jobs
+
+    sessions = _sessions(_settings(a))
+    with sessions() as session:
+        if a.job is not None:
+            ids = [a.job]
+        else:
+            since = datetime.fromisoformat(a.failed_since)
+            ids = failed_job_ids(session, since if since.tzinfo else since.replace(tzinfo=UTC))
+        done = requeue_jobs(session, ids, reason="screener requeue")
+    print(f"requeued {len(done)} job(s): {', '.join(map(str, done)) or '-'}")
+    skipped = sorted(set(ids) - set(done))
+    if skipped:
+        print(f"not requeued (unknown, queued or running): {', '.join(map(str, skipped))}", file=sys.stderr)
+    return 0 if done or not ids else 1
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -104,6 +218,9 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="screener", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    from screener.audit import add_audit_parser
+
+    add_audit_parser(sub)
     ps = sub.add_parser("process", help="run the whole pipeline on files: SR + GSPS + JSON per image",
                         description="Runs decode, eligibility, landmarks, ROIs, BMD, T-score and report on DICOM files. "
                         "Writes <SOPInstanceUID>.sr.dcm, .gsps.dcm and .json per eligible image and a .json with the "
@@ -125,6 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a TOML configuration file")
     c.add_argument("path", type=Path)
     c.set_defaults(func=_cmd_check_config)
+    cfg = dict(type=Path, default=None, help="TOML configuration (default: the embedded defaults, data in ./screener-data)")
+    sv = sub.add_parser("serve", help="run the DICOM node until SIGTERM / Ctrl-C")
+    sv.add_argument("--config", **cfg)
+    sv.set_defaults(func=_cmd_serve)
+    st = sub.add_parser("status", help="queue depth, delivery backlog, last errors")
+    st.add_argument("--config", **cfg)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
+    ec = sub.add_parser("echo", help="C-ECHO a configured destination; non-zero exit when it fails")
+    ec.add_argument("destination", help="the destination's name in [[destinations]]")
+    ec.add_argument("--config", **cfg)
+    ec.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    ec.set_defaults(func=_cmd_echo)
+    rq = sub.add_parser("requeue", help="queue a finished job again, or all failed since a time")
+    which = rq.add_mutually_exclusive_group(required=True)
+    which.add_argument("--job", type=int, default=None, help="job id")
+    which.add_argument("--failed-since", default=None, help="ISO time, e.g. 2025-01-31T08:00 (UTC unless an offset is given)")
+    rq.add_argument("--config", **cfg)
+    rq.set_defaults(func=_cmd_requeue)
     return p
 
 

@@ -18,6 +18,11 @@ from screener.pipeline.eligibility import EligibilityRules
 __all__ = [
     "ConfigError",
     "DecodeSettings",
+    "DestinationConfig",
+    "DispatchConfig",
+    "NodeSettings",
+    "StorageSettings",
+    "WorkerSettings",
     "EligibilitySettings",
     "ModelSettings",
     "Settings",
@@ -109,6 +114,111 @@ class EligibilitySettings:
             raise _pipeline_error("eligibility", "EligibilityRules.", exc) from exc
 
 
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key} = {value}: use a number {'>= 0' if zero_ok else '> 0'}")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """[node]: the DICOM C-STORE SCP (see screener.node.receive.ReceiveSettings)."""
+
+    ae_title: str = "CXRBMD"
+    bind_address: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aes: tuple[str, ...] = ()
+    allowed_peers: tuple[str, ...] = ()
+    max_dataset_bytes: int = 512 * 1024 * 1024
+    min_free_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        from screener.node.receive import ReceiveSettings
+
+        try:  # the receive layer owns these rules; only the key names change
+            ReceiveSettings(spool_root=Path("."), model_id="x", patient_salt=b"x", port=self.port,
+                            ae_title=self.ae_title, bind_address=self.bind_address,
+                            allowed_calling_aes=self.allowed_calling_aes, allowed_peers=self.allowed_peers,
+                            max_dataset_bytes=self.max_dataset_bytes, min_free_bytes=max(0, self.min_free_mb))
+        except ValueError as exc:
+            raise ConfigError(f"node.{exc}") from exc
+        _positive("node.min_free_mb", self.min_free_mb, zero_ok=True)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """[storage]: where the database and the spool live, and how long images are kept."""
+
+    data_dir: str = "./screener-data"
+    database_url: str = ""  # empty: SQLite file under data_dir
+    retention_days: int = 30
+    patient_id_salt: str = ""  # empty: generated once and kept under data_dir
+
+    def __post_init__(self) -> None:
+        if not self.data_dir.strip():
+            raise ConfigError("storage.data_dir: give a folder (relative paths are relative to the config file)")
+        if self.database_url and "://" not in self.database_url:
+            raise ConfigError(f"storage.database_url = {self.database_url!r}: use an SQLAlchemy URL such as "
+                              "'postgresql+psycopg://user@host/db', or leave it empty for SQLite under data_dir")
+        _positive("storage.retention_days", self.retention_days)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """[worker]: threads that claim queued jobs and run the pipeline on them."""
+
+    workers: int = 1
+    lease_seconds: float = 300.0
+    max_attempts: int = 3
+    poll_seconds: float = 1.0
+    decode_workers: int = 2
+
+    def __post_init__(self) -> None:
+        for key in ("workers", "max_attempts", "decode_workers"):
+            if not 1 <= getattr(self, key) <= 64:
+                raise ConfigError(f"worker.{key} = {getattr(self, key)}: use a whole number from 1 to 64")
+        _positive("worker.lease_seconds", self.lease_seconds)
+        _positive("worker.poll_seconds", self.poll_seconds)
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    """[dispatch]: C-STORE SCU to the destinations, with capped exponential backoff."""
+
+    calling_ae: str = "CXRBMD"
+    max_attempts: int = 10
+    backoff_base_s: float = 30.0
+    backoff_cap_s: float = 3600.0
+    interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        from screener.node.dispatch import DispatchSettings
+
+        try:
+            DispatchSettings(calling_ae=self.calling_ae, max_attempts=self.max_attempts,
+                             backoff_base_s=self.backoff_base_s, backoff_cap_s=self.backoff_cap_s)
+        except ValueError as exc:
+            raise ConfigError(f"dispatch.{exc}") from exc
+        _positive("dispatch.interval_s", self.interval_s)
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """One [[destinations]] entry: a PACS that receives the SR and/or the GSPS."""
+
+    name: str = ""
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+    send_sr: bool = True
+    send_gsps: bool = True
+
+    def destination(self) -> Any:
+        from screener.node.dispatch import Destination
+
+        return Destination(name=self.name, ae_title=self.ae_title, host=self.host, port=self.port,
+                           send_sr=self.send_sr, send_gsps=self.send_gsps)
+
+
 def build_decode_limits(settings: DecodeSettings) -> DecodeLimits:
     return DecodeLimits(min_side=settings.min_side, max_side=settings.max_side, max_pixels=settings.max_pixels)
 
@@ -122,9 +232,24 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     eligibility: EligibilitySettings = field(default_factory=EligibilitySettings)
+    node: NodeSettings = field(default_factory=NodeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    destinations: tuple[DestinationConfig, ...] = ()
+    # Folder that relative paths (storage.data_dir) are resolved against: the config file's
+    # folder, or the working folder for the embedded defaults. Not a setting, so not compared.
+    base_dir: str = field(default="", compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("base_dir")
+        d["storage"]["data_dir"] = str(self.data_dir)
+        return d
+
+    @property
+    def data_dir(self) -> Path:
+        return (Path(self.base_dir or ".") / self.storage.data_dir).resolve()
 
 
 def _section(cls: type, name: str, raw: Any) -> Any:
@@ -158,12 +283,34 @@ def _typed(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def parse_config(data: dict[str, Any]) -> Settings:
-    sections = {"model": ModelSettings, "decode": DecodeSettings, "eligibility": EligibilitySettings}
+_SECTIONS = {"model": ModelSettings, "decode": DecodeSettings, "eligibility": EligibilitySettings,
+             "node": NodeSettings, "storage": StorageSettings, "worker": WorkerSettings, "dispatch": DispatchConfig}
+
+
+def _destinations(raw: Any) -> tuple[DestinationConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("destinations: use [[destinations]] tables (an array of tables)")
+    found: list[DestinationConfig] = []
+    for n, entry in enumerate(raw):
+        where = f"destinations[{n}]"
+        config = _section(DestinationConfig, where, entry)
+        try:
+            config.destination()
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        if any(d.name == config.name for d in found):
+            raise ConfigError(f"{where}.name = {config.name!r}: used twice; destination names must be unique")
+        found.append(config)
+    return tuple(found)
+
+
+def parse_config(data: dict[str, Any], base_dir: str | Path = "") -> Settings:
+    known = sorted([*_SECTIONS, "destinations"])
     for key in data:
-        if key not in sections:
-            raise ConfigError(f"[{key}]: unknown section; known sections are {', '.join(sorted(sections))}")
-    return Settings(**{name: _section(cls, name, data.get(name, {})) for name, cls in sections.items()})
+        if key not in known:
+            raise ConfigError(f"[{key}]: unknown section; known sections are {', '.join(known)}")
+    return Settings(**{name: _section(cls, name, data.get(name, {})) for name, cls in _SECTIONS.items()},
+                    destinations=_destinations(data.get("destinations", [])), base_dir=str(base_dir))
 
 
 def load_config(path: str | Path) -> Settings:
@@ -178,4 +325,5 @@ def load_config(path: str | Path) -> Settings:
     bundle = data.get("model", {}).get("bundle") if isinstance(data.get("model"), dict) else None
     if isinstance(bundle, str) and bundle and not Path(bundle).is_absolute():
         data["model"]["bundle"] = str((path.parent / bundle).resolve())
-    return parse_config(data)
+    # storage.data_dir likewise, resolved when used (Settings.data_dir).
+    return parse_config(data, base_dir=path.parent.resolve())

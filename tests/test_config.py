@@ -70,6 +70,27 @@ def test_values_reach_the_pipeline(tmp_path: Path) -> None:
         ("eligibility", "max_spine_tilt_deg", 0),
         ("eligibility", "min_roi_inside", -0.1),
         ("eligibility", "inverted_margin", -1),
+        ("node", "ae_title", "WAY-TOO-LONG-AE-TITLE"),
+        ("node", "bind_address", "localhost:104"),
+        ("node", "port", 70000),
+        ("node", "allowed_calling_aes", ["OK", "BAD\\AE"]),
+        ("node", "allowed_peers", ["10.0.0.300"]),
+        ("node", "max_dataset_bytes", 0),
+        ("node", "min_free_mb", -5),
+        ("storage", "data_dir", ""),
+        ("storage", "database_url", "screener.db"),
+        ("storage", "retention_days", 0),
+        ("storage", "patient_id_salt", 42),
+        ("worker", "workers", 0),
+        ("worker", "lease_seconds", -1),
+        ("worker", "max_attempts", 0),
+        ("worker", "poll_seconds", 0),
+        ("worker", "decode_workers", 100),
+        ("dispatch", "calling_ae", ""),
+        ("dispatch", "max_attempts", 0),
+        ("dispatch", "backoff_base_s", -1),
+        ("dispatch", "backoff_cap_s", 0.5),
+        ("dispatch", "interval_s", 0),
     ],
 )
 def test_bad_value_names_the_key(section: str, key: str, value: object) -> None:
@@ -108,3 +129,33 @@ def test_relative_bundle_path_is_relative_to_the_config_file(tmp_path, monkeypat
     (tmp_path / "etc" / "screener.toml").write_text('[model]\nbundle = "bundle"\n')
     monkeypatch.chdir(tmp_path)  # not the config's folder
     assert load_config(tmp_path / "etc" / "screener.toml").model.bundle == str((tmp_path / "etc" / "bundle").resolve())
+
+
+@pytest.mark.parametrize(
+    "entry, pattern",
+    [
+        ({"name": "pacs", "ae_title": "PACS", "host": "h", "port": 0}, r"destinations\[0\].*port"),
+        ({"name": "pacs", "ae_title": "", "host": "h"}, r"destinations\[0\].*ae_title"),
+        ({"name": "pacs", "ae_title": "PACS", "host": ""}, r"destinations\[0\].*host"),
+        ({"name": "pacs", "ae_title": "PACS", "host": "h", "send_sr": "yes"}, r"destinations\[0\]\.send_sr"),
+        ({"name": "pacs", "ae_title": "PACS", "host": "h", "tls": True}, r"destinations\[0\]\.tls: unknown key"),
+    ],
+)
+def test_bad_destination_names_the_entry(entry: dict, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config({"destinations": [entry]})
+
+
+def test_destinations_and_data_dir(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "screener.toml"
+    path.parent.mkdir()
+    path.write_text('[storage]\ndata_dir = "data"\n\n[[destinations]]\nname = "pacs"\nae_title = "PACS"\n'
+                    'host = "127.0.0.1"\nport = 4242\nsend_gsps = false\n')
+    settings = load_config(path)
+    assert settings.data_dir == (tmp_path / "etc" / "data").resolve()
+    (dest,) = settings.destinations
+    assert dest.destination().kinds() == ("sr",)
+    with pytest.raises(ConfigError, match=r"destinations\[1\]\.name .* used twice"):
+        parse_config({"destinations": [{"name": "a", "ae_title": "A", "host": "h"}] * 2})
+    with pytest.raises(ConfigError, match=r"destinations: use \[\[destinations\]\]"):
+        parse_config({"destinations": {"name": "a"}})

@@ -423,3 +423,35 @@ def mark_failed(
             _delivery_event(session, delivery, "delivery_retry", "error", now,
                             f"attempt {delivery.attempts} failed, next in {delay:g} s: {error}")
     return delivery
+
+
+# ---------------------------------------------------------------- administration
+
+
+def requeue_jobs(session: Session, job_ids: Sequence[int], *, reason: str,
+                 now: datetime | None = None) -> list[int]:
+    """Put finished (failed, done, ineligible) jobs back in the queue with fresh attempts.
+
+    Running and queued jobs are left alone (their lease decides). Returns the ids requeued.
+    """
+    now = _now(now)
+    done: list[int] = []
+    with _write_transaction(session):
+        for job_id in job_ids:
+            job = session.get(Job, job_id, options=[joinedload(Job.instance, innerjoin=True)],
+                              populate_existing=True, with_for_update=True)
+            if job is None or job.state in (JobState.RUNNING, JobState.QUEUED):
+                continue
+            previous = job.state
+            _release(job, JobState.QUEUED, now)
+            job.attempts = 0
+            _job_event(session, job, "requeued", "ok", now, message=f"was {previous}: {reason}")
+            done.append(job_id)
+    return done
+
+
+def failed_job_ids(session: Session, since: datetime) -> list[int]:
+    """Ids of jobs that are failed and last changed at or after ``since``."""
+    ids = list(session.scalars(select(Job.id).where(Job.state == JobState.FAILED, Job.updated_at >= _now(since))))
+    session.commit()
+    return ids

@@ -1,0 +1,103 @@
+"""Worker: claim queued jobs, run the pipeline on their spooled files, record each outcome.
+
+One worker is one thread with its own :class:`~screener.process.Processor` (its own model copy).
+A batch is claimed under a lease; each job then ends in one transaction with its audit event
+and, when reported, one outbox row per destination and object kind. A worker killed mid-batch
+leaves its leases to expire, and the jobs are claimed again (screener.store.queue.claim_jobs).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+import structlog
+from sqlalchemy.orm import Session, sessionmaker
+
+from screener.node.dispatch import Destination
+from screener.process import Outcome, Processor
+from screener.store.models import DeliveryKind, Job, JobState
+from screener.store.queue import LeaseLost, claim_jobs, complete_job, fail_job
+
+__all__ = ["RETRYABLE_CODES", "Worker"]
+
+log = structlog.get_logger(__name__)
+
+# Outcome codes of failures that may pass on a later attempt (our bug, a full disk); every
+# other error code is about the image itself (DecodeError codes, report-failed) and is final.
+RETRYABLE_CODES = frozenset({"internal-error", "output-failed"})
+_SUFFIX = {DeliveryKind.SR: ".sr.dcm", DeliveryKind.GSPS: ".gsps.dcm"}
+
+
+def output_for(outputs: Sequence[str | Path], kind: DeliveryKind | str) -> Path | None:
+    """The output file of ``kind`` among an outcome's outputs (named <uid>.sr.dcm / .gsps.dcm)."""
+    suffix = _SUFFIX[DeliveryKind(kind)]
+    return next((Path(p) for p in outputs if str(p).endswith(suffix)), None)
+
+
+class Worker:
+    def __init__(self, owner: str, session_factory: sessionmaker[Session], processor: Processor,
+                 destinations: Sequence[Destination], lease_seconds: float, poll_seconds: float = 1.0) -> None:
+        self.owner = owner
+        self._sessions = session_factory
+        self._processor = processor
+        self._destinations = [(d.name, d.kinds()) for d in destinations]
+        self._lease_seconds = lease_seconds
+        self._poll_seconds = poll_seconds
+
+    def run_once(self) -> int:
+        """Claim one batch and finish it; returns the number of jobs claimed."""
+        jobs = claim_jobs(self._sessions, self.owner, self._processor.batch_size, self._lease_seconds)
+        if not jobs:
+            return 0
+        try:
+            outcomes = list(self._processor.run([Path(job.instance.spool_path) for job in jobs]))
+        except Exception as error:  # the Processor handles per-file errors; this is a broken batch
+            log.exception("batch_failed", owner=self.owner, jobs=[j.id for j in jobs])
+            for job in jobs:
+                self._finish(job, lambda s, j=job: fail_job(s, j.id, self.owner, f"{type(error).__name__}: {error}", True))
+            return len(jobs)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            self._record(job, outcome)
+        return len(jobs)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set; the batch in hand is finished first."""
+        while not stop.is_set():
+            try:
+                claimed = self.run_once()
+            except Exception:  # database briefly unavailable: log, wait, try again
+                log.exception("worker_error", owner=self.owner)
+                claimed = 0
+            if not claimed:
+                stop.wait(self._poll_seconds)
+
+    def _record(self, job: Job, outcome: Outcome) -> None:
+        fields = dict(job_id=job.id, sop_instance_uid=job.instance.sop_instance_uid, status=outcome.status,
+                      code=outcome.code, seconds=round(outcome.seconds.get("total", 0.0), 3))
+        result = outcome.to_json()
+        if outcome.status == "reported":
+            uids = {}
+            for kind in DeliveryKind:
+                path = output_for(result["outputs"], kind)
+                if path is not None:
+                    uids[kind] = str(pydicom.dcmread(path, stop_before_pixels=True,
+                                                     specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            self._finish(job, lambda s: complete_job(s, job.id, self.owner, JobState.DONE, result,
+                                                     self._destinations, object_uids=uids))
+        elif outcome.status == "ineligible":
+            self._finish(job, lambda s: complete_job(s, job.id, self.owner, JobState.INELIGIBLE, result, []))
+        else:
+            retry = outcome.code in RETRYABLE_CODES
+            self._finish(job, lambda s: fail_job(s, job.id, self.owner, f"{outcome.code}: {outcome.reason}", retry))
+        log.info("job_finished", **fields)
+
+    def _finish(self, job: Job, write) -> None:  # type: ignore[no-untyped-def]
+        try:
+            with self._sessions() as session:
+                write(session)
+        except LeaseLost as lost:
+            # Took longer than the lease and someone else has the job now: theirs is the result.
+            log.warning("lease_lost", job_id=job.id, error=str(lost))

@@ -1,0 +1,196 @@
+"""`screener serve` as a real subprocess on loopback, with DCMTK storescu and storescp as the PACS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.conftest import rg1_file
+from tests.dcmtk import dcmtk_tool, run_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+CALLING = "MODALITY"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, check: Callable[[], object], timeout_s: float = 60.0, every_s: float = 0.2) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every_s)
+    pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    port, out = free_port(), tmp_path / "pacs"
+    out.mkdir()
+    log = (tmp_path / "storescp.log").open("wb")
+    proc = subprocess.Popen([dcmtk_tool("storescp"), "--aetitle", "PACS", "--output-directory", str(out), "+xa",
+                             str(port)], stdout=log, stderr=subprocess.STDOUT)
+    wait_for("storescp", lambda: run_tool("echoscu", "-aec", "PACS", "127.0.0.1", port).returncode == 0, 15)
+    yield port, out
+    proc.terminate()
+    proc.wait(10)
+
+
+class Node:
+    def __init__(self, tmp_path: Path, pacs_port: int) -> None:
+        self.port = free_port()
+        self.data = tmp_path / "data"
+        self.config = tmp_path / "screener.toml"
+        self.config.write_text(f"""
+[model]
+device = "cpu"
+[node]
+port = {self.port}
+allowed_calling_aes = ["{CALLING}"]
+min_free_mb = 0
+[storage]
+data_dir = "data"
+[worker]
+lease_seconds = 5
+poll_seconds = 0.2
+[dispatch]
+interval_s = 0.5
+backoff_base_s = 1.0
+backoff_cap_s = 2.0
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {pacs_port}
+""")
+        self.log_path = tmp_path / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
+        self.proc = subprocess.Popen([sys.executable, "-m", "screener.cli", "serve", "--config", str(self.config)],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        wait_for("the node to answer C-ECHO", self._echo, 60, 0.5)
+
+    def _echo(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"serve exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        return run_tool("echoscu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", self.port).returncode == 0
+
+    def send(self, *paths: Path, calling: str = CALLING) -> subprocess.CompletedProcess[str]:
+        return run_tool("storescu", "-aet", calling, "-aec", "CXRBMD", "127.0.0.1", self.port, *paths)
+
+    def query(self, sql: str) -> list[tuple]:
+        db = sqlite3.connect(f"file:{self.data / 'screener.db'}?mode=ro", uri=True, timeout=10)
+        try:
+            return db.execute(sql).fetchall()
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def node(tmp_path: Path, pacs: tuple[int, Path]) -> Iterator[Node]:
+    n = Node(tmp_path, pacs[0])
+    yield n
+    n.stop()
+
+
+def received_srs(out: Path) -> dict[str, pydicom.Dataset]:
+    found = {}
+    for f in out.iterdir():
+        if f.is_file() and f.name.startswith("SR"):
+            try:
+                ds = pydicom.dcmread(f)
+            except Exception:
+                continue  # storescp still writing
+            found[str(ds.SOPInstanceUID)] = ds
+    return found
+
+
+def test_image_in_sr_out_with_audit_trail(node: Node, pacs: tuple[int, Path]) -> None:
+    node.start()
+    source = pydicom.dcmread(rg1_file())
+    assert node.send(rg1_file()).returncode == 0
+    srs = wait_for("SR and GSPS at the PACS", lambda: (received_srs(pacs[1]) if any(
+        f.name.startswith("PS") for f in pacs[1].iterdir()) else None), 60)
+    (sr,) = srs.values()  # type: ignore[union-attr]
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    refs = [str(item.ReferencedSOPInstanceUID) for seq in sr.get("CurrentRequestedProcedureEvidenceSequence", [])
+            for series in seq.ReferencedSeriesSequence for item in series.ReferencedSOPSequence]
+    assert str(source.SOPInstanceUID) in refs
+    wait_for("deliveries sent", lambda: node.query("select count(*) from deliveries where state='sent'")[0][0] == 2, 20)
+    assert node.query("select state from jobs") == [("done",)]
+    kinds = [k for (k,) in node.query(f"select kind from events where sop_instance_uid='{source.SOPInstanceUID}' order by id")]
+    for expected in ("received", "claimed", "done", "sent"):
+        assert expected in kinds
+    assert kinds.index("received") < kinds.index("claimed") < kinds.index("done") < kinds.index("sent")
+    status = subprocess.run([sys.executable, "-m", "screener.cli", "status", "--config", str(node.config)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert status.returncode == 0 and "done 1" in status.stdout
+    echo = subprocess.run([sys.executable, "-m", "screener.cli", "echo", "pacs", "--config", str(node.config)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert echo.returncode == 0, echo.stderr
+
+
+def test_unknown_calling_ae_rejected(node: Node) -> None:
+    node.start()
+    result = node.send(rg1_file(), calling="STRANGER")
+    assert result.returncode != 0
+    assert node.query("select count(*) from instances")[0][0] == 0
+    assert node.query("select reason_code from events where kind='association_rejected'") == [("calling-ae-not-recognised",)]
+
+
+def test_kill_9_then_restart_loses_and_duplicates_nothing(node: Node, pacs: tuple[int, Path], tmp_path: Path) -> None:
+    copies = []
+    for n in range(3):
+        ds = pydicom.dcmread(rg1_file())
+        ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{n + 1}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        copies.append(tmp_path / f"copy{n}.dcm")
+        ds.save_as(copies[-1])
+    node.start()
+    node.send(*copies)
+    wait_for("a claimed job", lambda: node.query("select count(*) from events where kind='claimed'")[0][0] > 0, 30, 0.05)
+    assert node.proc is not None
+    node.proc.kill()
+    node.proc.wait(10)
+    node.start()
+    node.send(*copies)  # the PACS retries what it may not have had acknowledged: duplicates are not queued again
+    uids = [str(pydicom.dcmread(c, stop_before_pixels=True).SOPInstanceUID) for c in copies]
+    wait_for("all SRs at the PACS", lambda: len(received_srs(pacs[1])) == 3, 90)
+    wait_for("all deliveries sent", lambda: node.query("select count(*) from deliveries where state='sent'")[0][0] == 6, 30)
+    for uid in uids:
+        rows = node.query(f"select j.state from jobs j join instances i on i.id=j.instance_id where i.sop_instance_uid='{uid}'")
+        assert rows == [("done",)], uid
+    assert node.query("select count(*) from deliveries where state != 'sent'")[0][0] == 0
+    per_object = node.query("select destination, kind, sop_instance_uid, count(*) from deliveries group by 1, 2, 3")
+    assert len(per_object) == 6 and all(row[3] == 1 for row in per_object)
+
+
+def test_sigterm_exits_zero(node: Node) -> None:
+    node.start()
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.proc.wait(30) == 0
