@@ -99,7 +99,9 @@ def _aware(value: datetime, name: str) -> datetime:
 def _read(session: Session, query: Any) -> list[Any]:
     rows = list(session.execute(query))
     # End the read transaction: the session may be handed to queue functions next, which
-    # refuse an open transaction.
+    # refuse an open transaction. Detach the rows first: a rollback would expire them, and the
+    # next attribute read would silently open a new transaction.
+    session.expunge_all()
     session.rollback()
     return rows
 

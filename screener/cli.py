@@ -84,7 +84,7 @@ def _cmd_bundle(a: argparse.Namespace) -> int:
         f"demo        {'YES - ' + m['demo_statement'] if bundle.demo else 'no'}",
         f"landmarks   {m['landmarks']['scheme']} ({len(m['landmarks']['names'])} points), input {m['landmarks']['input_size']} px",
         f"ROIs        {m['rois']['recipe']}: {', '.join(m['rois']['names'])} at {m['rois']['size']} px",
-        f"BMD models  " + "; ".join(f"{x['config']['backbone']}/{x['config']['head']} on {len(x['config']['rois'])} ROIs" for x in m['bmd']['models']),
+        "BMD models  " + "; ".join(f"{x['config']['backbone']}/{x['config']['head']} on {len(x['config']['rois'])} ROIs" for x in m['bmd']['models']),
         f"T-scores    {m['tscore_table']['name']}",
     ]))
     return 0

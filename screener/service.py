@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from screener.config import Settings, build_decode_limits, build_eligibility_rules
 from screener.node import dispatch, receive
 from screener.store.db import SQLITE_BEGIN, create_schema, make_engine, session_factory
-from screener.store.models import Delivery, Event, Instance, Job, JobState, utcnow
+from screener.store.models import Delivery, Event, Instance, JobState, utcnow
 
 __all__ = ["Service", "configure_logging", "database_url", "patient_salt", "purge_spool"]
 

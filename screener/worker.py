@@ -56,8 +56,9 @@ class Worker:
             outcomes = list(self._processor.run([Path(job.instance.spool_path) for job in jobs]))
         except Exception as error:  # the Processor handles per-file errors; this is a broken batch
             log.exception("batch_failed", owner=self.owner, jobs=[j.id for j in jobs])
+            message = f"{type(error).__name__}: {error}"  # `error` is unbound after the except block
             for job in jobs:
-                self._finish(job, lambda s, j=job: fail_job(s, j.id, self.owner, f"{type(error).__name__}: {error}", True))
+                self._finish(job, lambda s, j=job: fail_job(s, j.id, self.owner, message, True))
             return len(jobs)
         for job, outcome in zip(jobs, outcomes, strict=True):
             self._record(job, outcome)

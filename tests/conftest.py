@@ -38,6 +38,25 @@ def synthetic_contours(shift: tuple[float, float] = (0.0, 0.0)) -> dict[str, np.
             "RCLA": rcla, "LCLA": lcla}
 
 
+@pytest.fixture
+def engine(tmp_path: Path):
+    """A migrated SQLite database in the test's folder."""
+    from screener.store.db import create_schema, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def factory(engine):
+    """A session factory on :func:`engine`."""
+    from screener.store.db import session_factory
+
+    return session_factory(engine)
+
+
 def edit_dataset(ds, **changes: object):
     """Set each keyword to its value on ``ds``; a value of None deletes the attribute."""
     for keyword, value in changes.items():

@@ -386,3 +386,15 @@ def test_postgresql_view_text_uses_its_json_operators() -> None:
     assert "((j.result_json) -> 'result' -> 'bmd_g_cm2' ->> 'L1-L4')" in pg["v_instance_history"]
     assert "EXTRACT(EPOCH FROM" in pg["v_delivery_backlog"]
     assert ":" not in "".join(pg.values()).replace("::", "")  # no bind-parameter look-alikes for text()
+
+
+def test_queries_leave_no_transaction_open(db) -> None:
+    """The session can go straight to a queue function, which refuses an open transaction."""
+    from datetime import UTC, datetime
+
+    _, factory, _ = db
+    wide = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
+    with factory() as s:
+        assert audit.history(s, accession="ACC1") and not s.in_transaction()
+        assert audit.failures(s, wide[0]) and not s.in_transaction()
+        assert audit.positives(s, *wide) and not s.in_transaction()

@@ -17,7 +17,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.node.dispatch import (
@@ -29,7 +29,6 @@ from screener.node.dispatch import (
     schedule,
     send_file,
 )
-from screener.store.db import create_schema, make_engine, session_factory
 from screener.store.models import Delivery, Event
 from screener.store.queue import ReceivedInstance, claim_jobs, complete_job, record_received
 from tests.dcmtk import dcmtk_tool
@@ -146,19 +145,6 @@ def sr_file(directory: Path, uid: str) -> Path:
     path = directory / f"{uid}.dcm"
     dataset.save_as(path, enforce_file_format=True)
     return path
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
-    create_schema(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def factory(engine: Engine) -> sessionmaker[Session]:
-    return session_factory(engine)
 
 
 @pytest.fixture

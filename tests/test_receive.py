@@ -9,12 +9,11 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from sqlalchemy import Engine, select, text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.node.receive import ReceiveSettings, bound_port, start_scp, stop
 from screener.node.spool import spool_path
-from screener.store.db import create_schema, make_engine, session_factory
 from screener.store.models import Event, Instance, Job
 from tests.conftest import edit_dataset, rg1_file
 from tests.dcmtk import run_tool
@@ -22,19 +21,6 @@ from tests.dcmtk import run_tool
 SALT = b"receive-test-salt"
 MODEL = "demo-1.0"
 CALLING = "PACS"
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
-    create_schema(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def factory(engine: Engine) -> sessionmaker[Session]:
-    return session_factory(engine)
 
 
 @pytest.fixture

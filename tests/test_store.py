@@ -7,7 +7,6 @@ from alembic.script import ScriptDirectory
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -16,7 +15,7 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from screener.store.db import alembic_config, create_schema, make_engine, session_factory
+from screener.store.db import alembic_config, create_schema
 from screener.store.models import Base, Delivery, Event, Instance, Job, hash_patient_id
 from screener.store.queue import (
     InvalidTransition,
@@ -36,19 +35,6 @@ T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 SALT = b"per-install-salt-0123456789abcdef"
 MODEL = "demo-1.0"
 DESTS = [("PACS", ("sr", "gsps")), ("ARCHIVE", ("sr",))]
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
-    create_schema(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def factory(engine: Engine) -> sessionmaker[Session]:
-    return session_factory(engine)
 
 
 def received(n: int = 1, **changes: object) -> ReceivedInstance:
