@@ -15,6 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from tests import validators
 from tests.conftest import rg1_file
 from tests.dcmtk import dcmtk_tool, run_tool
 
@@ -137,6 +138,8 @@ def test_image_in_sr_out_with_audit_trail(node: Node, pacs: tuple[int, Path]) ->
         f.name.startswith("PS") for f in pacs[1].iterdir()) else None), 60)
     (sr,) = srs.values()  # type: ignore[union-attr]
     assert sr.StudyInstanceUID == source.StudyInstanceUID
+    sr_file = next(f for f in pacs[1].iterdir() if f.name.startswith("SR"))
+    assert validators.dciodvfy(sr_file)[0] == []  # the SR as the PACS received it is conformant
     refs = [str(item.ReferencedSOPInstanceUID) for seq in sr.get("CurrentRequestedProcedureEvidenceSequence", [])
             for series in seq.ReferencedSeriesSequence for item in series.ReferencedSOPSequence]
     assert str(source.SOPInstanceUID) in refs
@@ -194,3 +197,43 @@ def test_sigterm_exits_zero(node: Node) -> None:
     assert node.proc is not None
     node.proc.send_signal(signal.SIGTERM)
     assert node.proc.wait(30) == 0
+
+
+def test_destination_down_then_up_gets_everything(tmp_path: Path) -> None:
+    """The PACS is down when the result is ready; once it is up, it gets the SR and GSPS."""
+    pacs_port, out = free_port(), tmp_path / "pacs"
+    out.mkdir()
+    node = Node(tmp_path, pacs_port)  # nothing listens on pacs_port yet
+    try:
+        node.start()
+        assert node.send(rg1_file()).returncode == 0
+        wait_for("a failed delivery attempt", lambda: node.query(
+            "select count(*) from deliveries where state='pending' and attempts > 0")[0][0] >= 1, 90)
+        proc = subprocess.Popen([dcmtk_tool("storescp"), "--aetitle", "PACS", "--output-directory", str(out), "+xa",
+                                 str(pacs_port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            wait_for("both objects delivered", lambda: node.query(
+                "select count(*) from deliveries where state='sent'")[0][0] == 2, 60)
+            assert received_srs(out) and any(f.name.startswith("PS") for f in out.iterdir())
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        node.stop()
+
+
+def test_routing_loop_sr_dropped_and_traversal_uid_refused(node: Node, tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    node.start()
+    assert node.send(Path(get_testdata_file("test-SR.dcm"))).returncode == 0  # acknowledged...
+    evil = pydicom.dcmread(rg1_file())
+    evil.SOPInstanceUID = "../../evil"
+    evil.save_as(tmp_path / "evil.dcm", enforce_file_format=False)
+    before = {p for p in tmp_path.rglob("*")}
+    assert node.send(tmp_path / "evil.dcm").returncode != 0  # ...this one refused
+    wait_for("both decisions audited", lambda: node.query(
+        "select count(*) from events where kind in ('dropped_own_output', 'rejected')")[0][0] == 2, 20)
+    assert node.query("select count(*) from instances")[0][0] == 0  # ...and nothing queued
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert not [p for p in created if "evil" in p.name]
