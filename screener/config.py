@@ -8,7 +8,7 @@ Unknown keys are errors too: a misspelt key silently ignored is a setting silent
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -211,12 +211,49 @@ class DestinationConfig:
     port: int = 104
     send_sr: bool = True
     send_gsps: bool = True
+    # TLS: a CA bundle (PEM) to verify the destination; empty = plain TCP. Optional client
+    # certificate and key (PEM), both or neither. Relative paths: relative to the config file
+    # (already resolved to absolute paths by parse_config/load_config).
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
     def destination(self) -> Any:
-        from screener.node.dispatch import Destination
+        from screener.node.dispatch import Destination, TLSConfig
 
+        tls = None
+        if self.tls_ca_file:
+            tls = TLSConfig(ca_file=Path(self.tls_ca_file),
+                            cert_file=Path(self.tls_cert_file) if self.tls_cert_file else None,
+                            key_file=Path(self.tls_key_file) if self.tls_key_file else None)
         return Destination(name=self.name, ae_title=self.ae_title, host=self.host, port=self.port,
-                           send_sr=self.send_sr, send_gsps=self.send_gsps)
+                           send_sr=self.send_sr, send_gsps=self.send_gsps, tls=tls)
+
+
+_TLS_KEYS = ("tls_ca_file", "tls_cert_file", "tls_key_file")
+
+
+def _resolve_tls(config: DestinationConfig, where: str, base_dir: Path) -> DestinationConfig:
+    """TLS file paths made absolute (relative to ``base_dir``) and checked; errors name the key."""
+    resolved = {}
+    for key in _TLS_KEYS:
+        value = getattr(config, key)
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = (base_dir / path).resolve()
+        if not path.is_file():
+            raise ConfigError(f"{where}.{key}: file not found ({path})")
+        resolved[key] = str(path)
+    if (config.tls_cert_file or config.tls_key_file) and not config.tls_ca_file:
+        raise ConfigError(f"{where}.tls_ca_file: required when tls_cert_file/tls_key_file are set "
+                          "(the CA bundle that verifies the destination)")
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        missing = "tls_key_file" if config.tls_cert_file else "tls_cert_file"
+        raise ConfigError(f"{where}.{missing}: tls_cert_file and tls_key_file go together "
+                          "(client certificate and its key)")
+    return replace(config, **resolved)
 
 
 def build_decode_limits(settings: DecodeSettings) -> DecodeLimits:
@@ -287,13 +324,13 @@ _SECTIONS = {"model": ModelSettings, "decode": DecodeSettings, "eligibility": El
              "node": NodeSettings, "storage": StorageSettings, "worker": WorkerSettings, "dispatch": DispatchConfig}
 
 
-def _destinations(raw: Any) -> tuple[DestinationConfig, ...]:
+def _destinations(raw: Any, base_dir: Path) -> tuple[DestinationConfig, ...]:
     if not isinstance(raw, list):
         raise ConfigError("destinations: use [[destinations]] tables (an array of tables)")
     found: list[DestinationConfig] = []
     for n, entry in enumerate(raw):
         where = f"destinations[{n}]"
-        config = _section(DestinationConfig, where, entry)
+        config = _resolve_tls(_section(DestinationConfig, where, entry), where, base_dir)
         try:
             config.destination()
         except ValueError as exc:
@@ -310,7 +347,8 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = "") -> Settings:
         if key not in known:
             raise ConfigError(f"[{key}]: unknown section; known sections are {', '.join(known)}")
     return Settings(**{name: _section(cls, name, data.get(name, {})) for name, cls in _SECTIONS.items()},
-                    destinations=_destinations(data.get("destinations", [])), base_dir=str(base_dir))
+                    destinations=_destinations(data.get("destinations", []), Path(base_dir or ".").resolve()),
+                    base_dir=str(base_dir))
 
 
 def load_config(path: str | Path) -> Settings:

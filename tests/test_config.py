@@ -159,3 +159,22 @@ def test_destinations_and_data_dir(tmp_path: Path) -> None:
         parse_config({"destinations": [{"name": "a", "ae_title": "A", "host": "h"}] * 2})
     with pytest.raises(ConfigError, match=r"destinations: use \[\[destinations\]\]"):
         parse_config({"destinations": {"name": "a"}})
+
+
+def test_destination_tls_files_resolved_and_checked(tmp_path: Path) -> None:
+    from screener.config import ConfigError, load_config
+
+    (tmp_path / "ca.pem").write_text("x")
+    base = '[[destinations]]\nname = "p"\nae_title = "PACS"\nhost = "h"\n'
+    config = tmp_path / "c.toml"
+    config.write_text(base + 'tls_ca_file = "ca.pem"\n')
+    [dest] = load_config(config).destinations
+    assert dest.destination().tls.ca_file == (tmp_path / "ca.pem").resolve()
+    config.write_text(base + 'tls_ca_file = "missing.pem"\n')
+    with pytest.raises(ConfigError, match=r"destinations\[0\]\.tls_ca_file: file not found"):
+        load_config(config)
+    config.write_text(base + 'tls_ca_file = "ca.pem"\ntls_cert_file = "ca.pem"\n')
+    with pytest.raises(ConfigError, match=r"destinations\[0\]\.tls_key_file"):
+        load_config(config)
+    config.write_text(base)
+    assert load_config(config).destinations[0].destination().tls is None

@@ -378,3 +378,135 @@ def test_scheduler_job_runs_due_deliveries(storescp: Callable[..., StoreSCP], fa
     finally:
         scheduler.shutdown(wait=True)
     assert peer.received_uids() == {uid}
+
+
+# ---------------------------------------------------------------- TLS against a real DCMTK peer
+
+OPENSSL_TIMEOUT_S = 30
+
+
+def openssl(*args: object, cwd: Path) -> None:
+    try:
+        done = subprocess.run(["openssl", *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=OPENSSL_TIMEOUT_S)
+    except FileNotFoundError:
+        pytest.fail("the openssl command-line tool is needed for the TLS tests: install the openssl package")
+    assert done.returncode == 0, f"openssl {' '.join(map(str, args))} failed:\n{done.stdout}"
+
+
+def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed CA: (certificate, key)."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "2",
+            "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
+    return cert, key
+
+
+def make_server_cert(directory: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
+    """A server certificate for 127.0.0.1 signed by ``ca``: (certificate, key)."""
+    cert, key, csr, ext = (directory / n for n in ("server.pem", "server.key", "server.csr", "server.ext"))
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1",
+            cwd=directory)
+    openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial", "-out", cert,
+            "-days", "2", "-extfile", ext, cwd=directory)
+    return cert, key
+
+
+@pytest.fixture
+def tls_storescp(tmp_path: Path) -> Iterator[tuple[StoreSCP, Path]]:
+    """DCMTK storescp with TLS (no client certificate required); yields it and its CA certificate."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca = make_ca(pki, "test-ca")
+    cert, key = make_server_cert(pki, ca)
+    port = free_port()
+    out_dir = tmp_path / "storescp-tls"
+    out_dir.mkdir()
+    log_path = tmp_path / "storescp-tls.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [dcmtk_tool("storescp"), "--aetitle", "PACS", "--output-directory", str(out_dir), "+xa",
+             "+tls", str(key), str(cert), "-pem", "+cf", str(ca[0]), "-ic",
+             "--acse-timeout", "10", "--dimse-timeout", "10", "--socket-timeout", "10", str(port)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    peer = StoreSCP(port, out_dir, process)
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # wait until the port accepts TCP (no TLS probe: it would count as a failed association)
+            if process.poll() is not None:
+                pytest.fail(f"storescp (TLS) exited with {process.returncode}: {log_path.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"storescp (TLS) did not listen on port {port} within 15 s")
+            time.sleep(0.1)
+        yield peer, ca[0]
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def tls_destination(tmp_path: Path, port: int, ca_file: Path) -> Destination:
+    """A destination built the way the config file builds it (relative CA path, resolved)."""
+    from screener.config import load_config
+
+    config = tmp_path / "screener.toml"
+    relative = ca_file.relative_to(tmp_path)
+    config.write_text(f'[[destinations]]\nname = "secure-pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+                      f'port = {port}\ntls_ca_file = "{relative}"\n')
+    [dest] = load_config(config).destinations
+    built = dest.destination()
+    assert built.tls is not None and built.tls.ca_file == ca_file.resolve()
+    return Destination(name=built.name, ae_title=built.ae_title, host=built.host, port=built.port,
+                       tls=built.tls, timeout_s=TIMEOUT_S)
+
+
+def test_run_due_sends_over_tls_to_dcmtk(tls_storescp: tuple[StoreSCP, Path], factory: sessionmaker[Session],
+                                         objects: dict[str, Path], tmp_path: Path) -> None:
+    peer, ca_file = tls_storescp
+    uid = completed(factory, objects, tmp_path, 1, [("secure-pacs", ("sr",))])
+    report = dispatcher(factory, objects, tls_destination(tmp_path, peer.port, ca_file)).run_due()
+    assert (report.sent, report.failed, report.dead) == (1, 0, 0), deliveries(factory)[0].last_error
+    assert peer.received_uids() == {uid}
+    [row] = deliveries(factory)
+    assert (row.state, row.attempts, row.last_error) == ("sent", 1, None)
+
+
+def test_tls_with_the_wrong_ca_fails_and_stays_pending(tls_storescp: tuple[StoreSCP, Path],
+                                                       factory: sessionmaker[Session], objects: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    peer, _ = tls_storescp
+    other = tmp_path / "other"
+    other.mkdir()
+    wrong_ca, _ = make_ca(other, "other-ca")
+    completed(factory, objects, tmp_path, 1, [("secure-pacs", ("sr",))])
+    report = dispatcher(factory, objects, tls_destination(tmp_path, peer.port, wrong_ca)).run_due()
+    assert (report.sent, report.failed) == (0, 1)
+    assert peer.received_uids() == set()
+    [row] = deliveries(factory)
+    assert row.state == "pending" and row.attempts == 1
+    assert "TLS" in (row.last_error or "") and "certificate" in (row.last_error or ""), row.last_error
+
+
+def test_tls_destination_never_falls_back_to_clear(storescp: Callable[..., StoreSCP], factory: sessionmaker[Session],
+                                                   objects: dict[str, Path], tmp_path: Path) -> None:
+    """A plain (non-TLS) PACS on the port: the TLS destination fails, nothing is sent in clear."""
+    peer = storescp()
+    ca_file, _ = make_ca(tmp_path, "some-ca")
+    completed(factory, objects, tmp_path, 1, [("secure-pacs", ("sr",))])
+    report = dispatcher(factory, objects, tls_destination(tmp_path, peer.port, ca_file)).run_due()
+    assert (report.sent, report.failed) == (0, 1)
+    assert peer.received_uids() == set()
+    [row] = deliveries(factory)
+    assert row.state == "pending" and "TLS" in (row.last_error or ""), row.last_error

@@ -151,13 +151,29 @@ def send_file(destination: Destination, path: Path | str, settings: DispatchSett
     ae.add_requested_context(sop_class, syntaxes)
     for attribute in ("connection_timeout", "acse_timeout", "dimse_timeout", "network_timeout"):
         setattr(ae, attribute, destination.timeout_s)
-    tls_args = None
-    if destination.tls is not None:
-        tls_args = (destination.tls.context(), destination.host)
     where = f"destination {destination.name} ({destination.label})"
     # pynetdicom reports a refused TCP connection as an aborted association; these handlers
     # tell "never connected" from "connected, then rejected/aborted", and keep the reason.
     seen: dict[str, str] = {}
+    tls_args = None
+    if destination.tls is not None:
+        context = destination.tls.context()
+
+        class RecordingSSLSocket(ssl.SSLSocket):
+            """pynetdicom logs and swallows a failed handshake; keep its reason for the error."""
+
+            def connect(self, address: Any) -> None:
+                try:
+                    super().connect(address)
+                except OSError as error:
+                    if isinstance(error, ssl.SSLError):
+                        seen["tls"] = f"TLS handshake failed: {error}"
+                    else:
+                        seen["tls"] = f"TLS connection failed: {error or type(error).__name__}"
+                    raise
+
+        context.sslsocket_class = RecordingSSLSocket
+        tls_args = (context, destination.host)
 
     def on_open(event: Any) -> None:
         seen["connected"] = "yes"
@@ -174,6 +190,8 @@ def send_file(destination: Destination, path: Path | str, settings: DispatchSett
         if assoc.is_rejected:
             reason = seen.get("reason", "no reason given")
             raise DispatchError(f"{where} refused the association from {settings.calling_ae} ({reason})")
+        if "connected" not in seen and "tls" in seen:
+            raise DispatchError(f"{where}: {seen['tls']}")
         if "connected" not in seen:
             raise DispatchError(f"{where} unreachable (no connection within {destination.timeout_s:g} s)")
         raise DispatchError(f"{where} aborted the association request")
