@@ -82,15 +82,9 @@ def deliveries_of(factory: sessionmaker[Session], job_id: int) -> dict[tuple[str
         return {(d, k): i for d, k, i in rows}
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> tuple[Engine, sessionmaker[Session], str]:
+def populate(factory: sessionmaker[Session]) -> sessionmaker[Session]:
     """Five instances: positive screen with one dead GSPS; normal with its SR pending; ineligible;
-    failed; next day a second positive screen."""
-    url = f"sqlite:///{tmp_path / 'screener.db'}"
-    engine = make_engine(url)
-    create_schema(engine)
-    factory = session_factory(engine)
-
+    failed; next day a second positive screen. Shared with tests/test_postgres.py."""
     j1 = receive_and_claim(factory, 1, "ACC1", "1.2.3.100", minutes(0))
     with factory() as s:
         complete_job(s, j1, "w1", "done", outcome(0.62, -3.1, "osteoporosis"),
@@ -124,7 +118,19 @@ def db(tmp_path: Path) -> tuple[Engine, sessionmaker[Session], str]:
                      now=day2 + timedelta(minutes=1))
     with factory() as s:
         mark_sent(s, deliveries_of(factory, j5)[("PACS", "sr")], now=day2 + timedelta(minutes=2))
+    return factory
 
+
+@pytest.fixture
+def db(tmp_path: Path) -> tuple[Engine, sessionmaker[Session], str]:
+    """Five instances: positive screen with one dead GSPS; normal with its SR pending; ineligible;
+    failed; next day a second positive screen."""
+    url = f"sqlite:///{tmp_path / 'screener.db'}"
+    engine = make_engine(url)
+    create_schema(engine)
+    factory = session_factory(engine)
+
+    populate(factory)
     yield engine, factory, url
     engine.dispose()
 

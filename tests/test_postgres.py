@@ -31,7 +31,7 @@ from screener.store.queue import (
     record_received,
 )
 from tests.pg import postgres_url  # noqa: F401  (the fixture)
-from tests.test_audit import deliveries_of, ineligible, minutes, outcome, receive_and_claim
+from tests.test_audit import minutes, outcome, populate
 from tests.test_store import DESTS, MODEL, SALT, T0, received
 
 VIEWS = ("v_instance_history", "v_failures", "v_delivery_backlog", "v_positive_screens")
@@ -254,41 +254,6 @@ def test_lease_expiring_on_the_last_attempt_fails_the_job(factory: sessionmaker[
 
 
 # ---------------------------------------------------------------- views and audit
-
-
-def populate(factory: sessionmaker[Session]) -> sessionmaker[Session]:
-    """tests/test_audit.py's five instances: positive with a dead GSPS, normal with its SR
-    pending, ineligible, failed, and a second positive the next day."""
-    j1 = receive_and_claim(factory, 1, "ACC1", "1.2.3.100", minutes(0))
-    with factory() as s:
-        complete_job(s, j1, "w1", "done", outcome(0.62, -3.1, "osteoporosis"),
-                     [("PACS", ("sr", "gsps")), ("ARCHIVE", ("sr",))], now=minutes(2))
-    d1 = deliveries_of(factory, j1)
-    with factory() as s:
-        mark_sent(s, d1[("PACS", "sr")], now=minutes(3))
-    with factory() as s:
-        mark_failed(s, d1[("PACS", "gsps")], "association rejected", backoff_base_s=10, backoff_cap_s=60,
-                    max_attempts=1, now=minutes(4))
-    with factory() as s:
-        mark_sent(s, d1[("ARCHIVE", "sr")], now=minutes(5))
-    j2 = receive_and_claim(factory, 2, "ACC2", "1.2.3.200", minutes(10))
-    with factory() as s:
-        complete_job(s, j2, "w1", "done", outcome(1.05, 0.2, "normal"), [("PACS", ("sr",))], now=minutes(14))
-    j3 = receive_and_claim(factory, 3, "ACC3", "1.2.3.300", minutes(20))
-    with factory() as s:
-        complete_job(s, j3, "w1", "ineligible", ineligible("not-chest", "BodyPartExamined is KNEE"), [],
-                     now=minutes(21))
-    j4 = receive_and_claim(factory, 4, "ACC4", "1.2.3.400", minutes(30))
-    with factory() as s:
-        fail_job(s, j4, "w1", "decoder crashed", retry=False, now=minutes(31))
-    day2 = T0 + timedelta(days=1)
-    j5 = receive_and_claim(factory, 5, "ACC5", "1.2.3.500", day2)
-    with factory() as s:
-        complete_job(s, j5, "w1", "done", outcome(0.70, -2.6, "osteoporosis"), [("PACS", ("sr",))],
-                     now=day2 + timedelta(minutes=1))
-    with factory() as s:
-        mark_sent(s, deliveries_of(factory, j5)[("PACS", "sr")], now=day2 + timedelta(minutes=2))
-    return factory
 
 
 @pytest.fixture
