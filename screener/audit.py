@@ -479,19 +479,3 @@ def _query(session: Session, args: argparse.Namespace) -> list[Row]:
     if command == "positives":
         return positives(session, args.since, args.until)
     raise ValueError(f"audit: unknown command {command!r}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m screener.audit ...``: the audit commands on their own."""
-    parser = argparse.ArgumentParser(prog="screener")
-    add_audit_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,6 +16,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener import audit
+from screener.cli import main as cli_main
 from screener.store.db import alembic_config, create_schema, make_engine, session_factory
 from screener.store.models import Base
 from screener.store.queue import (
@@ -277,16 +278,16 @@ def test_parse_time() -> None:
 def test_cli_each_command(db, capsys) -> None:
     _, _, url = db
     base = ["--database-url", url]
-    assert audit.main(["audit", "history", "--accession", "ACC1", "--format", "json", *base]) == 0
+    assert cli_main(["audit", "history", "--accession", "ACC1", "--format", "json", *base]) == 0
     assert [r["kind"] for r in json.loads(capsys.readouterr().out)][:3] == ["received", "claimed", "done"]
-    assert audit.main(["audit", "failures", "--since", "2024-06-01T12:00Z", "--format", "csv", *base]) == 0
+    assert cli_main(["audit", "failures", "--since", "2024-06-01T12:00Z", "--format", "csv", *base]) == 0
     assert [r["kind"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["dead", "ineligible", "failed"]
-    assert audit.main(["audit", "backlog", *base]) == 0
+    assert cli_main(["audit", "backlog", *base]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("destination") and lines[2].split()[:3] == ["PACS", "1", "0"]
-    assert audit.main(["audit", "throughput", "--since", "2024-06-01", "--bucket", "day", "--format", "json", *base]) == 0
+    assert cli_main(["audit", "throughput", "--since", "2024-06-01", "--bucket", "day", "--format", "json", *base]) == 0
     assert [r["bucket"] for r in json.loads(capsys.readouterr().out)] == ["2024-06-01", "2024-06-02"]
-    assert audit.main(["audit", "positives", "--since", "2024-06-01", "--until", "2024-06-03", "--format", "csv", *base]) == 0
+    assert cli_main(["audit", "positives", "--since", "2024-06-01", "--until", "2024-06-03", "--format", "csv", *base]) == 0
     assert [r["accession_number"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["ACC1", "ACC5"]
 
 
@@ -294,7 +295,7 @@ def test_cli_reads_database_url_from_config(db, tmp_path: Path, capsys) -> None:
     _, _, url = db
     config = tmp_path / "node.toml"
     config.write_text(f'[storage]\ndatabase_url = "{url}"\n')
-    assert audit.main(["audit", "history", "--sop", "1.2.3.4.3", "--format", "json", "--config", str(config)]) == 0
+    assert cli_main(["audit", "history", "--sop", "1.2.3.4.3", "--format", "json", "--config", str(config)]) == 0
     assert [r["kind"] for r in json.loads(capsys.readouterr().out)] == ["received", "claimed", "ineligible"]
 
 
@@ -306,17 +307,17 @@ def test_cli_reads_database_url_from_config(db, tmp_path: Path, capsys) -> None:
 ])
 def test_cli_bad_values_name_the_option(argv: list[str], option: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
-        audit.main(["audit", *argv])
+        cli_main(["audit", *argv])
     assert exc.value.code == 2
     assert f"argument {option}" in capsys.readouterr().err
 
 
 def test_cli_usage_errors(tmp_path: Path, capsys) -> None:
     missing = f"sqlite:///{tmp_path / 'none.db'}"
-    assert audit.main(["audit", "backlog", "--database-url", missing]) == 2
+    assert cli_main(["audit", "backlog", "--database-url", missing]) == 2
     assert "no SQLite file" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()
-    assert audit.main(["audit", "history", "--database-url", missing]) == 2
+    assert cli_main(["audit", "history", "--database-url", missing]) == 2
     assert "--study, --accession or --sop" in capsys.readouterr().err
 
 

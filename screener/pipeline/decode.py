@@ -75,23 +75,6 @@ NATIVE_TRANSFER_SYNTAXES = frozenset(
         dicom_uid.ExplicitVRBigEndian,  # retired, but old archives still send it
     }
 )
-ENCAPSULATED_TRANSFER_SYNTAXES = frozenset(
-    {
-        dicom_uid.JPEGBaseline8Bit,
-        dicom_uid.JPEGExtended12Bit,
-        dicom_uid.JPEGLossless,
-        dicom_uid.JPEGLosslessSV1,
-        dicom_uid.JPEGLSLossless,
-        dicom_uid.JPEGLSNearLossless,
-        dicom_uid.JPEG2000Lossless,
-        dicom_uid.JPEG2000,
-        dicom_uid.HTJ2KLossless,
-        dicom_uid.HTJ2KLosslessRPCL,
-        dicom_uid.HTJ2K,
-        dicom_uid.RLELossless,
-    }
-)
-SUPPORTED_TRANSFER_SYNTAXES = NATIVE_TRANSFER_SYNTAXES | ENCAPSULATED_TRANSFER_SYNTAXES
 _JPEG_FAMILY = frozenset(
     {
         dicom_uid.JPEGBaseline8Bit,
@@ -111,6 +94,8 @@ _J2K_FAMILY = frozenset(
         dicom_uid.HTJ2K,
     }
 )
+ENCAPSULATED_TRANSFER_SYNTAXES = _JPEG_FAMILY | _J2K_FAMILY | frozenset({dicom_uid.RLELossless})
+SUPPORTED_TRANSFER_SYNTAXES = NATIVE_TRANSFER_SYNTAXES | ENCAPSULATED_TRANSFER_SYNTAXES
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR_PREFIXES = ("RGB", "YBR", "PALETTE", "HSV", "ARGB", "CMYK", "XYB")
 _STATS_SAMPLE = 1_000_000  # pixels used for percentile statistics (strided, deterministic)
