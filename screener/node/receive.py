@@ -36,6 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from screener.pipeline.decode import SUPPORTED_TRANSFER_SYNTAXES
 from screener.node.spool import (
     InvalidUID,
     SpoolFull,
@@ -90,18 +91,9 @@ UNCOMPRESSED_SYNTAXES = (
     tsuid.ImplicitVRLittleEndian,
     tsuid.DeflatedExplicitVRLittleEndian,
 )
-# Everything screener.pipeline.decode can decode.
-IMAGE_SYNTAXES = UNCOMPRESSED_SYNTAXES + (
-    tsuid.JPEGBaseline8Bit,
-    tsuid.JPEGExtended12Bit,
-    tsuid.JPEGLossless,
-    tsuid.JPEGLosslessSV1,
-    tsuid.JPEGLSLossless,
-    tsuid.JPEGLSNearLossless,
-    tsuid.JPEG2000Lossless,
-    tsuid.JPEG2000,
-    tsuid.RLELossless,
-)
+# Exactly what screener.pipeline.decode decodes (uncompressed first, then a fixed order), so
+# the SCP never accepts an image the worker cannot read nor refuses one it could.
+IMAGE_SYNTAXES = UNCOMPRESSED_SYNTAXES + tuple(sorted(SUPPORTED_TRANSFER_SYNTAXES - set(UNCOMPRESSED_SYNTAXES)))
 
 _OWN_OUTPUT_UIDS = frozenset(str(u) for u in OWN_OUTPUT_STORAGE)
 _AE_FORBIDDEN = frozenset("\\") | frozenset(chr(c) for c in range(32)) | {chr(127)}
