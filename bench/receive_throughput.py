@@ -1,23 +1,27 @@
 """Receive throughput: the node's C-STORE SCP against DCMTK storescp, same files, same run.
 
-    python bench/receive_throughput.py [--images 100] [--associations 4] [--source RG1_UNCR.dcm]
+    python bench/receive_throughput.py [--images 100] [--associations 4] [--repeats 3] [--source RG1_UNCR.dcm]
 
 Makes N copies of a pydicom-data chest radiograph with distinct SOP Instance UIDs, then sends
 them with DCMTK storescu over A parallel associations (N/A files each) to:
 
-- the node's SCP (screener.node.receive): every file written to the spool through a temporary
-  name, fsynced, renamed, directory fsynced, and its instance + job + event rows committed to
-  SQLite (WAL, synchronous=FULL) before the C-STORE response says Success;
+- the node's SCP as `screener serve` runs it (screener.node.receivers: [node] receive_processes
+  processes on one port): every dataset streamed to a file as it arrives, fsynced, renamed into
+  the spool, directory fsynced, and its instance + job + event rows committed to SQLite (WAL,
+  synchronous=FULL) before the C-STORE response says Success;
 - DCMTK storescp (single process, the default) and storescp --fork (one process per
   association), writing files without fsync.
 
-Reports MB/s and images/s from the first association opened to the last one closed.
+Reports MB/s and images/s from the first association opened to the last one closed. The
+receivers take turns, --repeats rounds of each, and the table gives each one's median round
+(with the slowest and fastest): on a small shared machine one round can be off by 30 %.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import shutil
 import socket
 import subprocess
@@ -32,13 +36,16 @@ from pydicom.data import get_testdata_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from screener.node.receive import ReceiveSettings, bound_port, start_scp, stop  # noqa: E402
-from screener.store.db import create_schema, make_engine, session_factory  # noqa: E402
+from screener.config import NodeSettings  # noqa: E402
+from screener.node.receive import ReceiveSettings  # noqa: E402
+from screener.node.receivers import ReceiverPool  # noqa: E402
+from screener.store.db import create_schema, make_engine  # noqa: E402
 from tests.dcmtk import dcmtk_tool  # noqa: E402  (the real DCMTK, not pynetdicom's apps)
 
 
 def make_files(source: str, n: int, folder: Path) -> list[Path]:
     ds = pydicom.dcmread(get_testdata_file(source))
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
         ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.9999.{os.getpid()}.{i + 1}"
@@ -82,17 +89,18 @@ def send_all(port: int, files: list[Path], associations: int, called_ae: str) ->
     return time.perf_counter() - t0
 
 
-def bench_node(files: list[Path], associations: int, work: Path, max_pdu: int) -> float:
-    engine = make_engine(f"sqlite:///{work / 'node.db'}")
+def bench_node(files: list[Path], associations: int, work: Path, max_pdu: int, processes: int) -> float:
+    url = f"sqlite:///{work / 'node.db'}"
+    engine = make_engine(url)
     create_schema(engine)
+    engine.dispose()
     settings = ReceiveSettings(spool_root=work / "spool", model_id="bench", patient_salt=b"bench-salt", port=0,
                                min_free_bytes=0, max_pdu=max_pdu)
-    server = start_scp(settings, session_factory(engine))
+    pool = ReceiverPool(settings, url, processes)  # what screener serve runs
     try:
-        return send_all(bound_port(server), files, associations, settings.ae_title)
+        return send_all(pool.start(), files, associations, settings.ae_title)
     finally:
-        stop(server)
-        engine.dispose()
+        pool.stop()
 
 
 def bench_storescp(files: list[Path], associations: int, work: Path, fork: bool) -> float:
@@ -113,23 +121,39 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--associations", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds per receiver, taken in turn (median reported)")
     ap.add_argument("--max-pdu", type=int, default=ReceiveSettings.__dataclass_fields__["max_pdu"].default,
                     help="the node's maximum PDU length in bytes")
+    ap.add_argument("--processes", type=int, default=NodeSettings.receive_processes,
+                    help="the node's receive processes ([node] receive_processes; default as shipped)")
     ap.add_argument("--node-only", action="store_true", help="skip the storescp runs")
     ap.add_argument("--source", default="RG1_UNCR.dcm", help="pydicom-data file to copy (uncompressed: storescu sends it as is)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
+    node = f"node SCP, {a.processes} process{'es' if a.processes > 1 else ''} (fsync + SQLite journal)"
+    receivers = {node: lambda out: bench_node(files, a.associations, out, a.max_pdu, a.processes)}
+    if not a.node_only:
+        receivers["DCMTK storescp"] = lambda out: bench_storescp(files, a.associations, out, fork=False)
+        receivers["DCMTK storescp --fork"] = lambda out: bench_storescp(files, a.associations, out, fork=True)
     try:
-        files = make_files(a.source, a.images, work)
+        files = make_files(a.source, a.images, work / "sent")
         mb = sum(f.stat().st_size for f in files) / 1e6
-        print(f"{a.images} x {a.source} ({mb:.0f} MB) over {a.associations} parallel associations (DCMTK storescu)")
-        results = {f"node SCP (fsync + SQLite journal), max PDU {a.max_pdu}": bench_node(files, a.associations, work, a.max_pdu)}
+        print(f"{a.images} x {a.source} ({mb:.0f} MB) over {a.associations} parallel associations (DCMTK storescu), "
+              f"{a.repeats} rounds each")
+        seconds: dict[str, list[float]] = {name: [] for name in receivers}
+        for _ in range(a.repeats):
+            for name, run in receivers.items():
+                out = Path(tempfile.mkdtemp(dir=work))
+                seconds[name].append(run(out))
+                shutil.rmtree(out)  # each round starts from an empty folder, as the first did
+        print(f"{'receiver':<52}{'MB/s':>8}{'(min-max)':>14}{'images/s':>10}")
+        median = {name: statistics.median(times) for name, times in seconds.items()}
+        for name, times in seconds.items():
+            spread = f"{mb / max(times):.0f}-{mb / min(times):.0f}"
+            print(f"{name:<52}{mb / median[name]:>8.1f}{spread:>14}{a.images / median[name]:>10.1f}")
         if not a.node_only:
-            results["DCMTK storescp"] = bench_storescp(files, a.associations, work, fork=False)
-            results["DCMTK storescp --fork"] = bench_storescp(files, a.associations, work, fork=True)
-        print(f"{'receiver':<56}{'seconds':>9}{'MB/s':>9}{'images/s':>10}")
-        for name, seconds in results.items():
-            print(f"{name:<56}{seconds:>9.2f}{mb / seconds:>9.1f}{a.images / seconds:>10.1f}")
+            print(f"node / storescp: {median['DCMTK storescp'] / median[node]:.2f}x; "
+                  f"node / storescp --fork: {median['DCMTK storescp --fork'] / median[node]:.2f}x (medians)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

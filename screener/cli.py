@@ -109,11 +109,16 @@ def _settings(a: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
+    from screener.node.receivers import PortInUse
     from screener.service import Service, configure_logging
 
     settings = _settings(a)
     configure_logging()
-    return Service(settings).serve_forever()
+    try:
+        return Service(settings).serve_forever()
+    except PortInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _sessions(settings):  # type: ignore[no-untyped-def]

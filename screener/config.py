@@ -130,9 +130,14 @@ class NodeSettings:
     allowed_peers: tuple[str, ...] = ()
     max_dataset_bytes: int = 512 * 1024 * 1024
     min_free_mb: int = 1024
+    receive_processes: int = 2
 
     def __post_init__(self) -> None:
         from screener.node.receive import ReceiveSettings
+
+        if not isinstance(self.receive_processes, int) or not 1 <= self.receive_processes <= 64:
+            raise ConfigError(f"node.receive_processes = {self.receive_processes!r}: use an integer from 1 to 64 "
+                              "(about one per CPU core; 1 receives in the main process only)")
 
         try:  # the receive layer owns these rules; only the key names change
             ReceiveSettings(spool_root=Path("."), model_id="x", patient_salt=b"x", port=self.port,

@@ -23,7 +23,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.config import Settings, build_decode_limits, build_eligibility_rules
-from screener.node import dispatch, receive
+from screener.node import dispatch, receive, receivers
+from screener.node.spool import sweep_incoming
 from screener.store.db import SQLITE_BEGIN, create_schema, make_engine, session_factory
 from screener.store.models import Delivery, Event, Instance, JobState, utcnow
 
@@ -117,7 +118,8 @@ class Service:
         self.settings = settings
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._server: Any = None
+        self._receivers: receivers.ReceiverPool | None = None
+        self.engine: Any = None
         self._scheduler: BackgroundScheduler | None = None
 
     def start(self) -> None:
@@ -152,6 +154,8 @@ class Service:
         dispatch.schedule(self._scheduler, dispatcher, s.dispatch.interval_s)
         self._scheduler.add_job(purge_spool, "interval", hours=1, args=[self.sessions, s.storage.retention_days],
                                 id="retention", max_instances=1, coalesce=True)
+        self._scheduler.add_job(sweep_incoming, "interval", hours=1, args=[data / "spool", receive.STALE_INCOMING_S],
+                                id="incoming", max_instances=1, coalesce=True)
         self._scheduler.start()
         node = s.node
         self.receive_settings = receive.ReceiveSettings(
@@ -159,16 +163,22 @@ class Service:
             ae_title=node.ae_title, bind_address=node.bind_address, allowed_calling_aes=node.allowed_calling_aes,
             allowed_peers=node.allowed_peers, max_dataset_bytes=node.max_dataset_bytes,
             min_free_bytes=node.min_free_mb * 1024 * 1024)
-        self._server = receive.start_scp(self.receive_settings, self.sessions)
-        log.info("serving", ae_title=node.ae_title, address=node.bind_address, port=receive.bound_port(self._server),
+        self._receivers = receivers.ReceiverPool(self.receive_settings, database_url(s), node.receive_processes,
+                                                 logging.getLogger().level)
+        port = self._receivers.start()
+        # A receive process that dies is started again; the others and this one keep serving.
+        self._scheduler.add_job(self._receivers.check, "interval", seconds=5, id="receivers",
+                                max_instances=1, coalesce=True)
+        log.info("serving", ae_title=node.ae_title, address=node.bind_address, port=port,
+                 receive_processes=node.receive_processes,
                  model_id=bundle.model_id, demo=bundle.demo, workers=s.worker.workers,
                  destinations=[d.name for d in destinations], data_dir=str(data))
 
     def stop(self, timeout_s: float = 60.0) -> None:
         log.info("stopping")
-        if self._server is not None:
-            receive.stop(self._server)
-            self._server = None
+        if self._receivers is not None:
+            self._receivers.stop()
+            self._receivers = None
         self.stop_event.set()
         for thread in self._threads:
             # A batch still running after this keeps its lease; it expires and is claimed again.
@@ -176,14 +186,19 @@ class Service:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
-        self.engine.dispose()
+        if self.engine is not None:
+            self.engine.dispose()
         log.info("stopped")
 
     def serve_forever(self) -> int:
         """Run until SIGTERM or SIGINT; returns the exit status."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # workers and the scheduler may already run; leave nothing behind
+            raise
         while not self.stop_event.wait(1.0):
             pass
         self.stop()

@@ -31,6 +31,7 @@ from screener.node.dispatch import (
 )
 from screener.store.models import Delivery, Event
 from screener.store.queue import ReceivedInstance, claim_jobs, complete_job, record_received
+from tests.conftest import free_port
 from tests.dcmtk import dcmtk_tool
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -40,12 +41,6 @@ SETTINGS = DispatchSettings(calling_ae="CXRBMD", max_attempts=10, backoff_base_s
 
 
 # ---------------------------------------------------------------- real peers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def echo_ok(port: int, ae_title: str) -> bool:

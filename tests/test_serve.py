@@ -4,39 +4,21 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from tests import validators
-from tests.conftest import rg1_file
+from tests.conftest import free_port, rg1_file, wait_for
 from tests.dcmtk import dcmtk_tool, run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLING = "MODALITY"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], object], timeout_s: float = 60.0, every_s: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
 @pytest.fixture
@@ -111,6 +93,27 @@ port = {pacs_port}
             self.proc.wait(10)
 
 
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
 @pytest.fixture
 def node(tmp_path: Path, pacs: tuple[int, Path]) -> Iterator[Node]:
     n = Node(tmp_path, pacs[0])
@@ -177,8 +180,12 @@ def test_kill_9_then_restart_loses_and_duplicates_nothing(node: Node, pacs: tupl
     node.send(*copies)
     wait_for("a claimed job", lambda: node.query("select count(*) from events where kind='claimed'")[0][0] > 0, 30, 0.05)
     assert node.proc is not None
+    children = child_pids(node.proc.pid)
+    assert children, "serve runs its second receive process as a child"
     node.proc.kill()
     node.proc.wait(10)
+    # The receive processes notice their parent's death (their pipe closes) and exit.
+    wait_for("the killed node's receive processes to exit", lambda: not any(map(running, children)), 15)
     node.start()
     node.send(*copies)  # the PACS retries what it may not have had acknowledged: duplicates are not queued again
     uids = [str(pydicom.dcmread(c, stop_before_pixels=True).SOPInstanceUID) for c in copies]
@@ -222,6 +229,7 @@ def test_destination_down_then_up_gets_everything(tmp_path: Path) -> None:
         node.stop()
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_routing_loop_sr_dropped_and_traversal_uid_refused(node: Node, tmp_path: Path) -> None:
     from pydicom.data import get_testdata_file
 

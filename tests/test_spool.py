@@ -1,27 +1,25 @@
-"""Spool: UID-only file names, atomic fsynced writes, watermark, streamed Part 10 files."""
+"""Spool: UID-only file names, atomic fsynced writes, moves from .incoming, watermark, sweeping."""
 
 from __future__ import annotations
 
-import io
+import os
+import time
 from pathlib import Path
 
-import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian
 
 from screener.node import spool
 from screener.node.spool import (
+    INCOMING,
     InvalidUID,
     SpoolFull,
     check_watermark,
     free_bytes,
+    move_into_spool,
     spool_path,
+    sweep_incoming,
     validate_uid,
     write_atomically,
-    write_dataset_stream,
 )
 
 STUDY, SERIES, SOP = "1.2.840.113619.2.1", "1.2.840.113619.2.1.3", "1.2.840.113619.2.1.3.4"
@@ -109,46 +107,61 @@ def test_watermark(tmp_path: Path) -> None:
     assert info.value.min_free_bytes == free + 10**15
 
 
-def _dataset_and_meta() -> tuple[bytes, FileMetaDataset]:
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
-    ds.SOPInstanceUID = SOP
-    ds.StudyInstanceUID = STUDY
-    ds.PatientID = "P1"
-    raw = DicomBytesIO()  # what arrives over the wire, as is
-    raw.is_little_endian, raw.is_implicit_VR = True, False
-    write_dataset(raw, ds)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return raw.getvalue(), meta
+def _incoming_file(root: Path, content: bytes, name: str = "tmpabc.dcm") -> Path:
+    incoming = root / INCOMING
+    incoming.mkdir(parents=True, exist_ok=True)
+    path = incoming / name
+    path.write_bytes(content)
+    return path
 
 
-@pytest.mark.parametrize("as_stream", [False, True])
-def test_write_dataset_stream_reads_back_with_pydicom(tmp_path: Path, as_stream: bool) -> None:
-    raw, meta = _dataset_and_meta()
+def test_move_into_spool_renames_and_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _incoming_file(tmp_path, b"DICM" * 1000)
+    inode = source.stat().st_ino
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(spool.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     path = spool_path(tmp_path, STUDY, SERIES, SOP)
-    source = io.BytesIO(raw) if as_stream else raw
-    size = write_atomically(path, lambda fh: write_dataset_stream(fh, meta, source))
-
-    data = path.read_bytes()
-    assert size == len(data)
-    assert data[:128] == b"\x00" * 128 and data[128:132] == b"DICM"
-    assert data.endswith(raw)  # dataset bytes copied, not re-encoded
-    ds = pydicom.dcmread(path)
-    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert ds.file_meta.MediaStorageSOPInstanceUID == SOP
-    group_length = ds.file_meta.FileMetaInformationGroupLength
-    assert group_length == len(data) - 132 - 12 - len(raw)  # 12: the group length element itself
-    assert ds.SOPInstanceUID == SOP and ds.PatientID == "P1"
-    assert "FileMetaInformationGroupLength" not in meta  # the caller's meta is not modified
+    assert move_into_spool(source, path) == 4000
+    assert not source.exists() and path.read_bytes() == b"DICM" * 1000
+    assert path.stat().st_ino == inode  # renamed, not copied
+    assert len(synced) >= 2  # the file, then the folder holding its new name
 
 
-def test_write_dataset_stream_refuses_incomplete_file_meta(tmp_path: Path) -> None:
-    raw, meta = _dataset_and_meta()
-    del meta.TransferSyntaxUID
-    path = tmp_path / "x.dcm"
-    with pytest.raises(AttributeError, match="Transfer Syntax UID"):
-        write_atomically(path, lambda fh: write_dataset_stream(fh, meta, raw))
-    assert list(tmp_path.iterdir()) == []
+def test_move_into_spool_replaces_an_earlier_copy(tmp_path: Path) -> None:
+    path = spool_path(tmp_path, STUDY, SERIES, SOP)
+    move_into_spool(_incoming_file(tmp_path, b"first"), path)
+    move_into_spool(_incoming_file(tmp_path, b"second"), path)
+    assert path.read_bytes() == b"second"
+    assert list((tmp_path / INCOMING).iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm, a tmpfs, as a second file system")
+def test_move_into_spool_across_file_systems_copies_atomically(tmp_path: Path) -> None:
+    other = Path(os.path.realpath("/dev/shm")) / f"screener-test-{os.getpid()}"
+    other.mkdir()
+    try:
+        if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("/dev/shm is on the same file system as the test folder here")
+        source = _incoming_file(other, b"x" * 3_000_000)
+        path = spool_path(tmp_path, STUDY, SERIES, SOP)
+        assert move_into_spool(source, path) == 3_000_000  # os.replace fails with EXDEV: copied
+        assert path.read_bytes() == b"x" * 3_000_000 and not source.exists()
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+    finally:
+        for f in other.rglob("*"):
+            if f.is_file():
+                f.unlink()
+        for d in sorted(other.rglob("*"), reverse=True):
+            d.rmdir()
+        other.rmdir()
+
+
+def test_sweep_incoming_removes_only_stale_files(tmp_path: Path) -> None:
+    stale = _incoming_file(tmp_path, b"partial", "tmpold.dcm")
+    fresh = _incoming_file(tmp_path, b"arriving", "tmpnew.dcm")
+    day_ago = time.time() - 86_400
+    os.utime(stale, (day_ago, day_ago))
+    assert sweep_incoming(tmp_path, older_than_s=3600) == 1
+    assert not stale.exists() and fresh.exists()
+    assert sweep_incoming(tmp_path / "nothing-here", older_than_s=0) == 0

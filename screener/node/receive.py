@@ -6,18 +6,27 @@ job, an acknowledged-and-dropped routing-loop object, or a failure status. The C
 says Success only after the file is fsynced and renamed and its row committed
 (ARCHITECTURE.md, "ack only what is on disk"); when that cannot be done the answer is 0xA700
 Out of Resources, so the PACS retries, or a 0xC000-range status for data we cannot accept.
+
+Datasets are never held in memory whole: pynetdicom's chunked receive writes each P-DATA
+fragment to a file in ``<spool>/.incoming`` as it arrives, and the handler renames the finished
+file into the spool. Memory per association stays at about one PDU whatever the image size, and
+the copy to disk overlaps the transfer instead of following it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom import uid as tsuid
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event as NetEvent
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
@@ -32,19 +41,20 @@ from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.pipeline.decode import SUPPORTED_TRANSFER_SYNTAXES
 from screener.node.spool import (
+    INCOMING,
     InvalidUID,
     SpoolFull,
     check_watermark,
+    move_into_spool,
     spool_path,
+    sweep_incoming,
     validate_uid,
-    write_atomically,
-    write_dataset_stream,
 )
 from screener.store.db import SQLITE_BEGIN
 from screener.store.models import Event, utcnow
@@ -96,6 +106,10 @@ UNCOMPRESSED_SYNTAXES = (
 IMAGE_SYNTAXES = UNCOMPRESSED_SYNTAXES + tuple(sorted(SUPPORTED_TRANSFER_SYNTAXES - set(UNCOMPRESSED_SYNTAXES)))
 
 _OWN_OUTPUT_UIDS = frozenset(str(u) for u in OWN_OUTPUT_STORAGE)
+# The header attributes the receiver needs; the rest of the dataset is not parsed.
+_HEADER_TAGS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber", "PatientID")
+# A partial file in .incoming this old belongs to no live transfer (an association aborted).
+STALE_INCOMING_S = 24 * 3600.0
 _AE_FORBIDDEN = frozenset("\\") | frozenset(chr(c) for c in range(32)) | {chr(127)}
 
 
@@ -253,13 +267,17 @@ class Receiver:
             return refused.status
 
     def _store(self, event: NetEvent, peer: dict[str, str | None]) -> int:
-        raw = event.encoded_dataset(include_meta=False)
-        if len(raw) > self.settings.max_dataset_bytes:
+        # Chunked receive (start_scp): the dataset is already a Part 10 file in .incoming,
+        # with file meta built from the command set and the accepted transfer syntax.
+        received = Path(event.dataset_path)
+        size = received.stat().st_size
+        if size > self.settings.max_dataset_bytes:
             raise StoreRefused(OUT_OF_RESOURCES, "too-large",
-                               f"dataset of {len(raw)} bytes exceeds max_dataset_bytes "
+                               f"dataset of {size} bytes exceeds max_dataset_bytes "
                                f"{self.settings.max_dataset_bytes}")
-        header = self._header(event)
+        header = self._header(event, received)
         if header.sop_class_uid in _OWN_OUTPUT_UIDS:
+            # pynetdicom deletes the .incoming file after this handler returns.
             record_event(self.session_factory, "dropped_own_output", "skipped",
                          sop_instance_uid=header.sop_instance_uid, study_uid=header.study_uid,
                          accession_number=header.accession_number, reason_code="routing-loop",
@@ -273,15 +291,16 @@ class Receiver:
         path = spool_path(self.settings.spool_root, header.study_uid, header.series_uid,
                           header.sop_instance_uid)
         try:
-            size = write_atomically(path, lambda fh: write_dataset_stream(fh, event.file_meta, raw))
+            size = move_into_spool(received, path)
         except OSError as error:
             raise StoreRefused(OUT_OF_RESOURCES, "spool-write", f"writing {path.name}: {error}") from error
         self._record(event, header, path, size, peer)
         return SUCCESS
 
-    def _header(self, event: NetEvent) -> _Header:
+    def _header(self, event: NetEvent, received: Path) -> _Header:
         try:
-            ds = event.dataset
+            # Only the few attributes we need, and never the pixel data.
+            ds = dcmread(received, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
             sop_class = str(event.request.AffectedSOPClassUID)
             header = _Header(
                 sop_class_uid=sop_class,
@@ -400,14 +419,88 @@ def event_handlers(settings: ReceiveSettings, session_factory: sessionmaker[Sess
     ]
 
 
+class _BulkReceiveSocket(AssociationSocket):
+    """pynetdicom's socket, reading each PDU with as few system calls as the kernel allows.
+
+    ``AssociationSocket.recv`` reads at most 4 KiB per call into a growing bytearray: about
+    1,800 calls for a 7 MB radiograph, each releasing and retaking the GIL against the other
+    associations' threads. ``recv_into`` a buffer of the PDU's size takes whatever the kernel
+    holds at once. Same contract: a short result means the peer closed the connection.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        sock = self.socket
+        assert sock is not None  # the DUL only reads from a connected socket
+        while received < nr_bytes:
+            count = sock.recv_into(view[received:])
+            if count == 0:
+                view.release()
+                return buffer[:received]
+            received += count
+        view.release()
+        return buffer
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server; optionally one of several sharing a port (SO_REUSEPORT).
+
+    Remembers the temporary directory to put back on stop.
+    """
+
+    incoming: str | None = None
+    previous_tempdir: str | None = None
+
+    def __init__(self, *args: Any, reuse_port: bool = False, **kwargs: Any) -> None:
+        self.reuse_port = reuse_port  # read by server_bind, which the base __init__ calls
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            # Every socket of a SO_REUSEPORT group must set it before bind; Linux then spreads
+            # new connections across the processes listening (screener.node.receivers).
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class _RequestHandler(RequestHandler):
+    """pynetdicom's acceptor, with the bulk-receive socket."""
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        # The socket was just built by the base class around our connection; a subclass that
+        # only overrides recv and adds no state can stand in for it.
+        assoc.dul.socket.__class__ = _BulkReceiveSocket
+        return assoc
+
+
 def start_scp(settings: ReceiveSettings, session_factory: sessionmaker[Session],
-              receiver: Receiver | None = None) -> ThreadedAssociationServer:
-    """Start listening in background threads; returns the server (``stop`` it when done)."""
-    settings.spool_root.mkdir(parents=True, exist_ok=True)
+              receiver: Receiver | None = None, *, reuse_port: bool = False) -> ThreadedAssociationServer:
+    """Start listening in background threads; returns the server (``stop`` it when done).
+
+    ``reuse_port``: bind with SO_REUSEPORT, to share the port with other processes' SCPs
+    (see screener.node.receivers, which also checks that nothing else holds the port).
+
+    Sets two process-wide options, since pynetdicom has no per-server ones: chunked receive
+    (datasets stream to files, never whole in memory) and the temporary directory, pointed at
+    ``<spool>/.incoming`` so a received file is renamed, not copied, into the spool. ``stop``
+    puts the temporary directory back. Files a previous run left there are swept first.
+    """
+    incoming = settings.spool_root / INCOMING
+    incoming.mkdir(parents=True, exist_ok=True)
+    sweep_incoming(settings.spool_root, STALE_INCOMING_S)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    previous_tempdir, tempfile.tempdir = tempfile.tempdir, str(incoming)
     ae = build_ae(settings, session_factory)
-    server = ae.start_server((settings.bind_address, settings.port), block=False,
-                             evt_handlers=event_handlers(settings, session_factory, receiver))
-    assert server is not None  # block=False always returns the server
+    server = ae.make_server((settings.bind_address, settings.port),
+                            evt_handlers=event_handlers(settings, session_factory, receiver),
+                            server_class=_Server, request_handler=_RequestHandler, reuse_port=reuse_port)
+    server.incoming, server.previous_tempdir = str(incoming), previous_tempdir
+    # What AE.start_server(block=False) does, which has no way to pass a request handler.
+    ae._servers.append(server)  # server.shutdown() takes itself off this list
+    threading.Thread(target=server.serve_forever, name=f"scp-{settings.ae_title}", daemon=True).start()
     return server
 
 
@@ -420,3 +513,5 @@ def stop(server: ThreadedAssociationServer) -> None:
     """Stop accepting, close the socket and end the server's AE."""
     server.shutdown()
     server.ae.shutdown()
+    if isinstance(server, _Server) and tempfile.tempdir == server.incoming:
+        tempfile.tempdir = server.previous_tempdir

@@ -1,29 +1,33 @@
 """Durable spool storage: safe file names, atomic fsynced writes, free-space watermark.
 
 The C-STORE response may only say Success once the file is on disk (ARCHITECTURE.md, "ack only
-what is on disk"), so every write goes temp file -> fsync -> rename -> fsync directory. Names are
-built from validated UIDs only, so a hostile SOP Instance UID cannot escape the spool root.
+what is on disk"), so every file arrives as temp file -> fsync -> rename -> fsync directory. Names
+are built from validated UIDs only, so a hostile SOP Instance UID cannot escape the spool root.
+
+Received datasets are streamed by pynetdicom into ``<spool>/.incoming`` as they arrive (see
+screener.node.receive); :func:`move_into_spool` then makes such a file durable under its UID
+name. :func:`sweep_incoming` removes what an aborted association left behind.
 """
 
 from __future__ import annotations
 
-import copy
+import errno
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
-
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomFileLike
-from pydicom.filewriter import write_file_meta_info
 
 # PS3.5 9.1: digits and dots, no empty component, no leading zero unless the component is "0".
 _UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _UID_MAX_LENGTH = 64
 _COPY_CHUNK = 1 << 20
+# Where pynetdicom writes datasets while they arrive: inside the spool, so the finished file is
+# renamed into place (same file system) instead of copied. The dot keeps it out of UID names.
+INCOMING = ".incoming"
 
 
 class InvalidUID(ValueError):
@@ -126,19 +130,49 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> int:
     return size
 
 
-def write_dataset_stream(fh: BinaryIO, file_meta: Dataset, raw: bytes | BinaryIO) -> None:
-    """Write a Part 10 file: preamble, "DICM", file meta group, then ``raw`` dataset bytes as is.
+def move_into_spool(source: Path, path: Path) -> int:
+    """Make the complete file ``source`` durable as ``path``; returns its size in bytes.
 
-    ``raw`` is the dataset exactly as received in the transfer syntax named by ``file_meta``;
-    it is copied, not decoded and re-encoded, so receiving stays cheap and lossless.
+    fsync the file, rename it over ``path``, fsync the folder. ``source`` on another file system
+    (a rename cannot cross one) is copied through :func:`write_atomically` instead and removed.
+    Either way ``path`` appears complete or not at all, and a file already there is replaced.
     """
-    # A deep copy (file meta is tiny): enforce_standard adds and sets elements in place.
-    meta = FileMetaDataset(copy.deepcopy(file_meta))
-    fh.write(b"\x00" * 128 + b"DICM")
-    # enforce_standard adds (0002,0000) group length, version and implementation UID, and
-    # raises if the Media Storage SOP Class/Instance or Transfer Syntax UID is missing.
-    write_file_meta_info(DicomFileLike(fh), meta, enforce_standard=True)
-    if isinstance(raw, (bytes, bytearray, memoryview)):
-        fh.write(raw)
-    else:
-        shutil.copyfileobj(raw, fh, _COPY_CHUNK)
+    source, path = Path(source), Path(path)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # flushes the file's data whichever descriptor wrote it
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    _make_directories(path.parent)
+    try:
+        os.replace(source, path)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        with open(source, "rb") as fh:
+            size = write_atomically(path, lambda out: shutil.copyfileobj(fh, out, _COPY_CHUNK))
+        source.unlink(missing_ok=True)
+        return size
+    _fsync_directory(path.parent)
+    return size
+
+
+def sweep_incoming(root: Path, older_than_s: float) -> int:
+    """Delete files in ``root/.incoming`` not modified for ``older_than_s`` seconds; returns how many.
+
+    An association that aborts mid-dataset leaves its partial file there (pynetdicom removes
+    only the files whose C-STORE completed). Nothing in it was acknowledged, so deleting is safe
+    once no transfer can still be writing it.
+    """
+    incoming = Path(root) / INCOMING
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for entry in incoming.glob("*") if incoming.is_dir() else ():
+        try:
+            if entry.is_file() and entry.stat().st_mtime < cutoff:
+                entry.unlink()
+                removed += 1
+        except FileNotFoundError:  # finished and moved (or swept) meanwhile
+            continue
+    return removed

@@ -1,0 +1,127 @@
+"""Receive processes sharing one port: real child processes, real DCMTK storescu and echoscu."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from screener.node import receive
+from screener.node.receive import ReceiveSettings
+from screener.node.receivers import PortInUse, ReceiverPool, claim_port
+from screener.store.models import Instance, Job
+from tests.conftest import free_port, rg1_file, wait_for
+from tests.dcmtk import run_tool
+
+CALLING = "PACS"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> ReceiveSettings:
+    return ReceiveSettings(spool_root=tmp_path / "spool", model_id="demo-1.0", patient_salt=b"salt", port=0,
+                           allowed_calling_aes=(CALLING,), min_free_bytes=0)
+
+
+@pytest.fixture
+def pool(settings: ReceiveSettings, engine, tmp_path: Path) -> Iterator[ReceiverPool]:
+    pool = ReceiverPool(settings, str(engine.url), processes=2)
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+def copies(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(exist_ok=True)
+    ds = pydicom.dcmread(rg1_file())
+    paths = []
+    for i in range(n):
+        ds.SOPInstanceUID = f"{ds.SOPInstanceUID.rsplit('.', 1)[0]}.{9000 + i}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        paths.append(folder / f"{i}.dcm")
+        ds.save_as(paths[-1])
+    return paths
+
+
+def count(factory: sessionmaker[Session], model: type) -> int:
+    with factory() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has stopped
+    except FileNotFoundError:
+        return False
+
+
+def test_parallel_associations_all_land_once(pool: ReceiverPool, factory, tmp_path: Path) -> None:
+    files = copies(tmp_path / "sent", 8)
+    assert pool.port and len(pool.pids()) == 1 and all(alive(pid) for pid in pool.pids())
+
+    def send(chunk: list[Path]) -> str:
+        result = run_tool("storescu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", pool.port, *chunk)
+        assert result.returncode == 0, result.stdout
+        return result.stdout
+
+    with ThreadPoolExecutor(4) as executor:
+        list(executor.map(send, [files[i::4] for i in range(4)]))
+    assert count(factory, Instance) == 8 and count(factory, Job) == 8
+    assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 8  # and nothing left in .incoming
+
+
+def test_child_process_receives_on_its_own(pool: ReceiverPool, factory) -> None:
+    # Stop the parent's SCP: every connection now goes to the child, which must store and queue.
+    receive.stop(pool._server)
+    pool._server = None
+    result = run_tool("storescu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", pool.port, rg1_file())
+    assert result.returncode == 0, result.stdout
+    assert count(factory, Job) == 1
+
+
+def test_dead_child_is_started_again(pool: ReceiverPool) -> None:
+    [pid] = pool.pids()
+    os.kill(pid, signal.SIGKILL)
+    # What the service's scheduler does every few seconds: check until the death is seen.
+    wait_for("the pool to start the child again", lambda: pool.check() == 1, 10, 0.05)
+    [new_pid] = pool.pids()
+    assert new_pid != pid and pool.check() == 0
+    echo = run_tool("echoscu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", pool.port)
+    assert echo.returncode == 0, echo.stdout
+
+
+def test_stop_ends_children_and_frees_the_port(settings: ReceiveSettings, engine) -> None:
+    port = free_port()
+    pool = ReceiverPool(settings.__class__(**{**settings.__dict__, "port": port}), str(engine.url), processes=3)
+    assert pool.start() == port
+    pids = pool.pids()
+    assert len(pids) == 2
+    pool.stop()
+    assert not any(alive(pid) for pid in pids)
+    claim_port("127.0.0.1", port, wait_s=0)  # nothing listens any more
+
+
+def test_port_held_by_another_program_is_refused_by_key(settings: ReceiveSettings, engine) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(PortInUse, match=rf"node.port: 127.0.0.1:{port} is already in use"):
+            claim_port("127.0.0.1", port, wait_s=0.3)
+        pool = ReceiverPool(settings.__class__(**{**settings.__dict__, "port": port}), str(engine.url), processes=2)
+        with pytest.raises(PortInUse):
+            pool.start()  # SO_REUSEPORT alone would have let it share the port silently
+
+
+@pytest.mark.parametrize("processes", [0, -1, 1.5])
+def test_processes_must_be_a_positive_integer(settings: ReceiveSettings, processes: object) -> None:
+    with pytest.raises(ValueError, match="receive_processes"):
+        ReceiverPool(settings, "sqlite://", processes)  # type: ignore[arg-type]
