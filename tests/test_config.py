@@ -178,3 +178,24 @@ def test_destination_tls_files_resolved_and_checked(tmp_path: Path) -> None:
         load_config(config)
     config.write_text(base)
     assert load_config(config).destinations[0].destination().tls is None
+
+
+@pytest.mark.parametrize(("config_class", "layer_class"), [
+    ("NodeSettings", "screener.node.receive.ReceiveSettings"),
+    ("DispatchConfig", "screener.node.dispatch.DispatchSettings"),
+])
+def test_config_defaults_match_the_layer_they_configure(config_class: str, layer_class: str) -> None:
+    """The config sections repeat the network layer's defaults (importing it would slow every
+    config load by the pynetdicom import); this keeps the two copies equal."""
+    import dataclasses
+    import importlib
+
+    import screener.config as config
+
+    module, name = layer_class.rsplit(".", 1)
+    layer = getattr(importlib.import_module(module), name)
+    ours = {f.name: f.default for f in dataclasses.fields(getattr(config, config_class))}
+    theirs = {f.name: f.default for f in dataclasses.fields(layer)}
+    shared = set(ours) & set(theirs)
+    assert len(shared) >= 4
+    assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}

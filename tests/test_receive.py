@@ -126,6 +126,21 @@ def test_store_spools_streams_and_queues(scp, settings, factory, name: str, flag
     assert files_under(settings.spool_root) == {path}
 
 
+def test_explicit_big_endian_is_stored_as_sent(scp, settings, factory, tmp_path: Path) -> None:
+    """The retired big endian syntax, which old archives still send: stored as is, pixels intact."""
+    big = tmp_path / "big-endian.dcm"
+    converted = run_tool("dcmconv", "+tb", rg1_file(), big)
+    assert converted.returncode == 0, converted.stdout
+    port = scp(settings)
+    result = storescu(port, big, "-xb")  # propose explicit big endian first
+    assert "Received Store Response (Success)" in result.stdout, result.stdout
+    [instance] = rows(factory, Instance)
+    assert instance.transfer_syntax_uid == "1.2.840.10008.1.2.2"
+    stored = pydicom.dcmread(instance.spool_path)
+    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2"
+    assert (stored.pixel_array == pydicom.dcmread(rg1_file()).pixel_array).all()
+
+
 def test_same_instance_twice_is_one_job_and_a_duplicate_event(scp, settings, factory) -> None:
     port = scp(settings)
     for _ in range(2):
