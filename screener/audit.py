@@ -200,6 +200,25 @@ def _as_utc(value: Any) -> Any:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def status_report(session: Session, *, errors: int = 5) -> dict[str, Any]:
+    """Queue depth by job state, delivery counts by destination and state, the last errors.
+
+    What ``screener status`` prints and the health endpoint serves.
+    """
+    jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+    deliveries = session.execute(select(Delivery.destination, Delivery.state, func.count())
+                                 .group_by(Delivery.destination, Delivery.state)
+                                 .order_by(Delivery.destination, Delivery.state)).all()
+    last = session.scalars(select(Event).where(Event.outcome.in_(("error", "rejected")))
+                           .order_by(Event.id.desc()).limit(errors)).all()
+    return {
+        "jobs": {state.value: int(jobs.get(state.value, 0)) for state in JobState},
+        "deliveries": [{"destination": d, "state": st, "count": int(n)} for d, st, n in deliveries],
+        "last_errors": [{"time": _as_utc(e.time).isoformat(), "kind": e.kind, "sop_instance_uid": e.sop_instance_uid,
+                         "job_id": e.job_id, "reason_code": e.reason_code, "message": e.message} for e in last],
+    }
+
+
 def percentile(values: Sequence[float], p: float) -> float | None:
     """The p-th percentile (0..100) by linear interpolation between closest ranks (NumPy's
     default); None for no values."""

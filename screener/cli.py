@@ -131,22 +131,10 @@ def _sessions(settings):  # type: ignore[no-untyped-def]
 
 
 def _cmd_status(a: argparse.Namespace) -> int:
-    from sqlalchemy import func, select
-
-    from screener.store.models import Delivery, Event, Job
+    from screener.audit import status_report
 
     with _sessions(_settings(a))() as session:
-        jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        backlog = session.execute(select(Delivery.destination, Delivery.state, func.count())
-                                  .group_by(Delivery.destination, Delivery.state)).all()
-        errors = session.scalars(select(Event).where(Event.outcome.in_(("error", "rejected")))
-                                 .order_by(Event.id.desc()).limit(5)).all()
-        report = {
-            "jobs": {state: jobs.get(state, 0) for state in ("queued", "running", "done", "ineligible", "failed")},
-            "deliveries": [{"destination": d, "state": st, "count": n} for d, st, n in backlog],
-            "last_errors": [{"time": e.time.isoformat(), "kind": e.kind, "sop_instance_uid": e.sop_instance_uid,
-                             "job_id": e.job_id, "reason_code": e.reason_code, "message": e.message} for e in errors],
-        }
+        report = status_report(session)
     if a.json:
         print(json.dumps(report, indent=2))
         return 0

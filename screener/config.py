@@ -7,6 +7,7 @@ Unknown keys are errors too: a misspelt key silently ignored is a setting silent
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -131,9 +132,20 @@ class NodeSettings:
     max_dataset_bytes: int = 512 * 1024 * 1024
     min_free_mb: int = 1024
     receive_processes: int = 2
+    health_port: int = 0
+    health_bind_address: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         from screener.node.receive import ReceiveSettings
+
+        if isinstance(self.health_port, bool) or not isinstance(self.health_port, int) or not 0 <= self.health_port <= 65535:
+            raise ConfigError(f"node.health_port = {self.health_port!r}: use a TCP port 1-65535, or 0 for no "
+                              "HTTP health endpoint")
+        try:
+            ipaddress.ip_address(self.health_bind_address)
+        except ValueError:
+            raise ConfigError(f"node.health_bind_address = {self.health_bind_address!r}: use an IP address, "
+                              "e.g. \"127.0.0.1\" (loopback) or \"0.0.0.0\"") from None
 
         if not isinstance(self.receive_processes, int) or not 1 <= self.receive_processes <= 64:
             raise ConfigError(f"node.receive_processes = {self.receive_processes!r}: use an integer from 1 to 64 "

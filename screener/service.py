@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.config import Settings, build_decode_limits, build_eligibility_rules
+from screener.health import start_health_server
 from screener.node import dispatch, receive, receivers
 from screener.node.spool import sweep_incoming
 from screener.store.db import SQLITE_BEGIN, create_schema, make_engine, session_factory
@@ -120,6 +121,7 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._receivers: receivers.ReceiverPool | None = None
         self.engine: Any = None
+        self._health: Any = None
         self._scheduler: BackgroundScheduler | None = None
 
     def start(self) -> None:
@@ -169,13 +171,21 @@ class Service:
         # A receive process that dies is started again; the others and this one keep serving.
         self._scheduler.add_job(self._receivers.check, "interval", seconds=5, id="receivers",
                                 max_instances=1, coalesce=True)
+        if node.health_port:
+            self._health = start_health_server(node.health_bind_address, node.health_port, self.sessions,
+                                               self._receivers.running)
         log.info("serving", ae_title=node.ae_title, address=node.bind_address, port=port,
+                 health=f"http://{node.health_bind_address}:{node.health_port}/health" if node.health_port else None,
                  receive_processes=node.receive_processes,
                  model_id=bundle.model_id, demo=bundle.demo, workers=s.worker.workers,
                  destinations=[d.name for d in destinations], data_dir=str(data))
 
     def stop(self, timeout_s: float = 60.0) -> None:
         log.info("stopping")
+        if self._health is not None:
+            self._health.shutdown()
+            self._health.server_close()
+            self._health = None
         if self._receivers is not None:
             self._receivers.stop()
             self._receivers = None

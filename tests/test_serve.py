@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +39,7 @@ def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 class Node:
     def __init__(self, tmp_path: Path, pacs_port: int) -> None:
         self.port = free_port()
+        self.health_port = free_port()
         self.data = tmp_path / "data"
         self.config = tmp_path / "screener.toml"
         self.config.write_text(f"""
@@ -44,6 +47,7 @@ class Node:
 device = "cpu"
 [node]
 port = {self.port}
+health_port = {self.health_port}
 allowed_calling_aes = ["{CALLING}"]
 min_free_mb = 0
 [storage]
@@ -155,6 +159,10 @@ def test_image_in_sr_out_with_audit_trail(node: Node, pacs: tuple[int, Path]) ->
     status = subprocess.run([sys.executable, "-m", "screener.cli", "status", "--config", str(node.config)],
                             capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert status.returncode == 0 and "done 1" in status.stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.health_port}/health", timeout=10) as response:
+        health = json.loads(response.read())
+    assert response.status == 200 and health["jobs"]["done"] == 1
+    assert health["receive_processes"] == {"configured": 2, "running": 2}
     echo = subprocess.run([sys.executable, "-m", "screener.cli", "echo", "pacs", "--config", str(node.config)],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert echo.returncode == 0, echo.stderr

@@ -172,6 +172,11 @@ class ReceiverPool:
         """The children's process ids (this process's own SCP not included)."""
         return [child.process.pid for child in self._children if child.process.pid is not None]
 
+    def running(self) -> tuple[int, int]:
+        """(configured, running) receive processes, this process's own SCP included."""
+        alive = sum(child.process.is_alive() for child in self._children)
+        return self.processes, alive + (self._server is not None)
+
     def check(self) -> int:
         """Start again any child that died; returns how many were restarted."""
         restarted = 0
