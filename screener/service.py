@@ -156,7 +156,9 @@ class Service:
         dispatch.schedule(self._scheduler, dispatcher, s.dispatch.interval_s)
         self._scheduler.add_job(purge_spool, "interval", hours=1, args=[self.sessions, s.storage.retention_days],
                                 id="retention", max_instances=1, coalesce=True)
-        self._scheduler.add_job(sweep_incoming, "interval", hours=1, args=[data / "spool", receive.STALE_INCOMING_S],
+        # Partial files of aborted transfers: once at start (a previous run's), then every 5 minutes.
+        sweep_incoming(data / "spool", receive.STALE_INCOMING_S)
+        self._scheduler.add_job(sweep_incoming, "interval", minutes=5, args=[data / "spool", receive.STALE_INCOMING_S],
                                 id="incoming", max_instances=1, coalesce=True)
         self._scheduler.start()
         node = s.node

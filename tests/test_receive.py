@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.node.receive import ReceiveSettings, bound_port, start_scp, stop
-from screener.node.spool import spool_path
+from screener.node.spool import INCOMING, spool_path, sweep_incoming
 from screener.store.models import Event, Instance, Job
 from tests.conftest import edit_dataset, rg1_file
 from tests.dcmtk import run_tool
@@ -30,11 +32,17 @@ def settings(tmp_path: Path) -> ReceiveSettings:
 
 
 @pytest.fixture
-def scp(factory: sessionmaker[Session]) -> Iterator[Callable[[ReceiveSettings], int]]:
-    """Start an SCP with the given settings; returns its port. Stopped after the test."""
+def scp(factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[ReceiveSettings], int]]:
+    """Start an SCP with the given settings; returns its port. Stopped after the test.
+
+    Arriving datasets go to the spool's .incoming folder, as in a receive process.
+    """
     servers = []
 
     def start(settings: ReceiveSettings) -> int:
+        incoming = settings.spool_root / INCOMING
+        incoming.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setattr(tempfile, "tempdir", str(incoming))
         server = start_scp(settings, factory)
         servers.append(server)
         return bound_port(server)
@@ -222,12 +230,43 @@ def test_spool_under_watermark_is_out_of_resources(scp, settings, factory) -> No
     assert files_under(settings.spool_root) == set()
 
 
-def test_dataset_over_size_limit_is_out_of_resources(scp, settings, factory) -> None:
+def spooled(settings: ReceiveSettings) -> set[Path]:
+    return {p for p in files_under(settings.spool_root) if INCOMING not in p.parts}
+
+
+def test_dataset_over_size_limit_is_aborted_while_arriving(scp, settings, factory) -> None:
     port = scp(dataclasses.replace(settings, max_dataset_bytes=1024))
     result = storescu(port, rg1_file())
     assert result.returncode != 0
-    assert "Received Store Response (Refused: OutOfResources)" in result.stdout, result.stdout
-    assert rows(factory, Instance) == [] and files_under(settings.spool_root) == set()
+    assert "Peer aborted Association" in result.stdout, result.stdout
+    assert rows(factory, Instance) == [] and spooled(settings) == set()
+    [event] = rows(factory, Event, kind="rejected")
+    assert event.reason_code == "too-large" and event.peer_ae == CALLING
+    # What reached the disk stops within one PDU of the limit, not at the 7 MB dataset's end.
+    partial = sum(p.stat().st_size for p in (settings.spool_root / INCOMING).iterdir())
+    assert partial < 1024 + 2 * settings.max_pdu
+    assert sweep_incoming(settings.spool_root, older_than_s=0) == 1  # the partial file, swept
+
+
+def test_spool_filling_up_while_a_large_dataset_arrives_aborts(scp, settings, factory, tmp_path: Path) -> None:
+    big = rg1_copy(tmp_path)
+    ds = pydicom.dcmread(big)
+    ds.PixelData, ds.Rows = ds.PixelData * 3, ds.Rows * 3  # 21 MB: past the 16 MB re-check
+    ds.save_as(big)
+    port = scp(dataclasses.replace(settings, min_free_bytes=2**62))
+    result = storescu(port, big)
+    assert "Peer aborted Association" in result.stdout, result.stdout
+    [event] = rows(factory, Event, kind="rejected")
+    assert event.reason_code == "spool-full" and rows(factory, Instance) == []
+
+
+def test_pdu_longer_than_negotiated_closes_the_connection_without_allocating_it(scp, settings) -> None:
+    port = scp(settings)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(bytes([0x01, 0x00]) + (0xFFFFFFF0).to_bytes(4, "big"))  # a 4 GiB A-ASSOCIATE-RQ
+        assert sock.recv(16) == b""  # closed at once; no 4 GiB buffer was allocated
+    echo = run_tool("echoscu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", port)
+    assert echo.returncode == 0, echo.stdout  # and the node still serves
 
 
 def test_database_down_is_out_of_resources_never_success(scp, settings, factory, engine) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
+import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,9 +17,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from screener.node import receive
 from screener.node.receive import ReceiveSettings
 from screener.node.receivers import PortInUse, ReceiverPool, claim_port
+from screener.node.spool import INCOMING
 from screener.store.models import Instance, Job
 from tests.conftest import free_port, rg1_file, wait_for
 from tests.dcmtk import run_tool
@@ -65,7 +68,8 @@ def alive(pid: int) -> bool:
 
 def test_parallel_associations_all_land_once(pool: ReceiverPool, factory, tmp_path: Path) -> None:
     files = copies(tmp_path / "sent", 8)
-    assert pool.port and len(pool.pids()) == 1 and all(alive(pid) for pid in pool.pids())
+    assert pool.port and len(pool.pids()) == 2 and all(alive(pid) for pid in pool.pids())
+    assert os.getpid() not in pool.pids() and pool.running() == (2, 2)
 
     def send(chunk: list[Path]) -> str:
         result = run_tool("storescu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", pool.port, *chunk)
@@ -75,37 +79,57 @@ def test_parallel_associations_all_land_once(pool: ReceiverPool, factory, tmp_pa
     with ThreadPoolExecutor(4) as executor:
         list(executor.map(send, [files[i::4] for i in range(4)]))
     assert count(factory, Instance) == 8 and count(factory, Job) == 8
-    assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 8  # and nothing left in .incoming
+    assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 8
+    assert list((tmp_path / "spool" / INCOMING).iterdir()) == []  # each one arrived there, then moved
 
 
-def test_child_process_receives_on_its_own(pool: ReceiverPool, factory) -> None:
-    # Stop the parent's SCP: every connection now goes to the child, which must store and queue.
-    receive.stop(pool._server)
-    pool._server = None
-    result = run_tool("storescu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", pool.port, rg1_file())
-    assert result.returncode == 0, result.stdout
-    assert count(factory, Job) == 1
+def test_one_process_is_enough_and_this_process_receives_nothing(settings, engine, factory) -> None:
+    pool = ReceiverPool(settings, str(engine.url), processes=1)
+    try:
+        port = pool.start()
+        assert len(pool.pids()) == 1
+        result = run_tool("storescu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", port, rg1_file())
+        assert result.returncode == 0, result.stdout
+        assert count(factory, Job) == 1
+    finally:
+        pool.stop()
+    assert tempfile.gettempdir() != str(settings.spool_root / INCOMING)  # only the child's was moved
 
 
 def test_dead_child_is_started_again(pool: ReceiverPool) -> None:
-    [pid] = pool.pids()
+    pid, other = pool.pids()
     os.kill(pid, signal.SIGKILL)
     # What the service's scheduler does every few seconds: check until the death is seen.
-    wait_for("the pool to start the child again", lambda: pool.check() == 1, 10, 0.05)
-    [new_pid] = pool.pids()
-    assert new_pid != pid and pool.check() == 0
+    wait_for("the pool to start the process again", lambda: pool.check() == 1, 10, 0.05)
+    new_pid, same = pool.pids()
+    assert new_pid != pid and same == other and pool.check() == 0
     echo = run_tool("echoscu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", pool.port)
     assert echo.returncode == 0, echo.stdout
 
 
-def test_stop_ends_children_and_frees_the_port(settings: ReceiveSettings, engine) -> None:
+def test_a_process_that_keeps_dying_is_restarted_after_growing_pauses(pool: ReceiverPool) -> None:
+    pauses = []
+    for _ in range(3):
+        pid = pool.pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        wait_for("the death to be seen", lambda: pool.running()[1] == 1, 10, 0.05)
+        started = pool.check()
+        pauses.append(pool._not_before[0] and round(pool._not_before[0] - time.monotonic()))
+        if not started:
+            pool._not_before[0] = time.monotonic()  # skip the pause in this test
+            assert pool.check() == 1
+    assert pauses[0] == 0 and 4 <= pauses[1] <= 5 and 9 <= pauses[2] <= 10
+
+
+def test_stop_ends_the_processes_and_frees_the_port(settings: ReceiveSettings, engine) -> None:
     port = free_port()
-    pool = ReceiverPool(settings.__class__(**{**settings.__dict__, "port": port}), str(engine.url), processes=3)
+    pool = ReceiverPool(dataclasses.replace(settings, port=port), str(engine.url), processes=3)
     assert pool.start() == port
     pids = pool.pids()
-    assert len(pids) == 2
+    assert len(pids) == 3
     pool.stop()
     assert not any(alive(pid) for pid in pids)
+    assert pool.check() == 0  # a check after stop starts nothing again
     claim_port("127.0.0.1", port, wait_s=0)  # nothing listens any more
 
 
@@ -116,12 +140,18 @@ def test_port_held_by_another_program_is_refused_by_key(settings: ReceiveSetting
         port = other.getsockname()[1]
         with pytest.raises(PortInUse, match=rf"node.port: 127.0.0.1:{port} is already in use"):
             claim_port("127.0.0.1", port, wait_s=0.3)
-        pool = ReceiverPool(settings.__class__(**{**settings.__dict__, "port": port}), str(engine.url), processes=2)
+        pool = ReceiverPool(dataclasses.replace(settings, port=port), str(engine.url), processes=2)
         with pytest.raises(PortInUse):
             pool.start()  # SO_REUSEPORT alone would have let it share the port silently
 
 
-@pytest.mark.parametrize("processes", [0, -1, 1.5])
+@pytest.mark.parametrize("processes", [0, -1, 1.5, True])
 def test_processes_must_be_a_positive_integer(settings: ReceiveSettings, processes: object) -> None:
     with pytest.raises(ValueError, match="receive_processes"):
-        ReceiverPool(settings, "sqlite://", processes)  # type: ignore[arg-type]
+        ReceiverPool(settings, "sqlite:///x.db", processes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_database_is_refused(settings: ReceiveSettings, url: str) -> None:
+    with pytest.raises(ValueError, match="in-memory SQLite"):
+        ReceiverPool(settings, url, 1)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from pydicom import dcmread
 from pydicom import uid as tsuid
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event as NetEvent
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
     Comprehensive3DSRStorage,
@@ -47,13 +48,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from screener.pipeline.decode import SUPPORTED_TRANSFER_SYNTAXES
 from screener.node.spool import (
-    INCOMING,
     InvalidUID,
     SpoolFull,
     check_watermark,
     move_into_spool,
     spool_path,
-    sweep_incoming,
     validate_uid,
 )
 from screener.store.db import SQLITE_BEGIN
@@ -108,8 +107,15 @@ IMAGE_SYNTAXES = UNCOMPRESSED_SYNTAXES + tuple(sorted(SUPPORTED_TRANSFER_SYNTAXE
 _OWN_OUTPUT_UIDS = frozenset(str(u) for u in OWN_OUTPUT_STORAGE)
 # The header attributes the receiver needs; the rest of the dataset is not parsed.
 _HEADER_TAGS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber", "PatientID")
-# A partial file in .incoming this old belongs to no live transfer (an association aborted).
-STALE_INCOMING_S = 24 * 3600.0
+# A file in .incoming not written for this long belongs to no live transfer: a transfer writes
+# every PDU, and pynetdicom ends an association after 60 s without data (network_timeout).
+STALE_INCOMING_S = 600.0
+# Socket reads of at most this much; PDUs other than P-DATA (an association request with many
+# presentation contexts) may exceed a small negotiated maximum up to this size.
+_READ_SIZE = 1 << 20
+_LARGEST_OTHER_PDU = 1 << 20
+# While a dataset streams in, the free-space watermark is checked again every this many bytes.
+_WATERMARK_EVERY = 16 << 20
 _AE_FORBIDDEN = frozenset("\\") | frozenset(chr(c) for c in range(32)) | {chr(127)}
 
 
@@ -339,6 +345,67 @@ class Receiver:
                                f"database unavailable: {error.orig}") from error
 
 
+class TransferGuard:
+    """Stops a dataset that outgrows ``max_dataset_bytes`` or the disk while it streams in.
+
+    Receiver checks size and free space once a dataset is complete, and by then an oversized
+    one is on disk already. This runs for every P-DATA PDU (EVT_PDU_RECV, in the association's
+    reader thread), counts the dataset bytes of the message in progress, and aborts the
+    association (A-ABORT) as soon as they pass the limit or free space falls under the
+    watermark. The sender gets no Success, so it keeps the image; the partial file in
+    .incoming is swept.
+    """
+
+    _ABORTED = -1
+
+    def __init__(self, settings: ReceiveSettings, session_factory: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        # Dataset bytes so far per association; an association's entry goes with it.
+        self._received: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def __call__(self, event: NetEvent) -> None:
+        if not isinstance(event.pdu, P_DATA_TF):
+            return
+        assoc = event.assoc
+        with self._lock:
+            total = self._received.get(assoc, 0)
+        if total == self._ABORTED:
+            return
+        for item in event.pdu.presentation_data_value_items:
+            value = item.presentation_data_value or b"\x00"
+            if value[0] & 0x01:  # message control header: a command fragment
+                continue
+            before, total = total, total + len(value) - 1
+            refusal = self._check(before, total)
+            if refusal is not None:
+                self._abort(event, *refusal)
+                total = self._ABORTED
+                break
+            if value[0] & 0x02:  # the dataset's last fragment: the next message starts at 0
+                total = 0
+        with self._lock:
+            self._received[assoc] = total
+
+    def _check(self, before: int, total: int) -> tuple[str, str] | None:
+        limit = self.settings.max_dataset_bytes
+        if total > limit:
+            return "too-large", f"dataset passed max_dataset_bytes {limit} while arriving; association aborted"
+        if total // _WATERMARK_EVERY > before // _WATERMARK_EVERY:
+            try:
+                check_watermark(self.settings.spool_root, self.settings.min_free_bytes)
+            except SpoolFull as full:
+                return "spool-full", f"{full} while a dataset was arriving; association aborted"
+        return None
+
+    def _abort(self, event: NetEvent, reason_code: str, message: str) -> None:
+        LOGGER.warning("aborting association: %s", message)
+        record_event(self.session_factory, "rejected", "error", reason_code=reason_code, message=message,
+                     **_peer(event.assoc))
+        event.assoc.abort(block=False)  # inside a handler: queue the A-ABORT, do not wait for it
+
+
 # ---------------------------------------------------------------- network layer
 
 
@@ -412,6 +479,7 @@ def event_handlers(settings: ReceiveSettings, session_factory: sessionmaker[Sess
                    receiver: Receiver | None = None) -> list[Any]:
     receiver = receiver or Receiver(settings, session_factory)
     return [
+        (evt.EVT_PDU_RECV, TransferGuard(settings, session_factory)),
         (evt.EVT_REQUESTED, _handle_requested, [settings, session_factory]),
         (evt.EVT_REJECTED, _handle_rejected, [session_factory]),
         (evt.EVT_C_ECHO, _handle_echo),
@@ -422,36 +490,32 @@ def event_handlers(settings: ReceiveSettings, session_factory: sessionmaker[Sess
 class _BulkReceiveSocket(AssociationSocket):
     """pynetdicom's socket, reading each PDU with as few system calls as the kernel allows.
 
-    ``AssociationSocket.recv`` reads at most 4 KiB per call into a growing bytearray: about
-    1,800 calls for a 7 MB radiograph, each releasing and retaking the GIL against the other
-    associations' threads. ``recv_into`` a buffer of the PDU's size takes whatever the kernel
-    holds at once. Same contract: a short result means the peer closed the connection.
+    ``AssociationSocket.recv`` reads at most 4 KiB per call: about 1,800 calls for a 7 MB
+    radiograph, each releasing and retaking the GIL against the other associations' threads.
+    Here each call takes up to 1 MiB, whatever the kernel holds. The buffer grows only as bytes
+    arrive: a PDU header announcing 4 GiB must not allocate 4 GiB before one byte of it came.
+    A PDU longer than the maximum we negotiated (and than any association request needs) is a
+    protocol violation; raising OSError makes pynetdicom close the connection (Evt17).
+    Same contract otherwise: a short result means the peer closed the connection.
     """
 
     def recv(self, nr_bytes: int) -> bytearray:
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
+        limit = self._assoc.acceptor.maximum_length  # our max PDU; 0 = no limit
+        if limit and nr_bytes > max(limit, _LARGEST_OTHER_PDU):
+            raise OSError(f"peer announced a PDU of {nr_bytes} bytes; the maximum is {limit}")
         sock = self.socket
         assert sock is not None  # the DUL only reads from a connected socket
-        while received < nr_bytes:
-            count = sock.recv_into(view[received:])
-            if count == 0:
-                view.release()
-                return buffer[:received]
-            received += count
-        view.release()
+        buffer = bytearray()
+        while len(buffer) < nr_bytes:
+            chunk = sock.recv(min(nr_bytes - len(buffer), _READ_SIZE))
+            if not chunk:
+                break
+            buffer += chunk
         return buffer
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server; optionally one of several sharing a port (SO_REUSEPORT).
-
-    Remembers the temporary directory to put back on stop.
-    """
-
-    incoming: str | None = None
-    previous_tempdir: str | None = None
+    """pynetdicom's threaded server; optionally one of several sharing a port (SO_REUSEPORT)."""
 
     def __init__(self, *args: Any, reuse_port: bool = False, **kwargs: Any) -> None:
         self.reuse_port = reuse_port  # read by server_bind, which the base __init__ calls
@@ -483,21 +547,18 @@ def start_scp(settings: ReceiveSettings, session_factory: sessionmaker[Session],
     ``reuse_port``: bind with SO_REUSEPORT, to share the port with other processes' SCPs
     (see screener.node.receivers, which also checks that nothing else holds the port).
 
-    Sets two process-wide options, since pynetdicom has no per-server ones: chunked receive
-    (datasets stream to files, never whole in memory) and the temporary directory, pointed at
-    ``<spool>/.incoming`` so a received file is renamed, not copied, into the spool. ``stop``
-    puts the temporary directory back. Files a previous run left there are swept first.
+    Switches on pynetdicom's chunked receive, a process-wide option (pynetdicom has no
+    per-server one): datasets stream to files in the process's temporary directory, never
+    whole in memory. A receive process points that directory at ``<spool>/.incoming``
+    (screener.node.receivers) so the finished file is renamed into the spool; elsewhere it is
+    copied there.
     """
-    incoming = settings.spool_root / INCOMING
-    incoming.mkdir(parents=True, exist_ok=True)
-    sweep_incoming(settings.spool_root, STALE_INCOMING_S)
     _config.STORE_RECV_CHUNKED_DATASET = True
-    previous_tempdir, tempfile.tempdir = tempfile.tempdir, str(incoming)
+    settings.spool_root.mkdir(parents=True, exist_ok=True)
     ae = build_ae(settings, session_factory)
     server = ae.make_server((settings.bind_address, settings.port),
                             evt_handlers=event_handlers(settings, session_factory, receiver),
                             server_class=_Server, request_handler=_RequestHandler, reuse_port=reuse_port)
-    server.incoming, server.previous_tempdir = str(incoming), previous_tempdir
     # What AE.start_server(block=False) does, which has no way to pass a request handler.
     ae._servers.append(server)  # server.shutdown() takes itself off this list
     threading.Thread(target=server.serve_forever, name=f"scp-{settings.ae_title}", daemon=True).start()
@@ -513,5 +574,3 @@ def stop(server: ThreadedAssociationServer) -> None:
     """Stop accepting, close the socket and end the server's AE."""
     server.shutdown()
     server.ae.shutdown()
-    if isinstance(server, _Server) and tempfile.tempdir == server.incoming:
-        tempfile.tempdir = server.previous_tempdir

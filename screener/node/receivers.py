@@ -1,16 +1,19 @@
-"""Several receive processes on one port: one Python SCP is bound by its GIL, not by the disk.
+"""Receive processes: the node's SCPs, each in its own process, sharing one port.
 
-A pynetdicom association runs two threads that take the GIL for every PDU; with four PACS
-associations at once, one process spends as much time handing the GIL around as receiving
-(bench/receive_throughput.py). So ``[node] receive_processes`` SCPs, each in its own process,
-listen on the same address with SO_REUSEPORT and Linux spreads new connections across them.
+One Python process receiving is bound by its GIL, not by the disk: a pynetdicom association
+runs two threads that take the GIL for every PDU, and with four PACS associations at once one
+process spends as much time handing the GIL around as receiving (bench/receive_throughput.py).
+So ``[node] receive_processes`` processes each run an SCP (screener.node.receive.start_scp)
+bound with SO_REUSEPORT to the same address, and Linux spreads new connections across them.
 They share nothing but the spool folder and the database, which already serialise what has to
-be serial (atomic renames, one write transaction at a time).
+be serial (atomic renames, one write transaction at a time). The service process itself
+receives nothing: its workers' Python never competes with a receiver for a GIL.
 
-The parent runs one SCP itself and spawns the others. Each child holds the read end of a pipe
-from the parent and stops when it closes: that happens on kill -9 of the parent too, so a
-restarted node never finds last run's receivers answering on its port. A child that dies is
-logged and started again by :meth:`ReceiverPool.check`.
+A receive process points its temporary directory at ``<spool>/.incoming``, where pynetdicom
+writes arriving datasets, so a finished one is renamed into the spool. It holds one end of a
+socket pair from the parent and stops when that closes, which happens on kill -9 of the
+parent too: a restarted node never finds last run's receivers answering on its port. One that
+dies is started again by :meth:`ReceiverPool.check`, after a growing pause if it keeps dying.
 
 SO_REUSEPORT would also let a second, unrelated node bind the same port and silently take half
 the images, so :func:`claim_port` first binds the port plainly: if anything listens there, the
@@ -25,21 +28,28 @@ import logging
 import multiprocessing
 import signal
 import socket
+import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
-from typing import Any
+
+from sqlalchemy.engine import make_url
 
 from screener.node import receive
+from screener.node.spool import INCOMING
 from screener.store.db import make_engine, session_factory
 
 LOGGER = logging.getLogger(__name__)
 
 # How long start-up waits for a port that the previous run's receivers are still letting go of
-# (they stop within a second of the parent's death), and for a child to be listening.
+# (they stop within a second of the parent's death), and for a process to be listening.
 PORT_WAIT_S = 10.0
 CHILD_START_S = 60.0
+# A process that dies within STABLE_S of its start is restarted after 5 s, 10 s, 20 s, ... up to
+# MAX_BACKOFF_S (a database or disk that is down would otherwise be retried in a tight loop).
+STABLE_S = 60.0
+MAX_BACKOFF_S = 300.0
 
 
 class PortInUse(RuntimeError):
@@ -78,11 +88,13 @@ def _child_main(settings: receive.ReceiveSettings, database_url: str, log_level:
     The lifeline is a socket pair, not a multiprocessing Event or Condition: those deadlock
     when the other side dies while waiting, and the parent may die at any moment.
     """
+    # Ctrl-C in a terminal signals the whole process group; the parent decides when we stop.
+    # (The parent blocked SIGINT around our start, so none arrived during the imports.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     from screener.service import configure_logging  # the parent's log format, in this process
 
     configure_logging(log_level)
-    # Ctrl-C in a terminal signals the whole process group; the parent decides when we stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
@@ -94,10 +106,13 @@ def _child_main(settings: receive.ReceiveSettings, database_url: str, log_level:
         stopping.set()
 
     threading.Thread(target=watch_parent, name="lifeline", daemon=True).start()
+    incoming = settings.spool_root / INCOMING
+    incoming.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(incoming)  # this process only receives: where arriving datasets go
     engine = make_engine(database_url)
     server = receive.start_scp(settings, session_factory(engine), reuse_port=True)
     try:
-        lifeline.send("listening")
+        lifeline.send(receive.bound_port(server))
         stopping.wait()
     except OSError:
         pass  # the parent is gone already
@@ -109,102 +124,121 @@ def _child_main(settings: receive.ReceiveSettings, database_url: str, log_level:
 @dataclasses.dataclass(frozen=True)
 class _Child:
     process: SpawnProcess
-    lifeline: Connection  # our end: the child says "listening" on it; closing it stops the child
+    lifeline: Connection  # our end: the child sends its port on it; closing it stops the child
+    started: float  # time.monotonic() at start
 
 
 class ReceiverPool:
-    """``processes`` SCPs on one port: this process's own plus ``processes - 1`` children."""
+    """``processes`` receive processes on one port, started, watched and stopped together."""
 
     def __init__(self, settings: receive.ReceiveSettings, database_url: str, processes: int,
                  log_level: int = logging.INFO) -> None:
-        if not isinstance(processes, int) or processes < 1:
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
             raise ValueError(f"receive_processes: must be an integer >= 1, got {processes!r}")
+        url = make_url(database_url)
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            raise ValueError("database_url: an in-memory SQLite database cannot be shared with the "
+                             "receive processes; use a file (sqlite:///path/screener.db)")
         self.settings = settings
         self.database_url = database_url
         self.processes = processes
         self.log_level = log_level
         self._context = multiprocessing.get_context("spawn")  # no fork of a threaded process
         self._children: list[_Child] = []
-        self._server: Any = None
-        self._engine: Any = None
+        self._failures = [0] * processes  # consecutive early deaths per slot
+        self._not_before = [0.0] * processes  # monotonic time before which a slot is not restarted
+        self._lock = threading.Lock()  # check() runs in the scheduler's thread, stop() in ours
+        self._stopping = False
         self.port: int | None = None
 
     def start(self) -> int:
-        """Claim the port, start this process's SCP, then the children; returns the port."""
+        """Claim the port, start the first process, then the others on its port; returns it."""
         s = self.settings
         claim_port(s.bind_address, s.port)
-        self._engine = make_engine(self.database_url)
-        self._server = receive.start_scp(s, session_factory(self._engine), reuse_port=self.processes > 1)
-        self.port = receive.bound_port(self._server)
         try:
-            self._children = [self._spawn(n) for n in range(1, self.processes)]
-            for child in self._children:
-                self._wait_ready(child)
+            first = self._spawn(0, s.port)
+            self._children = [first]
+            # Port 0 is resolved by the first process's bind; the others join that port.
+            self.port = self._wait_listening(first)
+            self._children += [self._spawn(n, self.port) for n in range(1, self.processes)]
+            for child in self._children[1:]:
+                self._wait_listening(child)
         except BaseException:
             self.stop()
             raise
         return self.port
 
-    def _spawn(self, n: int) -> _Child:
+    def _spawn(self, n: int, port: int) -> _Child:
         ours, theirs = self._context.Pipe(duplex=True)
-        # port 0 was resolved by our own bind: the children must join that port, not pick one.
-        settings = dataclasses.replace(self.settings, port=self.port)
+        settings = dataclasses.replace(self.settings, port=port)
         process = self._context.Process(target=_child_main, name=f"receiver-{n}", daemon=True,
                                         args=(settings, self.database_url, self.log_level, theirs))
-        process.start()
+        # The child inherits this signal mask: no Ctrl-C reaches it before it ignores SIGINT.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()  # only the child may hold it, or the child would never see our end close
-        return _Child(process, ours)
+        return _Child(process, ours, time.monotonic())
 
     @staticmethod
-    def _wait_ready(child: _Child) -> None:
+    def _wait_listening(child: _Child) -> int:
         deadline = time.monotonic() + CHILD_START_S
         while not child.lifeline.poll(0.2):
             if not child.process.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"receive process {child.process.name} did not start "
                                    f"(exit code {child.process.exitcode}); see its log lines above")
         try:
-            child.lifeline.recv()
+            return int(child.lifeline.recv())
         except EOFError:
             raise RuntimeError(f"receive process {child.process.name} exited while starting "
                                f"(exit code {child.process.exitcode}); see its log lines above") from None
 
     def pids(self) -> list[int]:
-        """The children's process ids (this process's own SCP not included)."""
+        """The receive processes' ids."""
         return [child.process.pid for child in self._children if child.process.pid is not None]
 
     def running(self) -> tuple[int, int]:
-        """(configured, running) receive processes, this process's own SCP included."""
-        alive = sum(child.process.is_alive() for child in self._children)
-        return self.processes, alive + (self._server is not None)
+        """(configured, running) receive processes."""
+        return self.processes, sum(child.process.is_alive() for child in self._children)
 
     def check(self) -> int:
-        """Start again any child that died; returns how many were restarted."""
+        """Start again any process that died (after its pause); returns how many were started."""
         restarted = 0
-        for i, child in enumerate(self._children):
-            if child.process.is_alive():
-                continue
-            LOGGER.error("receive process %s exited with code %s; starting it again",
-                         child.process.name, child.process.exitcode)
-            child.lifeline.close()
-            self._children[i] = self._spawn(i + 1)
-            restarted += 1
+        with self._lock:
+            if self._stopping or self.port is None:
+                return 0
+            now = time.monotonic()
+            for i, child in enumerate(self._children):
+                if child.process.is_alive():
+                    continue
+                if self._not_before[i] == 0.0:  # first seen dead: log it and decide the pause
+                    early = now - child.started < STABLE_S
+                    self._failures[i] = self._failures[i] + 1 if early else 1
+                    pause = 0.0 if self._failures[i] == 1 else min(MAX_BACKOFF_S, 5.0 * 2 ** (self._failures[i] - 2))
+                    self._not_before[i] = now + pause
+                    LOGGER.error("receive process %s exited with code %s; starting it again in %.0f s",
+                                 child.process.name, child.process.exitcode, pause)
+                if now < self._not_before[i]:
+                    continue
+                child.lifeline.close()
+                self._children[i] = self._spawn(i, self.port)
+                self._not_before[i] = 0.0
+                restarted += 1
         return restarted
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop every SCP: children first (they finish or abort their associations), then ours."""
-        for child in self._children:
+        """Stop every receive process: each finishes or aborts its associations and exits."""
+        with self._lock:
+            self._stopping = True
+            children, self._children = self._children, []
+        for child in children:
             child.lifeline.close()
         deadline = time.monotonic() + timeout_s
-        for process in (child.process for child in self._children):
+        for process in (child.process for child in children):
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 LOGGER.warning("receive process %s did not stop in %.0f s; terminating", process.name, timeout_s)
                 process.terminate()
                 process.join(5)
-        self._children = []
-        if self._server is not None:
-            receive.stop(self._server)
-            self._server = None
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
