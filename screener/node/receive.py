@@ -8,9 +8,11 @@ says Success only after the file is fsynced and renamed and its row committed
 Out of Resources, so the PACS retries, or a 0xC000-range status for data we cannot accept.
 
 Datasets are never held in memory whole: pynetdicom's chunked receive writes each P-DATA
-fragment to a file in ``<spool>/.incoming`` as it arrives, and the handler renames the finished
-file into the spool. Memory per association stays at about one PDU whatever the image size, and
-the copy to disk overlaps the transfer instead of following it.
+fragment to a file as it arrives (in ``<spool>/.incoming`` in a receive process, see
+screener.node.receivers), and the handler moves the finished file into the spool. Memory per
+association stays at about one PDU whatever the image size, and the copy to disk overlaps the
+transfer instead of following it. :class:`TransferGuard` aborts a transfer that outgrows the
+size limit or the disk while it arrives.
 """
 
 from __future__ import annotations
@@ -277,6 +279,7 @@ class Receiver:
         # with file meta built from the command set and the accepted transfer syntax.
         received = Path(event.dataset_path)
         size = received.stat().st_size
+        # TransferGuard aborts long before this; kept so the limit holds whatever the guard sees.
         if size > self.settings.max_dataset_bytes:
             raise StoreRefused(OUT_OF_RESOURCES, "too-large",
                                f"dataset of {size} bytes exceeds max_dataset_bytes "
