@@ -37,9 +37,10 @@ def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 
 class Node:
-    def __init__(self, tmp_path: Path, pacs_port: int) -> None:
+    def __init__(self, tmp_path: Path, pacs_port: int, *, calling: str = CALLING, pacs_ae: str = "PACS") -> None:
         self.port = free_port()
         self.health_port = free_port()
+        self.calling = calling
         self.data = tmp_path / "data"
         self.config = tmp_path / "screener.toml"
         self.config.write_text(f"""
@@ -48,7 +49,7 @@ device = "cpu"
 [node]
 port = {self.port}
 health_port = {self.health_port}
-allowed_calling_aes = ["{CALLING}"]
+allowed_calling_aes = ["{calling}"]
 min_free_mb = 0
 [storage]
 data_dir = "data"
@@ -61,7 +62,7 @@ backoff_base_s = 1.0
 backoff_cap_s = 2.0
 [[destinations]]
 name = "pacs"
-ae_title = "PACS"
+ae_title = "{pacs_ae}"
 host = "127.0.0.1"
 port = {pacs_port}
 """)
@@ -79,10 +80,10 @@ port = {pacs_port}
         assert self.proc is not None
         if self.proc.poll() is not None:
             pytest.fail(f"serve exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-        return run_tool("echoscu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", self.port).returncode == 0
+        return run_tool("echoscu", "-aet", self.calling, "-aec", "CXRBMD", "127.0.0.1", self.port).returncode == 0
 
-    def send(self, *paths: Path, calling: str = CALLING) -> subprocess.CompletedProcess[str]:
-        return run_tool("storescu", "-aet", calling, "-aec", "CXRBMD", "127.0.0.1", self.port, *paths)
+    def send(self, *paths: Path, calling: str | None = None) -> subprocess.CompletedProcess[str]:
+        return run_tool("storescu", "-aet", calling or self.calling, "-aec", "CXRBMD", "127.0.0.1", self.port, *paths)
 
     def query(self, sql: str) -> list[tuple]:
         db = sqlite3.connect(f"file:{self.data / 'screener.db'}?mode=ro", uri=True, timeout=10)

@@ -1,0 +1,128 @@
+"""Orthanc as the PACS: it auto-routes a chest radiograph to `screener serve` with the shipped
+Lua script (deploy/orthanc/), and gets the SR and GSPS back. Real Orthanc, real node."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests import validators
+from tests.conftest import free_port, rg1_file, wait_for
+from tests.test_serve import ROOT, Node
+
+LUA = ROOT / "deploy" / "orthanc" / "route-chest-radiographs.lua"
+
+
+def orthanc_binary() -> str:
+    # A CI dependency like DCMTK (tests/dcmtk.py): missing fails the test, it does not skip it.
+    found = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
+    if found is None:
+        pytest.fail("Orthanc not found: run .ci/run, which installs the orthanc package")
+    return found
+
+
+class Orthanc:
+    def __init__(self, tmp_path: Path, node_port: int) -> None:
+        self.http = free_port()
+        self.dicom = free_port()
+        folder = tmp_path / "orthanc"
+        folder.mkdir()
+        # The shipped example configuration, pointed at this test's ports and folders.
+        config = {
+            "Name": "PACS", "DicomAet": "ORTHANC", "DicomPort": self.dicom, "HttpPort": self.http,
+            "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomModalities": {"cxrbmd": ["CXRBMD", "127.0.0.1", node_port]},
+            "LuaScripts": [str(LUA)], "Plugins": [],
+        }
+        (folder / "orthanc.json").write_text(json.dumps(config))
+        self.log = (folder / "orthanc.log").open("wb")
+        self.proc = subprocess.Popen([orthanc_binary(), str(folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for("Orthanc's REST API", self._up, 30)
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            pytest.fail(f"Orthanc exited with {self.proc.returncode}: {self.log.name}")
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str) -> object:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    def raw(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as response:
+            return response.read()
+
+    def upload(self, path: Path) -> str:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http}/instances", data=path.read_bytes(), method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return str(json.loads(response.read())["ID"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[tuple[Orthanc, Node]]:
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path, node_port)
+    node = Node(tmp_path, orthanc.dicom, calling="ORTHANC", pacs_ae="ORTHANC")
+    node.config.write_text(node.config.read_text().replace(f"port = {node.port}\n", f"port = {node_port}\n", 1))
+    node.port = node_port
+    try:
+        yield orthanc, node
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def test_orthanc_routes_a_chest_radiograph_and_stores_the_results(site: tuple[Orthanc, Node], tmp_path: Path) -> None:
+    orthanc, node = site
+    node.start()
+    source = pydicom.dcmread(rg1_file())
+    # Not for the node: a CT slice, and a radiograph of a hand. The script keeps them here.
+    hand = tmp_path / "hand.dcm"
+    edited = pydicom.dcmread(rg1_file())
+    edited.BodyPartExamined, edited.SOPInstanceUID = "HAND", edited.SOPInstanceUID + ".7"
+    edited.file_meta.MediaStorageSOPInstanceUID = edited.SOPInstanceUID
+    edited.save_as(hand)
+    orthanc.upload(Path(get_testdata_file("CT_small.dcm")))
+    orthanc.upload(hand)
+    orthanc.upload(rg1_file())  # as a modality would store it; the Lua script routes it on
+
+    def results() -> dict[str, str] | None:
+        found = {}
+        for instance_id in orthanc.get(f"/studies/{study}/instances"):  # type: ignore[union-attr]
+            tags = orthanc.get(f"/instances/{instance_id['ID']}/simplified-tags")  # type: ignore[index]
+            if tags.get("BodyPartExamined") != "HAND":  # type: ignore[union-attr]
+                found[tags["SOPClassUID"]] = instance_id["ID"]  # type: ignore[index]
+        return found if len(found) == 3 else None
+
+    [study] = [s for s in orthanc.get("/studies")  # type: ignore[union-attr]
+               if orthanc.get(f"/studies/{s}")["MainDicomTags"]["StudyInstanceUID"] == source.StudyInstanceUID]  # type: ignore[index]
+    found = wait_for("the SR and GSPS stored back in Orthanc", results, 120, 1.0)
+    assert set(found) == {str(source.SOPClassUID), "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.11.1"}
+    sr_path = tmp_path / "sr-from-orthanc.dcm"
+    sr_path.write_bytes(orthanc.raw(f"/instances/{found['1.2.840.10008.5.1.4.1.1.88.33']}/file"))
+    sr = pydicom.dcmread(sr_path)
+    assert sr.StudyInstanceUID == source.StudyInstanceUID  # filed in the radiograph's study
+    assert validators.dciodvfy(sr_path)[0] == []
+    # The node received the chest radiograph from Orthanc once, nothing else, and nothing of its
+    # own came back.
+    assert node.query("select calling_ae, count(*) from instances group by calling_ae") == [("ORTHANC", 1)]
+    assert node.query("select count(*) from events where kind = 'dropped_own_output'") == [(0,)]
+    assert node.query("select state from deliveries") == [("sent",), ("sent",)]
