@@ -20,6 +20,7 @@ receivers take turns, --repeats rounds of each, and the table gives each one's m
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import shutil
@@ -96,7 +97,7 @@ def bench_node(files: list[Path], associations: int, work: Path, max_pdu: int, p
     engine.dispose()
     settings = ReceiveSettings(spool_root=work / "spool", model_id="bench", patient_salt=b"bench-salt", port=0,
                                min_free_bytes=0, max_pdu=max_pdu)
-    pool = ReceiverPool(settings, url, processes)  # what screener serve runs
+    pool = ReceiverPool(settings, url, processes, log_level=logging.WARNING)  # what screener serve runs, quieter
     try:
         return send_all(pool.start(), files, associations, settings.ae_title)
     finally:

@@ -58,7 +58,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pynetdicom", "apscheduler"):  # per-association and per-run chatter
+    for noisy in ("pynetdicom", "apscheduler", "highdicom"):  # per-association, per-run and per-SR chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -304,6 +304,9 @@ class Receiver:
         except OSError as error:
             raise StoreRefused(OUT_OF_RESOURCES, "spool-write", f"writing {path.name}: {error}") from error
         self._record(event, header, path, size, peer)
+        # UIDs and the peer only: never a name (the patient ID reaches the database hashed).
+        LOGGER.info("stored %s (%d bytes) from %s at %s", header.sop_instance_uid, size,
+                    peer["peer_ae"], peer["peer_address"])
         return SUCCESS
 
     def _header(self, event: NetEvent, received: Path) -> _Header:
