@@ -35,6 +35,15 @@ def wait_for(what: str, check: Callable[[], object], timeout_s: float = 60.0, ev
     pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` runs (from /proc): a zombie has exited, only its parent's wait is missing."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
 def rg1_file(name: str = "RG1_UNCR.dcm") -> Path:
     """A real Philips CR chest radiograph from pydicom-data (RG1 in several transfer syntaxes)."""
     from pydicom.data import get_testdata_file

@@ -28,10 +28,8 @@ from screener.store.queue import (
     mark_sent,
     record_received,
 )
+from tests.test_store import MODEL, SALT, T0
 
-T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
-SALT = b"per-install-salt-0123456789abcdef"
-MODEL = "demo-1.0"
 VIEWS = ("v_instance_history", "v_failures", "v_delivery_backlog", "v_positive_screens")
 
 

@@ -31,10 +31,8 @@ from screener.store.queue import (
     record_received,
 )
 from tests.pg import postgres_url  # noqa: F401  (the fixture)
-from tests.test_audit import minutes, outcome, populate
+from tests.test_audit import VIEWS, minutes, outcome, populate
 from tests.test_store import DESTS, MODEL, SALT, T0, received
-
-VIEWS = ("v_instance_history", "v_failures", "v_delivery_backlog", "v_positive_screens")
 
 
 @pytest.fixture

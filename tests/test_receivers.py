@@ -21,7 +21,7 @@ from screener.node.receive import ReceiveSettings
 from screener.node.receivers import PortInUse, ReceiverPool, claim_port
 from screener.node.spool import INCOMING
 from screener.store.models import Instance, Job
-from tests.conftest import free_port, rg1_file, wait_for
+from tests.conftest import free_port, process_running, rg1_file, wait_for
 from tests.dcmtk import run_tool
 
 CALLING = "PACS"
@@ -58,17 +58,9 @@ def count(factory: sessionmaker[Session], model: type) -> int:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has stopped
-    except FileNotFoundError:
-        return False
-
-
 def test_parallel_associations_all_land_once(pool: ReceiverPool, factory, tmp_path: Path) -> None:
     files = copies(tmp_path / "sent", 8)
-    assert pool.port and len(pool.pids()) == 2 and all(alive(pid) for pid in pool.pids())
+    assert pool.port and len(pool.pids()) == 2 and all(map(process_running, pool.pids()))
     assert os.getpid() not in pool.pids() and pool.running() == (2, 2)
 
     def send(chunk: list[Path]) -> str:
@@ -128,7 +120,7 @@ def test_stop_ends_the_processes_and_frees_the_port(settings: ReceiveSettings, e
     pids = pool.pids()
     assert len(pids) == 3
     pool.stop()
-    assert not any(alive(pid) for pid in pids)
+    assert not any(map(process_running, pids))
     assert pool.check() == 0  # a check after stop starts nothing again
     claim_port("127.0.0.1", port, wait_s=0)  # nothing listens any more
 

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from tests import validators
-from tests.conftest import free_port, rg1_file, wait_for
+from tests.conftest import free_port, process_running, rg1_file, wait_for
 from tests.dcmtk import dcmtk_tool, run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,14 +111,6 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing
-
-
 @pytest.fixture
 def node(tmp_path: Path, pacs: tuple[int, Path]) -> Iterator[Node]:
     n = Node(tmp_path, pacs[0])
@@ -194,7 +186,7 @@ def test_kill_9_then_restart_loses_and_duplicates_nothing(node: Node, pacs: tupl
     node.proc.kill()
     node.proc.wait(10)
     # The receive processes notice their parent's death (their pipe closes) and exit.
-    wait_for("the killed node's receive processes to exit", lambda: not any(map(running, children)), 15)
+    wait_for("the killed node's receive processes to exit", lambda: not any(map(process_running, children)), 15)
     node.start()
     node.send(*copies)  # the PACS retries what it may not have had acknowledged: duplicates are not queued again
     uids = [str(pydicom.dcmread(c, stop_before_pixels=True).SOPInstanceUID) for c in copies]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -149,12 +150,7 @@ def test_move_into_spool_across_file_systems_copies_atomically(tmp_path: Path) -
         assert path.read_bytes() == b"x" * 3_000_000 and not source.exists()
         assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
     finally:
-        for f in other.rglob("*"):
-            if f.is_file():
-                f.unlink()
-        for d in sorted(other.rglob("*"), reverse=True):
-            d.rmdir()
-        other.rmdir()
+        shutil.rmtree(other)
 
 
 def test_sweep_incoming_removes_only_stale_files(tmp_path: Path) -> None:
