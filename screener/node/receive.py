@@ -556,8 +556,8 @@ def start_scp(settings: ReceiveSettings, session_factory: sessionmaker[Session],
     Switches on pynetdicom's chunked receive, a process-wide option (pynetdicom has no
     per-server one): datasets stream to files in the process's temporary directory, never
     whole in memory. A receive process points that directory at ``<spool>/.incoming``
-    (screener.node.receivers) so the finished file is renamed into the spool; elsewhere it is
-    copied there.
+    (screener.node.receivers) so the finished file is renamed into the spool; from a temporary
+    directory on another file system it is copied instead.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
     settings.spool_root.mkdir(parents=True, exist_ok=True)
