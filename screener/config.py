@@ -228,6 +228,8 @@ class DestinationConfig:
     port: int = 104
     send_sr: bool = True
     send_gsps: bool = True
+    send_result_image: bool = True  # Secondary Capture with the results burned in
+    send_pdf: bool = True  # Encapsulated PDF report
     # TLS: a CA bundle (PEM) to verify the destination; empty = plain TCP. Optional client
     # certificate and key (PEM), both or neither. Relative paths: relative to the config file
     # (already resolved to absolute paths by parse_config/load_config).
@@ -244,7 +246,8 @@ class DestinationConfig:
                             cert_file=Path(self.tls_cert_file) if self.tls_cert_file else None,
                             key_file=Path(self.tls_key_file) if self.tls_key_file else None)
         return Destination(name=self.name, ae_title=self.ae_title, host=self.host, port=self.port,
-                           send_sr=self.send_sr, send_gsps=self.send_gsps, tls=tls)
+                           send_sr=self.send_sr, send_gsps=self.send_gsps,
+                           send_result_image=self.send_result_image, send_pdf=self.send_pdf, tls=tls)
 
 
 _TLS_KEYS = ("tls_ca_file", "tls_cert_file", "tls_key_file")

@@ -29,6 +29,9 @@ from screener.pipeline.geometry import Pyramid
 __all__ = ["Outcome", "Processor", "find_inputs"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: File name endings of the report objects, in the order _report writes them: SR, GSPS, result
+#: image (Secondary Capture), PDF (Encapsulated PDF).
+OUTPUT_SUFFIXES = (".sr.dcm", ".gsps.dcm", ".sc.dcm", ".pdf.dcm")
 
 
 @dataclass(frozen=True)
@@ -212,20 +215,24 @@ class Processor:
 
     def _report(self, item: _Item, est: BmdEstimate) -> Outcome:
         from screener.report.overlay import build_gsps
+        from screener.report.pdf import build_pdf
+        from screener.report.result_image import build_result_image
         from screener.report.sr import build_sr
 
         assert item.dataset is not None and item.image is not None
         uid = item.image.sop_instance_uid
         t = time.perf_counter()
         try:
-            sr = build_sr(item.dataset, est)
-            gsps = build_gsps(item.dataset, est)
+            objects = [build_sr(item.dataset, est), build_gsps(item.dataset, est),
+                       build_result_image(item.dataset, est, item.image.pixels),
+                       build_pdf(item.dataset, est, item.image.pixels)]
         except Exception as exc:  # a source header highdicom cannot carry: say so, keep going
             return self._done(item, "error", "report-failed", f"could not build the report: {exc}", uid, est)
         stem = output_stem(uid, item.path)
-        outputs = (self.out_dir / f"{stem}.sr.dcm", self.out_dir / f"{stem}.gsps.dcm")
+        outputs = tuple(self.out_dir / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES)
+        gsps = objects[1]
         try:
-            for obj, path in zip((sr, gsps), outputs):
+            for obj, path in zip(objects, outputs):
                 _atomic_write(path, lambda tmp, obj=obj: obj.save_as(tmp, enforce_file_format=True))
             if self.previews:  # the GSPS read back and drawn, as a viewer would show it
                 from screener.report.preview import render_gsps

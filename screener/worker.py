@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.node.dispatch import Destination
-from screener.process import Outcome, Processor
+from screener.process import OUTPUT_SUFFIXES, Outcome, Processor
 from screener.store.models import DeliveryKind, Job, JobState
 from screener.store.queue import LeaseLost, claim_jobs, complete_job, fail_job
 
@@ -28,11 +28,13 @@ log = structlog.get_logger(__name__)
 # Outcome codes of failures that may pass on a later attempt (our bug, a full disk); every
 # other error code is about the image itself (DecodeError codes, report-failed) and is final.
 RETRYABLE_CODES = frozenset({"internal-error", "output-failed"})
-_SUFFIX = {DeliveryKind.SR: ".sr.dcm", DeliveryKind.GSPS: ".gsps.dcm"}
+_SUFFIX = dict(zip((DeliveryKind.SR, DeliveryKind.GSPS, DeliveryKind.IMAGE, DeliveryKind.PDF), OUTPUT_SUFFIXES,
+                   strict=True))
 
 
 def output_for(outputs: Sequence[str | Path], kind: DeliveryKind | str) -> Path | None:
-    """The output file of ``kind`` among an outcome's outputs (named <uid>.sr.dcm / .gsps.dcm)."""
+    """The output file of ``kind`` among an outcome's outputs (named <uid>.sr.dcm, .gsps.dcm,
+    .sc.dcm, .pdf.dcm: screener.process.OUTPUT_SUFFIXES)."""
     suffix = _SUFFIX[DeliveryKind(kind)]
     return next((Path(p) for p in outputs if str(p).endswith(suffix)), None)
 

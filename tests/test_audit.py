@@ -327,7 +327,7 @@ def test_views_do_not_disturb_the_schema_comparison(db) -> None:
     with engine.connect() as c:
         diff = compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}), Base.metadata)
         assert diff == []
-        assert c.scalar(text("SELECT version_num FROM alembic_version")) == "0002"
+        assert c.scalar(text("SELECT version_num FROM alembic_version")) == "0003"
 
 
 def test_view_instance_history(db) -> None:

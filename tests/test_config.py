@@ -154,7 +154,12 @@ def test_destinations_and_data_dir(tmp_path: Path) -> None:
     settings = load_config(path)
     assert settings.data_dir == (tmp_path / "etc" / "data").resolve()
     (dest,) = settings.destinations
-    assert dest.destination().kinds() == ("sr",)
+    assert dest.destination().kinds() == ("sr", "image", "pdf")  # result image and PDF on by default
+    only_pictures = parse_config({"destinations": [{"name": "viewer", "ae_title": "V", "host": "h", "send_sr": False,
+                                                    "send_gsps": False, "send_pdf": False}]})
+    assert only_pictures.destinations[0].destination().kinds() == ("image",)
+    with pytest.raises(ConfigError, match=r"send_result_image"):
+        parse_config({"destinations": [{"name": "v", "ae_title": "V", "host": "h", "send_result_image": "yes"}]})
     with pytest.raises(ConfigError, match=r"destinations\[1\]\.name .* used twice"):
         parse_config({"destinations": [{"name": "a", "ae_title": "A", "host": "h"}] * 2})
     with pytest.raises(ConfigError, match=r"destinations: use \[\[destinations\]\]"):

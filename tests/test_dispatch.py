@@ -215,8 +215,9 @@ def test_destination_validates_fields_and_names_them(changes: dict[str, object],
 
 
 def test_destination_kinds_and_tls_config() -> None:
-    assert destination("pacs", 104).kinds() == ("sr", "gsps")
-    assert destination("pacs", 104, send_gsps=False).kinds() == ("sr",)
+    assert destination("pacs", 104).kinds() == ("sr", "gsps", "image", "pdf")
+    assert destination("pacs", 104, send_gsps=False, send_pdf=False).kinds() == ("sr", "image")
+    assert destination("pacs", 104, send_sr=False, send_gsps=False, send_result_image=False).kinds() == ("pdf",)
     assert destination("pacs", 104).label == "PACS@127.0.0.1:104"
     with pytest.raises(ValueError, match="cert_file and key_file"):
         TLSConfig(ca_file=Path("ca.pem"), cert_file=Path("c.pem"))

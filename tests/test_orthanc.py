@@ -19,6 +19,10 @@ from tests.conftest import free_port, rg1_file, wait_for
 from tests.test_serve import ROOT, Node
 
 LUA = ROOT / "deploy" / "orthanc" / "route-chest-radiographs.lua"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 
 
 def orthanc_binary() -> str:
@@ -29,20 +33,32 @@ def orthanc_binary() -> str:
     return found
 
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian orthanc-dicomweb
+
+
 class Orthanc:
-    def __init__(self, tmp_path: Path, node_port: int) -> None:
+    """A real Orthanc on loopback; with ``node_port`` it routes chest films to the node (the
+    shipped Lua script), with ``dicomweb`` it serves DICOMweb at /dicom-web/ (for OHIF)."""
+
+    def __init__(self, tmp_path: Path, node_port: int | None = None, dicomweb: bool = False) -> None:
         self.http = free_port()
         self.dicom = free_port()
         folder = tmp_path / "orthanc"
         folder.mkdir()
         # The shipped example configuration, pointed at this test's ports and folders.
-        config = {
+        config: dict[str, object] = {
             "Name": "PACS", "DicomAet": "ORTHANC", "DicomPort": self.dicom, "HttpPort": self.http,
             "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomModalities": {"cxrbmd": ["CXRBMD", "127.0.0.1", node_port]},
-            "LuaScripts": [str(LUA)], "Plugins": [],
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
         }
+        if node_port is not None:
+            config["DicomModalities"] = {"cxrbmd": ["CXRBMD", "127.0.0.1", node_port]}
+            config["LuaScripts"] = [str(LUA)]
+        if dicomweb:
+            if not DICOMWEB_PLUGIN.is_file():
+                pytest.fail(f"{DICOMWEB_PLUGIN} not found: run .ci/run, which installs orthanc-dicomweb")
+            config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.log = (folder / "orthanc.log").open("wb")
         self.proc = subprocess.Popen([orthanc_binary(), str(folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT)
@@ -110,19 +126,21 @@ def test_orthanc_routes_a_chest_radiograph_and_stores_the_results(site: tuple[Or
             tags = orthanc.get(f"/instances/{instance_id['ID']}/simplified-tags")  # type: ignore[index]
             if tags.get("BodyPartExamined") != "HAND":  # type: ignore[union-attr]
                 found[tags["SOPClassUID"]] = instance_id["ID"]  # type: ignore[index]
-        return found if len(found) == 3 else None
+        return found if len(found) == 5 else None
 
     [study] = [s for s in orthanc.get("/studies")  # type: ignore[union-attr]
                if orthanc.get(f"/studies/{s}")["MainDicomTags"]["StudyInstanceUID"] == source.StudyInstanceUID]  # type: ignore[index]
-    found = wait_for("the SR and GSPS stored back in Orthanc", results, 120, 1.0)
-    assert set(found) == {str(source.SOPClassUID), "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.11.1"}
-    sr_path = tmp_path / "sr-from-orthanc.dcm"
-    sr_path.write_bytes(orthanc.raw(f"/instances/{found['1.2.840.10008.5.1.4.1.1.88.33']}/file"))
-    sr = pydicom.dcmread(sr_path)
-    assert sr.StudyInstanceUID == source.StudyInstanceUID  # filed in the radiograph's study
-    assert validators.dciodvfy(sr_path)[0] == []
+    found = wait_for("the SR, GSPS, result image and PDF stored back in Orthanc", results, 120, 1.0)
+    assert set(found) == {str(source.SOPClassUID), COMPREHENSIVE_3D_SR, GSPS, SECONDARY_CAPTURE, ENCAPSULATED_PDF}
+    for sop_class in (COMPREHENSIVE_3D_SR, GSPS, SECONDARY_CAPTURE, ENCAPSULATED_PDF):
+        path = tmp_path / f"{sop_class}.dcm"
+        path.write_bytes(orthanc.raw(f"/instances/{found[sop_class]}/file"))
+        stored = pydicom.dcmread(path, stop_before_pixels=True)
+        assert stored.StudyInstanceUID == source.StudyInstanceUID  # filed in the radiograph's study
+        assert validators.dciodvfy(path)[0] == [], sop_class
     # The node received the chest radiograph from Orthanc once, nothing else, and nothing of its
     # own came back.
     assert node.query("select calling_ae, count(*) from instances group by calling_ae") == [("ORTHANC", 1)]
     assert node.query("select count(*) from events where kind = 'dropped_own_output'") == [(0,)]
-    assert node.query("select state from deliveries") == [("sent",), ("sent",)]
+    assert node.query("select kind, state from deliveries order by kind") == [
+        ("gsps", "sent"), ("image", "sent"), ("pdf", "sent"), ("sr", "sent")]

@@ -70,20 +70,28 @@ def test_bad_inputs_get_reasons_not_crashes(processed) -> None:
 
 def test_outputs_pass_the_validators(processed) -> None:
     _, _, _, results = processed
-    sr_path, gsps_path = (Path(p) for p in results["RG1_UNCR.dcm"]["outputs"])
+    outputs = [Path(p) for p in results["RG1_UNCR.dcm"]["outputs"]]
+    assert [p.name.split(".", -1)[-2] for p in outputs] == ["sr", "gsps", "sc", "pdf"]
+    sr_path, *others = outputs
     for check in (dciodvfy, dsrdump, pixelmed_sr):
         errors, _ = check(sr_path)
         assert errors == [], (check.__name__, errors)
-    assert dciodvfy(gsps_path)[0] == []
+    for path in others:  # GSPS, result image, PDF
+        assert dciodvfy(path)[0] == [], path.name
 
 
-def test_our_own_sr_is_not_processed(processed, tmp_path: Path) -> None:
+@pytest.mark.parametrize("index", [0, 1, 2, 3], ids=["sr", "gsps", "result-image", "pdf"])
+def test_our_own_outputs_are_not_processed(processed, tmp_path: Path, index: int) -> None:
     _, _, _, results = processed
-    sr = Path(results["RG1_UNCR.dcm"]["outputs"][0])
-    shutil.copy(sr, tmp_path / "loop.dcm")
-    assert main(["process", str(tmp_path / "loop.dcm"), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    output = Path(results["RG1_UNCR.dcm"]["outputs"][index])
+    shutil.copy(output, tmp_path / "loop.dcm")
+    # even where secondary captures are screened, our own result image is not
+    config = tmp_path / "screener.toml"
+    config.write_text("[eligibility]\naccept_secondary_capture = true\n")
+    assert main(["process", str(tmp_path / "loop.dcm"), "--out", str(tmp_path / "o"), "--quiet",
+                 "--config", str(config)]) == 0
     r = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
-    assert r["status"] == "ineligible" and "SOP" in r["reason"]
+    assert r["status"] == "ineligible" and r["code"] == "own_output", r
 
 
 def test_usage_errors_exit_non_zero(tmp_path: Path) -> None:

@@ -171,6 +171,33 @@ def test_routing_loop_sr_is_acknowledged_and_dropped(scp, settings, factory) -> 
     assert event.peer_ae == CALLING and event.sop_instance_uid == pydicom.dcmread(sr).SOPInstanceUID
 
 
+def test_our_result_image_and_pdf_are_dropped_but_other_secondary_captures_are_not(scp, settings, factory,
+                                                                                     tmp_path) -> None:
+    """A Secondary Capture is an input kind too: ours is told apart by its Manufacturer. The
+    Encapsulated PDF is accepted (so a routing loop cannot stall) and dropped."""
+    port = scp(settings)
+    ours = pydicom.dcmread(get_testdata_file("SC_rgb.dcm"))
+    ours.Manufacturer = "CXR-BMD Screener"
+    ours.SOPInstanceUID = ours.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ours.save_as(tmp_path / "ours.dcm")
+    pdf = pydicom.Dataset()
+    pdf.file_meta = pydicom.dataset.FileMetaDataset()
+    pdf.SOPClassUID = pdf.file_meta.MediaStorageSOPClassUID = pydicom.uid.EncapsulatedPDFStorage
+    pdf.SOPInstanceUID = pdf.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    pdf.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    pdf.StudyInstanceUID, pdf.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    pdf.Manufacturer, pdf.Modality, pdf.MIMETypeOfEncapsulatedDocument = "CXR-BMD Screener", "DOC", "application/pdf"
+    pdf.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+    pdf.save_as(tmp_path / "ours.pdf.dcm", enforce_file_format=True)
+    for path in (tmp_path / "ours.dcm", tmp_path / "ours.pdf.dcm", Path(get_testdata_file("SC_rgb.dcm"))):
+        result = storescu(port, path)
+        assert "Received Store Response (Success)" in result.stdout, result.stdout
+    dropped = {e.sop_instance_uid for e in rows(factory, Event, kind="dropped_own_output")}
+    assert dropped == {ours.SOPInstanceUID, pdf.SOPInstanceUID}
+    [stored] = rows(factory, Instance)  # someone else's secondary capture: received as usual
+    assert stored.sop_instance_uid == pydicom.dcmread(get_testdata_file("SC_rgb.dcm")).SOPInstanceUID
+
+
 # ---------------------------------------------------------------- association checks
 
 

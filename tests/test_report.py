@@ -27,6 +27,7 @@ from screener.pipeline.rois import LOCAL_ROI_NAMES, RoiSet, extract_rois
 from screener.pipeline.tscore import SITES, ReferenceTable, WhoCategory, compute_tscores
 from screener.report import sr as srmod
 from screener.report.overlay import PR_SERIES_NUMBER, build_gsps
+from screener.report.text import ROI_LABELS
 from screener.report.sr import (
     BMD_CONCEPT,
     ROI_FINDING_SITES,
@@ -185,7 +186,7 @@ def test_sr_header_copies_patient_and_study(source, geometry) -> None:
                     "StudyInstanceUID", "AccessionNumber", "StudyID", "StudyDate", "StudyTime"):
         assert sr[keyword].value == source[keyword].value, keyword
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID
-    assert sr.SOPClassUID == pydicom.uid.ComprehensiveSRStorage
+    assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage  # IHE AIR's SR class
     assert (sr.Modality, int(sr.SeriesNumber), int(sr.InstanceNumber)) == ("SR", 9901, 1)
     assert sr.Manufacturer == "CXR-BMD Screener"
     assert sr.ManufacturerModelName
@@ -262,21 +263,73 @@ def test_sr_root_and_site_measurements(source, geometry) -> None:
     assert value_of(num(by_id["BMD L1-L4"], BMD_CONCEPT)) == pytest.approx(round(float(np.mean(BMD)), 3))
 
 
-def test_sr_rois_are_closed_polylines_on_the_source(source, geometry) -> None:
+def inferred_from(item: Dataset) -> list[Dataset]:
+    """The SCOORDs a NUM is INFERRED FROM, each checked to reference the source image."""
+    out = []
+    for coord in children(item, value_type="SCOORD"):
+        assert coord.RelationshipType == "INFERRED FROM"
+        (image,) = children(coord, value_type="IMAGE")
+        assert image.RelationshipType == "SELECTED FROM"
+        out.append(coord)
+    return out
+
+
+def comments(group: Dataset) -> list[str]:
+    return [c.TextValue for c in children(group, ("121106", "DCM"), "TEXT")]
+
+
+def test_sr_site_values_are_inferred_from_stacked_markers_and_named_for_viewers(source, geometry) -> None:
+    """OHIF draws a group only where it has a region and writes its values beside it: each
+    site's NUMs are INFERRED FROM a short mark on the right image edge, one below the other,
+    and the group's first TEXT names the site (what a viewer prints first)."""
+    estimate = make_estimate(geometry, demo=True, sex="F")
+    by_id = groups(build_sr(source, estimate, now=NOW))
+    centres = []
+    for site in SITES:
+        group = by_id[f"BMD {site}"]
+        assert group.ContentTemplateSequence[0].TemplateIdentifier == "1501"
+        assert children(group, value_type="SCOORD") == []  # the values belong to the image, not a place
+        marks = [inferred_from(num(group, concept)) for concept in (BMD_CONCEPT, TSCORE_CONCEPT)]
+        for (mark,) in marks:
+            assert mark.GraphicType == "POLYLINE"
+            data = np.asarray(mark.GraphicData, float).reshape(-1, 2)
+            assert len(data) == 3 and np.allclose(data[:, 0], source.Columns - 0.5)
+            assert (data[:, 1] >= 0).all() and (data[:, 1] <= source.Rows).all()
+        np.testing.assert_array_equal(marks[0][0].GraphicData, marks[1][0].GraphicData)
+        centres.append(float(np.asarray(marks[0][0].GraphicData).reshape(-1, 2)[1, 1]))
+        texts_here = comments(group)
+        if site == "L1-L4":
+            assert texts_here == [f"L1-L4 (WHO: {estimate.tscores.category.value})", "Estimated from CXR, not DXA",
+                                  "DEMO - NOT FOR CLINICAL USE"]
+        else:
+            assert texts_here == [f"{site} vertebra"]
+    # far enough apart for three-line text boxes at a typical zoom (about 0.07 of the height)
+    gaps = np.diff(sorted(centres))
+    assert gaps.min() >= 0.06 * source.Rows, centres
+
+
+def test_sr_rois_are_named_areas_inferred_from_closed_outlines(source, geometry) -> None:
     estimate = make_estimate(geometry, demo=False)
     by_id = groups(build_sr(source, estimate, now=NOW))
     assert "ROI whole_image" not in by_id
     corners = dict(zip(estimate.rois.names, estimate.rois.corners))
     for name in LOCAL_ROI_NAMES:
         group = by_id[f"ROI {name}"]
-        assert group.ContentTemplateSequence[0].TemplateIdentifier == "1410"
-        (region,) = children(group, ("111030", "DCM"), "SCOORD")
-        assert region.GraphicType == "POLYLINE"
-        data = np.asarray(region.GraphicData, float).reshape(-1, 2)
+        assert group.ContentTemplateSequence[0].TemplateIdentifier == "1501"
+        assert comments(group) == [ROI_LABELS[name]]  # "Left clavicle ROI", not a code number
+        area = num(group, srmod.AREA)
+        (outline,) = inferred_from(area)
+        assert outline.GraphicType == "POLYLINE"
+        data = np.asarray(outline.GraphicData, float).reshape(-1, 2)
         np.testing.assert_array_equal(data[0], data[-1])
-        np.testing.assert_allclose(data, closed_outline(corners[name]), rtol=1e-6, atol=1e-3)
-        (image,) = children(region, value_type="IMAGE")
-        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        # every corner is on the outline, and the edges carry midpoints: 9 points, not the 5 that
+        # OHIF would take for its own rectangle tool
+        assert len(data) == 9
+        np.testing.assert_allclose(data[::2], closed_outline(corners[name]), rtol=1e-6, atol=1e-3)
+        # RG1 says Pixel Spacing 0\0: the area is in pixels, never in made-up millimetres
+        assert unit_of(area) == ("{pixels}", "UCUM")
+        x, y = data[:, 0], data[:, 1]
+        assert value_of(area) == pytest.approx(abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])) / 2, abs=0.1)
         (site,) = children(group, ("363698007", "SCT"), "CODE")
         anatomy, laterality = ROI_FINDING_SITES[name]
         assert code_of(site, "ConceptCodeSequence") == key(anatomy)
@@ -284,17 +337,36 @@ def test_sr_rois_are_closed_polylines_on_the_source(source, geometry) -> None:
         assert [code_of(c, "ConceptCodeSequence") for c in lat] == ([key(laterality)] if laterality else [])
 
 
-def test_sr_landmarks_are_named_points(source, geometry) -> None:
+def test_roi_area_is_in_mm2_when_the_pixel_spacing_is_known(geometry) -> None:
+    spaced = pydicom.dcmread(rg1_file())
+    spaced.PixelSpacing = [0.2, 0.25]
+    by_id = groups(build_sr(spaced, make_estimate(geometry, demo=False), now=NOW))
+    in_pixels = groups(build_sr(pydicom.dcmread(rg1_file()), make_estimate(geometry, demo=False), now=NOW))
+    for name in LOCAL_ROI_NAMES:
+        area = num(by_id[f"ROI {name}"], srmod.AREA)
+        assert unit_of(area) == ("mm2", "UCUM")
+        pixels = value_of(num(in_pixels[f"ROI {name}"], srmod.AREA))
+        assert value_of(area) == pytest.approx(pixels * 0.05, abs=0.1)
+
+
+def test_sr_landmarks_are_sixteen_small_circles_named_by_their_finding(source, geometry) -> None:
     estimate = make_estimate(geometry, demo=False)
     by_id = groups(build_sr(source, estimate, now=NOW))
-    (group,) = [g for tid, g in by_id.items() if tid.startswith("Landmarks")]
-    points = children(group, value_type="SCOORD")
-    assert [p.ConceptNameCodeSequence[0].CodeMeaning for p in points] == list(LANDMARK_NAMES)
-    for point, xy in zip(points, estimate.landmarks.points):
-        assert point.GraphicType == "POINT"
-        np.testing.assert_allclose(point.GraphicData, xy + 0.5, rtol=1e-6, atol=1e-3)
-        (image,) = children(point, value_type="IMAGE")
-        assert image.RelationshipType == "SELECTED FROM"
+    for i, name in enumerate(LANDMARK_NAMES):
+        group = by_id[f"Landmark {name}"]
+        assert group.ContentTemplateSequence[0].TemplateIdentifier == "1410"
+        (finding,) = children(group, ("121071", "DCM"), "CODE")
+        assert code_of(finding, "ConceptCodeSequence") == (f"CXR16-{i + 1:02d}", "99CXRBMD")
+        assert finding.ConceptCodeSequence[0].CodeMeaning == name
+        (region,) = children(group, ("111030", "DCM"), "SCOORD")
+        assert region.GraphicType == "CIRCLE"  # a POINT would be drawn as a labelled arrow
+        centre, edge = np.asarray(region.GraphicData, float).reshape(2, 2)
+        np.testing.assert_allclose(centre, estimate.landmarks.points[i] + 0.5, rtol=1e-6, atol=1e-3)
+        radius = float(np.hypot(*(edge - centre)))
+        assert 0 < radius <= 0.01 * max(source.Rows, source.Columns)
+        (image,) = children(region, value_type="IMAGE")
+        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert [c for c in children(group) if c.ValueType == "NUM"] == []  # unlabelled on the image
 
 
 def test_demo_statement_only_for_demo_models(source, geometry) -> None:
@@ -321,9 +393,9 @@ def test_unknown_sex_reports_bmd_and_the_reason_only(source, geometry) -> None:
 
 def test_highdicom_reads_the_sr_back(source, geometry) -> None:
     sr = build_sr(source, make_estimate(geometry, demo=True), now=NOW)
-    parsed = hd.sr.ComprehensiveSR.from_dataset(pydicom.dcmread(io.BytesIO(encode(sr))))
-    assert len(parsed.content.get_planar_roi_measurement_groups()) == len(LOCAL_ROI_NAMES)
-    assert len(parsed.content.get_image_measurement_groups()) == len(SITES) + 1  # + landmarks
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(io.BytesIO(encode(sr))))
+    assert len(parsed.content.get_planar_roi_measurement_groups()) == len(LANDMARK_NAMES)
+    assert len(parsed.content.get_image_measurement_groups()) == len(SITES) + len(LOCAL_ROI_NAMES)
 
 
 def test_dicom_codes_match_part16() -> None:

@@ -87,6 +87,8 @@ class Destination:
     port: int
     send_sr: bool = True
     send_gsps: bool = True
+    send_result_image: bool = True
+    send_pdf: bool = True
     tls: TLSConfig | None = None
     timeout_s: float = 30.0
 
@@ -106,7 +108,8 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
     def sends(self, kind: DeliveryKind | str) -> bool:
-        return {DeliveryKind.SR: self.send_sr, DeliveryKind.GSPS: self.send_gsps}[DeliveryKind(kind)]
+        return {DeliveryKind.SR: self.send_sr, DeliveryKind.GSPS: self.send_gsps,
+                DeliveryKind.IMAGE: self.send_result_image, DeliveryKind.PDF: self.send_pdf}[DeliveryKind(kind)]
 
     def kinds(self) -> tuple[DeliveryKind, ...]:
         """The object kinds to queue for this destination (what ``complete_job`` takes)."""

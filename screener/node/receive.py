@@ -38,6 +38,7 @@ from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
+    EncapsulatedPDFStorage,
     EnhancedSRStorage,
     GrayscaleSoftcopyPresentationStateStorage,
     KeyObjectSelectionDocumentStorage,
@@ -48,6 +49,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from screener import MANUFACTURER
 from screener.pipeline.decode import SUPPORTED_TRANSFER_SYNTAXES
 from screener.node.spool import (
     InvalidUID,
@@ -96,6 +98,7 @@ OWN_OUTPUT_STORAGE = (
     Comprehensive3DSRStorage,
     GrayscaleSoftcopyPresentationStateStorage,
     KeyObjectSelectionDocumentStorage,
+    EncapsulatedPDFStorage,
 )
 UNCOMPRESSED_SYNTAXES = (
     tsuid.ExplicitVRLittleEndian,
@@ -108,7 +111,8 @@ IMAGE_SYNTAXES = UNCOMPRESSED_SYNTAXES + tuple(sorted(SUPPORTED_TRANSFER_SYNTAXE
 
 _OWN_OUTPUT_UIDS = frozenset(str(u) for u in OWN_OUTPUT_STORAGE)
 # The header attributes the receiver needs; the rest of the dataset is not parsed.
-_HEADER_TAGS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber", "PatientID")
+_HEADER_TAGS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "AccessionNumber", "PatientID",
+                "Manufacturer")
 # A file in .incoming not written for this long belongs to no live transfer: a transfer writes
 # every PDU, and pynetdicom ends an association after 60 s without data (network_timeout).
 STALE_INCOMING_S = 600.0
@@ -252,6 +256,15 @@ class _Header:
     series_uid: str
     accession_number: str | None
     patient_id: str | None
+    manufacturer: str = ""
+
+    @property
+    def own_output(self) -> bool:
+        """Our SR, GSPS or PDF (by SOP class), or our result image: a Secondary Capture is
+        also an input kind, so ours is told apart by its Manufacturer."""
+        if self.sop_class_uid in _OWN_OUTPUT_UIDS:
+            return True
+        return self.sop_class_uid == str(SecondaryCaptureImageStorage) and self.manufacturer == MANUFACTURER
 
 
 class Receiver:
@@ -285,12 +298,12 @@ class Receiver:
                                f"dataset of {size} bytes exceeds max_dataset_bytes "
                                f"{self.settings.max_dataset_bytes}")
         header = self._header(event, received)
-        if header.sop_class_uid in _OWN_OUTPUT_UIDS:
+        if header.own_output:
             # pynetdicom deletes the .incoming file after this handler returns.
             record_event(self.session_factory, "dropped_own_output", "skipped",
                          sop_instance_uid=header.sop_instance_uid, study_uid=header.study_uid,
                          accession_number=header.accession_number, reason_code="routing-loop",
-                         message=f"SOP class {header.sop_class_uid} is our own output kind; "
+                         message=f"SOP class {header.sop_class_uid} from {MANUFACTURER} is our own output; "
                                  "acknowledged and dropped", **peer)
             return SUCCESS
         try:
@@ -321,6 +334,7 @@ class Receiver:
                 series_uid=validate_uid("SeriesInstanceUID", ds.get("SeriesInstanceUID")),
                 accession_number=str(ds.get("AccessionNumber", "")) or None,
                 patient_id=str(ds.get("PatientID", "")) or None,
+                manufacturer=str(ds.get("Manufacturer", "") or "").strip(),
             )
         except InvalidUID as invalid:
             raise StoreRefused(CANNOT_UNDERSTAND, f"invalid-{invalid.attribute}",

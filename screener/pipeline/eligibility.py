@@ -47,6 +47,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from screener import MANUFACTURER
+
 if TYPE_CHECKING:  # the detector module pulls in torch; eligibility must stay light to import
     from screener.pipeline.landmarks import Landmarks
 
@@ -209,6 +211,10 @@ def _check_sop_class(ds: Dataset, rules: EligibilityRules) -> Decision | None:
         return Decision(False, "sop_class_missing", "SOPClassUID (0008,0016) is missing: cannot tell whether this is an image")
     name = UID(sop).name
     label = f"SOPClassUID (0008,0016) {sop} ({name})" if name != sop else f"SOPClassUID (0008,0016) {sop}"
+    if _text(ds, "Manufacturer") == MANUFACTURER.upper():
+        # our own SR, GSPS, result image or PDF, come back through a routing loop
+        return Decision(False, "own_output", f"{label} was written by {MANUFACTURER} (Manufacturer (0008,0070)): "
+                                             "our own result, never screened")
     if sop in rules.sop_classes:
         return None
     if sop.startswith((_SR_FAMILY, _PR_FAMILY)):

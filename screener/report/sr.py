@@ -41,8 +41,12 @@ import pydicom.valuerep
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
-    ComprehensiveSR,
+    CodeContentItem,
+    ImageContentItem,
+    NumContentItem,
+    Comprehensive3DSR,
     ContainerContentItem,
+    CoordinatesForMeasurement,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     ImageRegion,
@@ -70,6 +74,7 @@ from screener.pipeline.estimate import AlgorithmInfo, BmdEstimate
 from screener.pipeline.landmarks import LANDMARK_NAMES, LANDMARK_SCHEME
 from screener.pipeline.rois import LOCAL_ROI_NAMES
 from screener.pipeline.tscore import SITES, WhoCategory
+from screener.report.text import DEMO_PREFIX, ESTIMATE_STATEMENT, ROI_LABELS, statements, summary_text
 
 __all__ = [
     "ReportUids",
@@ -83,6 +88,12 @@ __all__ = [
     "clip_point",
     "summary_text",
     "stamp_creation",
+    "device_uid",
+    "algorithm_equipment",
+    "bmd_marker",
+    "densify",
+    "ESTIMATE_STATEMENT",
+    "DEMO_PREFIX",
     "SR_SERIES_NUMBER",
     "MANUFACTURER",
     "MODEL_NAME",
@@ -94,7 +105,7 @@ __all__ = [
 ]
 
 SR_SERIES_NUMBER = 9901
-MANUFACTURER = "CXR-BMD Screener"
+MANUFACTURER = screener.MANUFACTURER
 MODEL_NAME = "cxr-bmd-screener"
 
 #: Fixed namespace for our uuid5-derived UIDs. Never change it: that would change every UID
@@ -106,8 +117,11 @@ UID_NAMESPACE = uuid.UUID("355decaa-349a-488c-8351-3a08897e5c94")
 # Osteopenia/Osteoporosis (SNOMED CT disorders) and the two LOINC codes are not in DICOM and were
 # checked against public SNOMED CT / LOINC tables. DICOM's anatomy list (CID 4) has no "rib
 # cage", so the rib-cage ROIs use Rib (113197003) with laterality.
-BMD_CONCEPT = Code("24966-4", "LN", "DXA Lumbar spine [Mass/Area] Bone density")
-TSCORE_CONCEPT = Code("38267-1", "LN", "DXA Lumbar spine [T-score] Bone density")
+# Code Meanings are display text (PS3.3 8.3), not matched on: LOINC's long names ("DXA Lumbar
+# spine [Mass/Area] Bone density") run off the side of a viewer's text box and say "DXA" of a
+# value that is not one, so the meanings are short. The codes are LOINC's.
+BMD_CONCEPT = Code("24966-4", "LN", "Lumbar spine BMD")
+TSCORE_CONCEPT = Code("38267-1", "LN", "T-score")
 G_PER_CM2 = Code("g/cm2", "UCUM", "g/cm2")
 T_SCORE_UNIT = Code("{T-score}", "UCUM", "T-score")
 IMAGING_MEASUREMENT_REPORT = Code("126000", "DCM", "Imaging Measurement Report")
@@ -144,12 +158,6 @@ ROI_FINDING_SITES: dict[str, tuple[Code, Code | None]] = {
 #: Private coding scheme for the landmark names (DICOM has no codes for these points).
 LANDMARK_SCHEME_DESIGNATOR = "99CXRBMD"
 
-ESTIMATE_STATEMENT = (
-    "The values in this report (lumbar bone mineral density and, where given, T-scores and WHO "
-    "category) are estimated by software ({name} {version}) from a frontal chest radiograph. "
-    "They are not a DXA measurement."
-)
-DEMO_PREFIX = "DEMO MODEL - NOT FOR CLINICAL USE."
 
 
 # --------------------------------------------------------------------------- UIDs
@@ -173,6 +181,10 @@ class ReportUids:
     sr_instance_uid: str
     pr_series_uid: str
     pr_instance_uid: str
+    image_series_uid: str
+    image_instance_uid: str
+    pdf_series_uid: str
+    pdf_instance_uid: str
 
 
 def report_uids(source_sop_instance_uid: str, model_id: str) -> ReportUids:
@@ -187,6 +199,10 @@ def report_uids(source_sop_instance_uid: str, model_id: str) -> ReportUids:
         sr_instance_uid=_uid(*key, "sr-instance"),
         pr_series_uid=_uid(*key, "pr-series"),
         pr_instance_uid=_uid(*key, "pr-instance"),
+        image_series_uid=_uid(*key, "image-series"),
+        image_instance_uid=_uid(*key, "image-instance"),
+        pdf_series_uid=_uid(*key, "pdf-series"),
+        pdf_instance_uid=_uid(*key, "pdf-instance"),
     )
 
 
@@ -195,7 +211,9 @@ def tracking_uid(source_sop_instance_uid: str, model_id: str, tracking_identifie
     return _uid(str(source_sop_instance_uid), str(model_id), "tracking", tracking_identifier)
 
 
-DEVICE_OBSERVER_UID = _uid("device", MANUFACTURER)
+def device_uid(algo: AlgorithmInfo) -> str:
+    """Device UID of the algorithm (IHE AIR): one per model id, so it changes with the weights."""
+    return _uid("device", MANUFACTURER, algo.model_id)
 
 
 # --------------------------------------------------------------------------- source header
@@ -327,34 +345,20 @@ def clip_point(xy: np.ndarray, columns: int, rows: int) -> np.ndarray:
     return np.array([np.clip(p[0], 0.0, float(columns)), np.clip(p[1], 0.0, float(rows))])
 
 
-# --------------------------------------------------------------------------- text
-
-
-def summary_text(estimate: BmdEstimate) -> str:
-    """One line for people: L1-L4 BMD, T-score and category, and how it was obtained."""
-    t = estimate.tscores
-    text = f"L1-L4 BMD {t.bmd['L1-L4']:.3f} g/cm2"
-    if t.tscore is not None and t.category is not None:
-        # two decimals, as stored in the SR: one decimal could show -2.5 beside "osteopenia"
-        text += f", T {t.tscore['L1-L4']:.2f} {t.category.value}"
-    else:
-        text += ", no T-score (patient sex unknown)"
-    text += " (estimated from CXR by software"
-    text += "; DEMO model, not for clinical use)" if estimate.demo else ")"
-    return text
-
-
-def _statements(estimate: BmdEstimate) -> list[str]:
-    algo = estimate.algorithm
-    out = [ESTIMATE_STATEMENT.format(name=algo.name, version=algo.version)]
-    if algo.demo:
-        out.append(f"{DEMO_PREFIX} {algo.demo_statement}".strip())
-    if estimate.tscores.tscore is None and estimate.tscores.reason:
-        out.append(estimate.tscores.reason)
-    return out
-
-
 # --------------------------------------------------------------------------- content
+
+#: Where the BMD groups' markers sit on the right image edge, as shares of the image height
+#: (L1, L2, L3, L4, L1-L4). A viewer writes each group's values beside its marker, so they are
+#: far enough apart that those text boxes do not overlap (5 lines for L1-L4, 3 for each
+#: vertebra), and clear of where the ROIs' own labels usually stand when a ROI reaches the
+#: right edge (left clavicle about 0.2, left rib cage about 0.5 of the height): the L1-L4
+#: summary at the top, the vertebrae in the lower third.
+MARKER_HEIGHTS = (0.62, 0.69, 0.76, 0.83, 0.08)
+MARKER_HALF_LENGTH = 0.012
+LANDMARK_RADIUS = 0.004
+AREA = Code("42798000", "SCT", "Area")
+MM2 = Code("mm2", "UCUM", "mm2")
+PIXELS = Code("{pixels}", "UCUM", "pixels")
 
 
 def _algorithm_id(algo: AlgorithmInfo) -> AlgorithmIdentification:
@@ -368,28 +372,79 @@ def _tracking(header: Dataset, algo: AlgorithmInfo, identifier: str) -> Tracking
     )
 
 
+def _source(header: Dataset) -> SourceImageForRegion:
+    return SourceImageForRegion(header.SOPClassUID, header.SOPInstanceUID)
+
+
+def densify(closed: np.ndarray) -> np.ndarray:
+    """A closed polyline with the midpoint of every edge added (first point repeated at the end).
+
+    A closed 4-corner box is 5 points, which OHIF takes for one of its own rectangle tools and
+    then offers to 'track', dropping every other result; 9 points draw the same box."""
+    pts = np.asarray(closed, dtype=np.float64)
+    out = []
+    for a, b in zip(pts[:-1], pts[1:]):
+        out += [a, (a + b) / 2.0]
+    out.append(pts[-1])
+    return np.asarray(out)
+
+
+def bmd_marker(site_index: int, columns: int, rows: int) -> np.ndarray:
+    """A short vertical mark on the right image edge that carries one site's values.
+
+    The estimate belongs to the image as a whole (it is computed from the six ROIs and the
+    whole film), not to a place on it; a viewer draws a group's values beside its region, so
+    each site gets its own mark, one below the other, and the values line up like a table.
+    """
+    x = float(columns) - 0.5
+    half = MARKER_HALF_LENGTH * max(columns, rows)
+    y = MARKER_HEIGHTS[site_index] * rows
+    ys = np.clip([y - half, y, y + half], 0.0, float(rows))
+    return np.array([[x, ys[0]], [x, ys[1]], [x, ys[2]]])
+
+
+def _comment(text: str) -> TextContentItem:
+    # TID 1501 row 13 (CONTAINS TEXT $QualitativeEvaluation): free text a reader sees first
+    return TextContentItem(name=COMMENT, value=text[:1024], relationship_type=RelationshipTypeValues.CONTAINS)
+
+
+def _site_labels(estimate: BmdEstimate, site: str) -> list[str]:
+    """The group's first lines in a viewer: the site and, for L1-L4, category and caveats."""
+    if site != "L1-L4":
+        return [f"{site} vertebra"]
+    t = estimate.tscores
+    # short lines: they stand in the margin beside the film
+    first = f"L1-L4 (WHO: {t.category.value})" if t.category is not None else "L1-L4 (no T-score: sex unknown)"
+    out = [first, "Estimated from CXR, not DXA"]
+    if estimate.demo:
+        out.append("DEMO - NOT FOR CLINICAL USE")
+    return out
+
+
 def _site_group(header: Dataset, estimate: BmdEstimate, site: str) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 for one site: BMD, and T-score (+ WHO category for L1-L4) when sex is known."""
+    """TID 1501 for one site: BMD and (sex known) T-score, each INFERRED FROM the site's marker;
+    the L1-L4 group adds the WHO category. TEXT comments name the site for viewers."""
     t = estimate.tscores
     algo = estimate.algorithm
     site_code = [FindingSite(SITE_CODES[site])]
+    marker = bmd_marker(SITES.index(site), int(header.Columns), int(header.Rows))
 
-    def source() -> list[SourceImageForMeasurement]:
-        return [SourceImageForMeasurement(header.SOPClassUID, header.SOPInstanceUID)]
+    def region() -> list[CoordinatesForMeasurement]:
+        return [CoordinatesForMeasurement(hd.sr.GraphicTypeValues.POLYLINE, marker, _source(header))]
 
     measurements = [
         Measurement(name=BMD_CONCEPT, value=round(float(t.bmd[site]), 3), unit=G_PER_CM2,
-                    finding_sites=site_code, referenced_images=source()),
+                    finding_sites=site_code, referenced_coordinates=region()),
     ]
     evaluations: list[QualitativeEvaluation] = []
     if t.tscore is not None:
         measurements.append(
             Measurement(name=TSCORE_CONCEPT, value=round(float(t.tscore[site]), 2), unit=T_SCORE_UNIT,
-                        finding_sites=site_code, referenced_images=source())
+                        finding_sites=site_code, referenced_coordinates=region())
         )
         if site == "L1-L4" and t.category is not None:
             evaluations.append(QualitativeEvaluation(WHO_CATEGORY_CONCEPT, WHO_CODES[t.category]))
-    return MeasurementsAndQualitativeEvaluations(
+    group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(header, algo, f"BMD {site}"),
         algorithm_id=_algorithm_id(algo),
         finding_sites=site_code,
@@ -397,32 +452,49 @@ def _site_group(header: Dataset, estimate: BmdEstimate, site: str) -> Measuremen
         qualitative_evaluations=evaluations or None,
         source_images=[SourceImageForMeasurementGroup(header.SOPClassUID, header.SOPInstanceUID)],
     )
+    group[0].ContentSequence.extend(_comment(text) for text in _site_labels(estimate, site))
+    return group
 
 
-def _roi_groups(header: Dataset, estimate: BmdEstimate) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
-    """TID 1410 per local ROI: where the network looked, as a closed outline on the image."""
+def pixel_area_mm2(header: Dataset) -> float | None:
+    """Area of one pixel in mm2, None when the film gives no usable spacing."""
+    spacing = _valid_spacing(header)
+    return None if spacing is None else spacing[0] * spacing[1]
+
+
+def _polygon_area(closed: np.ndarray) -> float:
+    x, y = closed[:, 0], closed[:, 1]
+    return float(abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])) / 2.0)
+
+
+def _roi_groups(header: Dataset, estimate: BmdEstimate) -> list[MeasurementsAndQualitativeEvaluations]:
+    """TID 1501 per local ROI: its area INFERRED FROM its outline on the image, the anatomy as
+    finding site, and its name as the first thing a viewer shows ("Left clavicle ROI")."""
     groups = []
-    corners = estimate.rois.corners
-    for name, quad in zip(estimate.rois.names, corners):
+    pixel_mm2 = pixel_area_mm2(header)
+    for name, quad in zip(estimate.rois.names, estimate.rois.corners):
         if name not in LOCAL_ROI_NAMES:
             continue  # the whole-image ROI outlines the image itself: nothing to show
         outline = closed_roi_outline(quad, int(header.Columns), int(header.Rows))
         if outline is None:
             continue
+        outline = densify(outline)
         anatomy, laterality = ROI_FINDING_SITES[name]
-        region = ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=outline,
-            source_image=SourceImageForRegion(header.SOPClassUID, header.SOPInstanceUID),
+        area = _polygon_area(outline)
+        value, unit = (round(area * pixel_mm2, 1), MM2) if pixel_mm2 is not None else (round(area, 1), PIXELS)
+        measurement = Measurement(
+            name=AREA, value=value, unit=unit,
+            referenced_coordinates=[CoordinatesForMeasurement(hd.sr.GraphicTypeValues.POLYLINE, outline, _source(header))],
         )
-        groups.append(
-            PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(header, estimate.algorithm, f"ROI {name}"),
-                referenced_region=region,
-                algorithm_id=_algorithm_id(estimate.algorithm),
-                finding_sites=[FindingSite(anatomy, laterality=laterality)],
-            )
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(header, estimate.algorithm, f"ROI {name}"),
+            algorithm_id=_algorithm_id(estimate.algorithm),
+            finding_sites=[FindingSite(anatomy, laterality=laterality)],
+            measurements=[measurement],
+            source_images=[SourceImageForMeasurementGroup(header.SOPClassUID, header.SOPInstanceUID)],
         )
+        group[0].ContentSequence.append(_comment(ROI_LABELS[name]))
+        groups.append(group)
     return groups
 
 
@@ -431,23 +503,88 @@ def landmark_code(index: int) -> Code:
     return Code(f"CXR16-{index + 1:02d}", LANDMARK_SCHEME_DESIGNATOR, LANDMARK_NAMES[index])
 
 
-def _landmark_group(header: Dataset, estimate: BmdEstimate) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 holding the 16 landmarks as SCOORD POINTs (row 10c), each SELECTED FROM the image."""
-    group = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(header, estimate.algorithm, f"Landmarks {LANDMARK_SCHEME}"),
-        algorithm_id=_algorithm_id(estimate.algorithm),
-    )
+def _landmark_groups(header: Dataset, estimate: BmdEstimate) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """TID 1410 per landmark: a small circle around the point, the landmark as its finding.
+
+    One group per point (a viewer draws one region per group), circles rather than POINTs
+    (a viewer draws a POINT as a labelled arrow, and OHIF offers to 'track' single points,
+    dropping everything else), and no measurement: the sixteen marks stay unlabelled on the
+    image, their names are in the Finding and the Tracking Identifier."""
     columns, rows = int(header.Columns), int(header.Rows)
+    radius = LANDMARK_RADIUS * max(columns, rows)
+    groups = []
     for i, xy in enumerate(estimate.landmarks.points):
-        point = ScoordContentItem(
-            name=landmark_code(i),
-            graphic_type=hd.sr.GraphicTypeValues.POINT,
-            graphic_data=clip_point(xy, columns, rows)[None, :],
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        )
-        point.ContentSequence = [SourceImageForRegion(header.SOPClassUID, header.SOPInstanceUID)]
-        group[0].ContentSequence.append(point)
-    return group
+        centre = clip_point(xy, columns, rows)
+        edge = np.array([min(centre[0] + radius, float(columns)) if centre[0] + radius <= columns
+                         else centre[0] - radius, centre[1]])
+        region = ImageRegion(graphic_type=hd.sr.GraphicTypeValues.CIRCLE, graphic_data=np.vstack([centre, edge]),
+                             source_image=_source(header))
+        groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(header, estimate.algorithm, f"Landmark {LANDMARK_NAMES[i]}"),
+            referenced_region=region,
+            finding_type=landmark_code(i),
+            algorithm_id=_algorithm_id(estimate.algorithm),
+        ))
+    return groups
+
+
+#: Modality codes (CID 29) of the images we analyse.
+_MODALITY_CODES = {"CR": Code("CR", "DCM", "Computed Radiography"), "DX": Code("DX", "DCM", "Digital Radiography")}
+
+
+def _image_library(header: Dataset) -> ContainerContentItem:
+    """TID 1600 with one TID 1601 entry: the source film and the TID 1603 descriptors it has.
+
+    highdicom's ImageLibrary requires Patient Orientation and Imager Pixel Spacing of every
+    projection radiograph; many real films lack one or both (RG1 has neither), so the entry is
+    built here and each descriptor is written only when the film states it."""
+    acq = RelationshipTypeValues.HAS_ACQ_CONTEXT
+    pixels = Code("{pixels}", "UCUM", "Pixels")
+    descriptors: list = []
+    modality = _MODALITY_CODES.get(str(header.get("Modality", "")).strip())
+    if modality is not None:
+        descriptors.append(CodeContentItem(name=codes.DCM.Modality, value=modality, relationship_type=acq))
+    descriptors += [
+        NumContentItem(name=codes.DCM.PixelDataRows, value=int(header.Rows), unit=pixels, relationship_type=acq),
+        NumContentItem(name=codes.DCM.PixelDataColumns, value=int(header.Columns), unit=pixels, relationship_type=acq),
+    ]
+    orientation = header.get("PatientOrientation")
+    if orientation is not None and not isinstance(orientation, str) and len(orientation) == 2 and all(orientation):
+        descriptors += [
+            TextContentItem(name=codes.DCM.PatientOrientationRow, value=str(orientation[0]), relationship_type=acq),
+            TextContentItem(name=codes.DCM.PatientOrientationColumn, value=str(orientation[1]), relationship_type=acq),
+        ]
+    spacing = _valid_spacing(header)
+    if spacing is not None:
+        descriptors += [
+            NumContentItem(name=codes.DCM.HorizontalPixelSpacing, value=spacing[1], unit=codes.UCUM.Millimeter,
+                           relationship_type=acq),
+            NumContentItem(name=codes.DCM.VerticalPixelSpacing, value=spacing[0], unit=codes.UCUM.Millimeter,
+                           relationship_type=acq),
+        ]
+    image = ImageContentItem(name=Code("260753009", "SCT", "Source"), referenced_sop_class_uid=header.SOPClassUID,
+                             referenced_sop_instance_uid=header.SOPInstanceUID,
+                             relationship_type=RelationshipTypeValues.CONTAINS)
+    image.ContentSequence = descriptors
+    group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS)
+    group.ContentSequence = [image]
+    library = ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS)
+    library.ContentSequence = [group]
+    return library
+
+
+def _valid_spacing(header: Dataset) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from Imager Pixel Spacing, else Pixel Spacing; None when
+    neither holds two positive numbers (a real Philips CR says 0\\0)."""
+    for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
+        value = header.get(keyword)
+        try:
+            row, col = float(value[0]), float(value[1])  # type: ignore[index]
+        except (TypeError, ValueError, IndexError):
+            continue
+        if row > 0 and col > 0 and np.isfinite(row) and np.isfinite(col):
+            return row, col
+    return None
 
 
 def _qualitative_container(estimate: BmdEstimate) -> ContainerContentItem:
@@ -458,7 +595,7 @@ def _qualitative_container(estimate: BmdEstimate) -> ContainerContentItem:
     # No TID 4019 here: every measurement group carries it, and validators read TEXT items in
     # this container as row 14 (CONTAINS), so its HAS CONCEPT MOD items would be flagged.
     container.ContentSequence = []
-    for text in _statements(estimate):
+    for text in statements(estimate):
         container.ContentSequence.append(
             TextContentItem(name=COMMENT, value=text, relationship_type=RelationshipTypeValues.CONTAINS)
         )
@@ -469,21 +606,26 @@ def _content(header: Dataset, estimate: BmdEstimate) -> MeasurementReport:
     device = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=DEVICE_OBSERVER_UID,
-            name=MANUFACTURER,
+            uid=device_uid(estimate.algorithm),
+            name=f"{estimate.algorithm.name} {estimate.algorithm.version}"[:64],
             manufacturer_name=MANUFACTURER,
             model_name=MODEL_NAME,
         ),
     )
+    # The L1 group first: OHIF opens the image of the first group it can draw.
     groups: list = [_site_group(header, estimate, site) for site in SITES]
     groups += _roi_groups(header, estimate)
-    groups.append(_landmark_group(header, estimate))
+    groups += _landmark_groups(header, estimate)
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=device),
         procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=groups,
         title=IMAGING_MEASUREMENT_REPORT,
     )
+    # TID 1600 Image Library (IHE AIR: the analysed image), before Imaging Measurements (row 5).
+    items = report[0].ContentSequence
+    position = next(i for i, item in enumerate(items) if item.ConceptNameCodeSequence[0].CodeValue == "126010")
+    items.insert(position, _image_library(header))
     # TID 1500 row 12 comes after the measurements (row 6): template order is significant.
     report[0].ContentSequence.append(_qualitative_container(estimate))
     return report
@@ -505,6 +647,28 @@ def software_versions(algo: AlgorithmInfo) -> list[str]:
     return [screener.__version__[:64], algo.model_id[:64]]
 
 
+#: IHE AIR names the algorithm's Contributing Equipment item (Newcode1, 99IHE, "Processing
+#: Algorithm"), a placeholder that DICOM never published; CID 7005's Processing Equipment is
+#: the standard code for software that processed the images (docs/viewers.md, AIR checklist).
+PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
+
+
+def algorithm_equipment(algo: AlgorithmInfo, now: datetime.datetime) -> hd.ContributingEquipment:
+    """Contributing Equipment item for the algorithm (IHE AIR): manufacturer, model (the
+    algorithm's name), software version (its version) and a Device UID of these weights."""
+    item = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=PROCESSING_EQUIPMENT,
+        manufacturer_model_name=algo.name[:64],
+        software_versions=[algo.version[:64], algo.model_id[:64]],
+        contribution_datetime=now.strftime("%Y%m%d%H%M%S"),
+        contribution_description=(f"Estimated lumbar BMD with {algo.name} {algo.version}"
+                                  + (" (DEMO model, not for clinical use)" if algo.demo else ""))[:1024],
+    )
+    item.DeviceUID = device_uid(algo)
+    return item
+
+
 def stamp_creation(dataset: Dataset, now: datetime.datetime) -> None:
     """Replace highdicom's wall-clock timestamps with ``now`` so objects are reproducible."""
     dataset.InstanceCreationDate = now.strftime("%Y%m%d")
@@ -520,8 +684,8 @@ def build_sr(
     *,
     institution_name: str | None = None,
     now: datetime.datetime | None = None,
-) -> ComprehensiveSR:
-    """The Comprehensive SR for ``estimate`` on ``source``, in the source's study, own series.
+) -> Comprehensive3DSR:
+    """The Comprehensive 3D SR (IHE AIR's SOP class) for ``estimate`` on ``source``, in the source's study, own series.
 
     ``now`` fixes content, series and instance creation date/time (tests pass a constant so
     that the object is reproducible); the default is the current local time.
@@ -534,7 +698,7 @@ def build_sr(
         name="CXR-BMD Screener landmarks",
         responsible_organization=MANUFACTURER,
     )
-    sr = ComprehensiveSR(
+    sr = Comprehensive3DSR(
         evidence=[header],
         content=_content(header, estimate),
         series_instance_uid=uids.sr_series_uid,
@@ -553,6 +717,7 @@ def build_sr(
         series_date=now.date(),
         series_time=now.time().replace(microsecond=0, tzinfo=None),
         coding_schemes=[coding_scheme],
+        contributing_equipment=[algorithm_equipment(estimate.algorithm, now)],
     )
     stamp_creation(sr, now)
     return sr

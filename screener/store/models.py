@@ -51,8 +51,12 @@ class JobState(StrEnum):
 
 
 class DeliveryKind(StrEnum):
+    """The result objects a destination can be sent (one outbox row each)."""
+
     SR = "sr"
     GSPS = "gsps"
+    IMAGE = "image"  # the Secondary Capture result image
+    PDF = "pdf"  # the Encapsulated PDF report
 
 
 class DeliveryState(StrEnum):
