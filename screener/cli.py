@@ -65,7 +65,7 @@ def _cmd_process(a: argparse.Namespace) -> int:
         print(f"{name:<36} {'reported' + (' (DEMO)' if o.estimate.demo else ''):<34} {t.bmd['L1-L4']:>9.3f} {tval:>6} {cat:<12} {o.seconds['total']:>5.1f}")
     counts = {s: sum(1 for o in rows if o.status == s) for s in ("reported", "ineligible", "error")}
     print(f"{len(rows)} files: {counts['reported']} reported, {counts['ineligible']} ineligible, {counts['error']} errors; "
-          f"SR, GSPS and JSON in {a.out}")
+          f"SR, GSPS, result image, PDF and JSON in {a.out}")
     for o in rows:
         if o.status != "reported":
             print(f"  {o.file.name}: {o.reason}")
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     from screener.audit import add_audit_parser
 
     add_audit_parser(sub)
-    ps = sub.add_parser("process", help="run the whole pipeline on files: SR + GSPS + JSON per image",
+    ps = sub.add_parser("process", help="run the whole pipeline on files: SR, GSPS, result image, PDF and JSON per image",
                         description="Runs decode, eligibility, landmarks, ROIs, BMD, T-score and report on DICOM files. "
                         "Writes <SOPInstanceUID>.sr.dcm, .gsps.dcm and .json per eligible image and a .json with the "
                         "reason for every other file. Exits non-zero only on usage errors: one bad file never stops the others.")

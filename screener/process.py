@@ -1,8 +1,8 @@
-"""`screener process`: the whole pipeline on files, writing SR, GSPS and a JSON result per image.
+"""`screener process`: the whole pipeline on files, writing the report objects and a JSON result.
 
 decode -> header eligibility -> landmarks -> image eligibility -> ROIs -> BMD -> T-score ->
-SR + GSPS. Images are decoded by a small thread pool and pushed through the networks in
-batches. Every input ends with exactly one :class:`Outcome` (reported, ineligible or error)
+SR, GSPS, result image and PDF. Images are decoded by a small thread pool and pushed through
+the networks in batches. Every input ends with exactly one :class:`Outcome` (reported, ineligible or error)
 and one JSON file; nothing about one file can stop the others.
 """
 
@@ -26,12 +26,15 @@ from screener.pipeline.eligibility import EligibilityRules, check_header, check_
 from screener.pipeline.estimate import BmdEstimate, BmdEstimator
 from screener.pipeline.geometry import Pyramid
 
-__all__ = ["Outcome", "Processor", "find_inputs"]
+__all__ = ["Outcome", "Processor", "find_inputs", "OUTPUT_SUFFIXES", "REQUIRED_KINDS"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-#: File name endings of the report objects, in the order _report writes them: SR, GSPS, result
-#: image (Secondary Capture), PDF (Encapsulated PDF).
-OUTPUT_SUFFIXES = (".sr.dcm", ".gsps.dcm", ".sc.dcm", ".pdf.dcm")
+#: File name ending of each report object, by kind (the outbox's DeliveryKind values): SR, GSPS,
+#: result image (Secondary Capture), PDF (Encapsulated PDF).
+OUTPUT_SUFFIXES: dict[str, str] = {"sr": ".sr.dcm", "gsps": ".gsps.dcm", "image": ".sc.dcm", "pdf": ".pdf.dcm"}
+#: The SR and the GSPS are the result; without them nothing is reported. The pictures are
+#: extra views of it: one that cannot be made is left out (and said), the result still goes.
+REQUIRED_KINDS = ("sr", "gsps")
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,15 @@ class Processor:
         rules: EligibilityRules = EligibilityRules(),
         limits: DecodeLimits = DEFAULT_LIMITS,
         previews: bool = False,
+        kinds: tuple[str, ...] = tuple(OUTPUT_SUFFIXES),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        unknown = set(kinds) - set(OUTPUT_SUFFIXES)
+        if unknown:
+            raise ValueError(f"kinds: unknown report object kinds {sorted(unknown)}; known: {list(OUTPUT_SUFFIXES)}")
+        # what to build: what some destination takes (the SR and GSPS always)
+        self.kinds = tuple(k for k in OUTPUT_SUFFIXES if k in kinds or k in REQUIRED_KINDS)
         self.previews = previews
         self.estimator = BmdEstimator(bundle, device)
         self.out_dir = out_dir
@@ -220,30 +229,35 @@ class Processor:
         from screener.report.sr import build_sr
 
         assert item.dataset is not None and item.image is not None
-        uid = item.image.sop_instance_uid
+        uid, ds, pixels = item.image.sop_instance_uid, item.dataset, item.image.pixels
         t = time.perf_counter()
-        try:
-            objects = [build_sr(item.dataset, est), build_gsps(item.dataset, est),
-                       build_result_image(item.dataset, est, item.image.pixels),
-                       build_pdf(item.dataset, est, item.image.pixels)]
-        except Exception as exc:  # a source header highdicom cannot carry: say so, keep going
-            return self._done(item, "error", "report-failed", f"could not build the report: {exc}", uid, est)
+        builders = {"sr": lambda: build_sr(ds, est), "gsps": lambda: build_gsps(ds, est),
+                    "image": lambda: build_result_image(ds, est, pixels), "pdf": lambda: build_pdf(ds, est, pixels)}
+        objects: dict[str, Dataset] = {}
+        left_out: list[str] = []
+        for kind in self.kinds:
+            try:
+                objects[kind] = builders[kind]()
+            except Exception as exc:  # a source header an object cannot carry: say so, keep going
+                if kind in REQUIRED_KINDS:
+                    return self._done(item, "error", "report-failed", f"could not build the {kind}: {exc}", uid, est)
+                left_out.append(f"{kind} not built ({type(exc).__name__}: {exc})")
         stem = output_stem(uid, item.path)
-        outputs = tuple(self.out_dir / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES)
-        gsps = objects[1]
+        outputs = tuple(self.out_dir / f"{stem}{OUTPUT_SUFFIXES[kind]}" for kind in objects)
         try:
-            for obj, path in zip(objects, outputs):
+            for obj, path in zip(objects.values(), outputs):
                 _atomic_write(path, lambda tmp, obj=obj: obj.save_as(tmp, enforce_file_format=True))
             if self.previews:  # the GSPS read back and drawn, as a viewer would show it
                 from screener.report.preview import render_gsps
 
                 png = self.out_dir / f"{stem}.gsps.png"
-                _atomic_write(png, lambda tmp: render_gsps(item.image.pixels, gsps, tmp))  # type: ignore[union-attr]
+                _atomic_write(png, lambda tmp: render_gsps(pixels, objects["gsps"], tmp))
                 outputs += (png,)
         except Exception as exc:
             return self._done(item, "error", "output-failed", f"could not write the report: {exc}", uid, est)
         item.seconds["report"] = time.perf_counter() - t
-        return self._done(item, "reported", "eligible", "estimated", uid, est, outputs)
+        reason = "estimated" + (f"; {'; '.join(left_out)}"[:900] if left_out else "")
+        return self._done(item, "reported", "eligible", reason, uid, est, outputs)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 

@@ -126,7 +126,7 @@ class Service:
 
     def start(self) -> None:
         from screener.pipeline.bundle import ModelBundle
-        from screener.process import Processor
+        from screener.process import OUTPUT_SUFFIXES, Processor
         from screener.worker import Worker
 
         s = self.settings
@@ -137,10 +137,12 @@ class Service:
         self.sessions = session_factory(self.engine)
         bundle = ModelBundle.load(s.model.bundle or None)
         destinations = [d.destination() for d in s.destinations]
+        # Build what some destination takes; with none configured, everything (kept in the outbox).
+        kinds = tuple({str(k) for d in destinations for k in d.kinds()}) if destinations else tuple(OUTPUT_SUFFIXES)
         for n in range(s.worker.workers):
             processor = Processor(bundle, data / "outbox", device=s.model.device, batch_size=s.model.batch_size,
                                   decode_workers=s.worker.decode_workers, rules=build_eligibility_rules(s.eligibility),
-                                  limits=build_decode_limits(s.decode))
+                                  limits=build_decode_limits(s.decode), kinds=kinds)
             # Owner names are unique per process and thread: the lease is checked by name.
             worker = Worker(f"{os.uname().nodename}:{os.getpid()}:{n}", self.sessions, processor, destinations,
                             s.worker.lease_seconds, s.worker.poll_seconds)

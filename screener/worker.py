@@ -28,8 +28,7 @@ log = structlog.get_logger(__name__)
 # Outcome codes of failures that may pass on a later attempt (our bug, a full disk); every
 # other error code is about the image itself (DecodeError codes, report-failed) and is final.
 RETRYABLE_CODES = frozenset({"internal-error", "output-failed"})
-_SUFFIX = dict(zip((DeliveryKind.SR, DeliveryKind.GSPS, DeliveryKind.IMAGE, DeliveryKind.PDF), OUTPUT_SUFFIXES,
-                   strict=True))
+_SUFFIX = {DeliveryKind(kind): suffix for kind, suffix in OUTPUT_SUFFIXES.items()}
 
 
 def output_for(outputs: Sequence[str | Path], kind: DeliveryKind | str) -> Path | None:
@@ -88,8 +87,10 @@ class Worker:
                 if path is not None:
                     uids[kind] = str(pydicom.dcmread(path, stop_before_pixels=True,
                                                      specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            # only what was written: a result image or PDF that could not be made is not queued
+            destinations = [(name, tuple(k for k in kinds if k in uids)) for name, kinds in self._destinations]
             self._finish(job, lambda s: complete_job(s, job.id, self.owner, JobState.DONE, result,
-                                                     self._destinations, object_uids=uids))
+                                                     destinations, object_uids=uids))
         elif outcome.status == "ineligible":
             self._finish(job, lambda s: complete_job(s, job.id, self.owner, JobState.INELIGIBLE, result, []))
         else:

@@ -3,6 +3,7 @@ bookkeeping, backoff, dead deliveries and the apscheduler job."""
 
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 import time
@@ -14,7 +15,10 @@ from pathlib import Path
 import pydicom
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
+from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
@@ -77,14 +81,15 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
     """Start DCMTK storescp (AE PACS) on a port, wait until it answers C-ECHO; stop at teardown."""
     started: list[StoreSCP] = []
 
-    def start(port: int | None = None) -> StoreSCP:
+    def start(port: int | None = None, accept_all: bool = True) -> StoreSCP:
+        """``accept_all``: +xa, every transfer syntax; else DCMTK's default, uncompressed only."""
         port = port or free_port()
         out_dir = tmp_path / f"storescp-{port}"
         out_dir.mkdir()
         log = (tmp_path / f"storescp-{port}.log").open("wb")
         process = subprocess.Popen(
-            [dcmtk_tool("storescp"), "--aetitle", "PACS", "--output-directory", str(out_dir), "+xa",
-             "--acse-timeout", "10", "--dimse-timeout", "10", "--socket-timeout", "10", str(port)],
+            [dcmtk_tool("storescp"), "--aetitle", "PACS", "--output-directory", str(out_dir),
+             *(["+xa"] if accept_all else []), "--acse-timeout", "10", "--dimse-timeout", "10", "--socket-timeout", "10", str(port)],
             stdout=log, stderr=subprocess.STDOUT,
         )
         peer = StoreSCP(port, out_dir, process)
@@ -113,9 +118,10 @@ def pynetdicom_scp() -> Iterator[Callable[..., int]]:
     """A pynetdicom storage SCP with a chosen C-STORE status or called-AE check; returns the port."""
     servers = []
 
-    def start(status: int = 0x0000, require_called_aet: bool = False) -> int:
+    def start(status: int = 0x0000, require_called_aet: bool = False, only_sr: bool = False) -> int:
         ae = AE(ae_title="PACS")
-        ae.supported_contexts = AllStoragePresentationContexts
+        # only_sr: a PACS that takes reports but no images (set once: the setter adds)
+        ae.supported_contexts = [c for c in AllStoragePresentationContexts if not only_sr or ".88." in c.abstract_syntax]
         ae.require_called_aet = require_called_aet
         port = free_port()
         servers.append(ae.start_server(("127.0.0.1", port), block=False,
@@ -148,9 +154,26 @@ def objects(tmp_path: Path) -> dict[str, Path]:
     return {}
 
 
+def jpeg_sc_file(directory: Path, uid: str) -> Path:
+    """A JPEG baseline (YBR_FULL_422) Secondary Capture, as the result image is stored."""
+    dataset = pydicom.dcmread(get_testdata_file("SC_rgb.dcm"))
+    buffer = io.BytesIO()
+    Image.fromarray(dataset.pixel_array).save(buffer, format="JPEG", quality=90, subsampling="4:2:2")
+    dataset.PixelData = encapsulate([buffer.getvalue()])
+    dataset["PixelData"].VR = "OB"
+    dataset.PhotometricInterpretation = "YBR_FULL_422"
+    dataset.LossyImageCompression = "01"
+    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = uid
+    path = directory / f"{uid}.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
 def completed(factory: sessionmaker[Session], objects: dict[str, Path], tmp_path: Path, n: int,
-              destinations: list[tuple[str, tuple[str, ...]]]) -> str:
-    """A done job with pending deliveries (created at T0, so due now); returns the SR UID."""
+              destinations: list[tuple[str, tuple[str, ...]]], image_uid: str | None = None) -> str:
+    """A done job with pending deliveries (created at T0, so due now); returns the SR UID.
+    ``image_uid``: the job also has a result image (a JPEG Secondary Capture) of that UID."""
     received = ReceivedInstance(
         sop_instance_uid=f"1.2.3.4.{n}", study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
         sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
@@ -164,8 +187,12 @@ def completed(factory: sessionmaker[Session], objects: dict[str, Path], tmp_path
     assert job is not None
     [claimed] = claim_jobs(factory, "w1", 1, 60, now=T0)
     assert claimed.id == job.id
+    uids = {"sr": sr_uid}
+    if image_uid is not None:
+        objects[image_uid] = jpeg_sc_file(tmp_path, image_uid)
+        uids["image"] = image_uid
     with factory() as s:
-        complete_job(s, job.id, "w1", "done", {"bmd": 1.0}, destinations, object_uids={"sr": sr_uid}, now=T0)
+        complete_job(s, job.id, "w1", "done", {"bmd": 1.0}, destinations, object_uids=uids, now=T0)
     return sr_uid
 
 
@@ -244,6 +271,31 @@ def test_send_file_stores_sr_at_dcmtk_storescp(storescp: Callable[..., StoreSCP]
     path = sr_file(tmp_path, "2.25.77")
     assert send_file(destination("pacs", peer.port), path, SETTINGS) == 0x0000
     assert peer.received_uids() == {"2.25.77"}
+
+
+def test_jpeg_result_image_is_decompressed_for_an_scp_that_takes_only_uncompressed(
+        storescp: Callable[..., StoreSCP], tmp_path: Path) -> None:
+    peer = storescp(accept_all=False)
+    path = jpeg_sc_file(tmp_path, "2.25.78")
+    assert send_file(destination("pacs", peer.port), path, SETTINGS) == 0x0000
+    assert peer.received_uids() == {"2.25.78"}
+    [received] = [p for p in peer.out_dir.iterdir() if p.is_file()]
+    stored = pydicom.dcmread(received)
+    assert stored.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    assert stored.PhotometricInterpretation == "RGB" and stored.pixel_array.shape[-1] == 3
+
+
+def test_an_object_the_destination_refuses_does_not_hold_up_its_other_deliveries(
+        pynetdicom_scp: Callable[..., int], factory: sessionmaker[Session], objects: dict[str, Path],
+        tmp_path: Path) -> None:
+    port = pynetdicom_scp(only_sr=True)
+    completed(factory, objects, tmp_path, 1, [("pacs", ("image", "sr"))], image_uid="2.25.90")
+    report = dispatcher(factory, objects, destination("pacs", port)).run_due()
+    assert (report.sent, report.failed) == (1, 1)
+    rows = {row.kind: row for row in deliveries(factory)}
+    assert rows["sr"].state == "sent"  # tried, whether the image came before it or not
+    assert rows["image"].state == "pending"
+    assert "aborted the association request for Secondary Capture" in (rows["image"].last_error or "")
 
 
 def test_send_file_unreachable_names_the_destination(tmp_path: Path) -> None:

@@ -173,3 +173,24 @@ def test_same_file_names_in_two_folders_do_not_collide(tmp_path: Path) -> None:
     assert output_stem("", tmp_path / "a" / "IM0001") != output_stem("", tmp_path / "b" / "IM0001")
     assert output_stem("1.2.3", tmp_path / "x") == "1.2.3"
     assert output_stem("../../etc", tmp_path / "x").startswith("x-")
+
+
+def test_a_picture_that_cannot_be_made_leaves_the_result_and_is_not_queued(tmp_path: Path, monkeypatch) -> None:
+    """The SR and GSPS are the result; a result image or PDF that fails is left out and said,
+    and only the kinds some destination takes are built at all."""
+    import screener.report.pdf as pdf
+    from screener.pipeline.bundle import ModelBundle
+    from screener.process import Processor
+
+    def broken(*args, **kwargs):
+        raise ValueError("no PDF today")
+
+    monkeypatch.setattr(pdf, "build_pdf", broken)
+    processor = Processor(ModelBundle.load(), tmp_path / "out", kinds=("sr", "pdf"))
+    assert processor.kinds == ("sr", "gsps", "pdf")  # the SR and GSPS always
+    [outcome] = processor.run([rg1_file()])
+    assert outcome.status == "reported", outcome.reason
+    assert [p.name.rsplit(".", 2)[-2] for p in outcome.outputs] == ["sr", "gsps"]  # no picture, no PDF
+    assert "pdf not built (ValueError: no PDF today)" in outcome.reason
+    with pytest.raises(ValueError, match="kinds: unknown"):
+        Processor(ModelBundle.load(), tmp_path / "o", kinds=("sr", "video"))

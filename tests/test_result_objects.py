@@ -215,3 +215,18 @@ def test_air_content_date_time_is_when_the_analysis_ran(source, geometry) -> Non
     now = datetime.datetime(2026, 12, 1, 10, 11, 12)
     sr = read_back(build_sr(source, make_estimate(geometry, demo=True), now=now))
     assert (sr.ContentDate, sr.ContentTime) == ("20261201", "101112")
+
+
+def test_pdf_and_result_image_carry_header_text_as_it_is(geometry, pixels) -> None:
+    """A "$" in a study description is text, not TeX; a Latin-1 name is re-encoded as UTF-8."""
+    source = pydicom.dcmread(rg1_file())
+    source.SpecificCharacterSet = "ISO_IR 100"
+    source.StudyDescription = "CHEST $$ SELF-PAY $$"
+    source.PatientName = "Müller^Jürgen^Q^Dr"
+    estimate = make_estimate(geometry, demo=False)
+    doc = read_back(build_pdf(source, estimate, pixels, now=NOW))
+    text = pdftotext(bytes(doc.EncapsulatedDocument)[: int(doc.EncapsulatedDocumentLength)])
+    assert "CHEST $$ SELF-PAY $$" in text
+    assert "Müller, Jürgen Q (Dr)" in text
+    for ds in (doc, read_back(build_result_image(source, estimate, pixels, now=NOW))):
+        assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == "Müller^Jürgen^Q^Dr"

@@ -143,7 +143,9 @@ def test_image_in_sr_out_with_audit_trail(node: Node, pacs: tuple[int, Path]) ->
     refs = [str(item.ReferencedSOPInstanceUID) for seq in sr.get("CurrentRequestedProcedureEvidenceSequence", [])
             for series in seq.ReferencedSeriesSequence for item in series.ReferencedSOPSequence]
     assert str(source.SOPInstanceUID) in refs
-    wait_for("deliveries sent", lambda: node.query("select count(*) from deliveries where state='sent'")[0][0] == 2, 20)
+    # SR, GSPS, result image and PDF
+    wait_for("deliveries sent", lambda: node.query("select count(*) from deliveries where state='sent'")[0][0] == 4, 40)
+    assert sorted(k for (k,) in node.query("select kind from deliveries")) == ["gsps", "image", "pdf", "sr"]
     assert node.query("select state from jobs") == [("done",)]
     kinds = [k for (k,) in node.query(f"select kind from events where sop_instance_uid='{source.SOPInstanceUID}' order by id")]
     for expected in ("received", "claimed", "done", "sent"):
@@ -191,13 +193,13 @@ def test_kill_9_then_restart_loses_and_duplicates_nothing(node: Node, pacs: tupl
     node.send(*copies)  # the PACS retries what it may not have had acknowledged: duplicates are not queued again
     uids = [str(pydicom.dcmread(c, stop_before_pixels=True).SOPInstanceUID) for c in copies]
     wait_for("all SRs at the PACS", lambda: len(received_srs(pacs[1])) == 3, 90)
-    wait_for("all deliveries sent", lambda: node.query("select count(*) from deliveries where state='sent'")[0][0] == 6, 30)
+    wait_for("all deliveries sent", lambda: node.query("select count(*) from deliveries where state='sent'")[0][0] == 12, 60)
     for uid in uids:
         rows = node.query(f"select j.state from jobs j join instances i on i.id=j.instance_id where i.sop_instance_uid='{uid}'")
         assert rows == [("done",)], uid
     assert node.query("select count(*) from deliveries where state != 'sent'")[0][0] == 0
     per_object = node.query("select destination, kind, sop_instance_uid, count(*) from deliveries group by 1, 2, 3")
-    assert len(per_object) == 6 and all(row[3] == 1 for row in per_object)
+    assert len(per_object) == 12 and all(row[3] == 1 for row in per_object)  # 3 images x 4 objects
 
 
 def test_sigterm_exits_zero(node: Node) -> None:
@@ -208,7 +210,7 @@ def test_sigterm_exits_zero(node: Node) -> None:
 
 
 def test_destination_down_then_up_gets_everything(tmp_path: Path) -> None:
-    """The PACS is down when the result is ready; once it is up, it gets the SR and GSPS."""
+    """The PACS is down when the result is ready; once it is up, it gets every object."""
     pacs_port, out = free_port(), tmp_path / "pacs"
     out.mkdir()
     node = Node(tmp_path, pacs_port)  # nothing listens on pacs_port yet
@@ -220,8 +222,8 @@ def test_destination_down_then_up_gets_everything(tmp_path: Path) -> None:
         proc = subprocess.Popen([dcmtk_tool("storescp"), "--aetitle", "PACS", "--output-directory", str(out), "+xa",
                                  str(pacs_port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
-            wait_for("both objects delivered", lambda: node.query(
-                "select count(*) from deliveries where state='sent'")[0][0] == 2, 60)
+            wait_for("all four objects delivered", lambda: node.query(
+                "select count(*) from deliveries where state='sent'")[0][0] == 4, 90)
             assert received_srs(out) and any(f.name.startswith("PS") for f in out.iterdir())
         finally:
             proc.terminate()

@@ -39,6 +39,20 @@ class DispatchError(RuntimeError):
     """The object could not be handed to the destination (no association, no response)."""
 
 
+class DestinationUnreachable(DispatchError):
+    """No connection at all (refused, timed out, TLS failed): the destination's other
+    deliveries in the same run would fail the same way and are not tried."""
+
+
+class ObjectNotAccepted(DispatchError):
+    """The destination is up but takes no presentation context for this object: that delivery
+    fails, the destination's other deliveries are still tried."""
+
+
+#: Transfer syntaxes any storage SCP accepts; a compressed object is also offered in these.
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
 # ---------------------------------------------------------------- configuration
 
 
@@ -148,10 +162,15 @@ def send_file(destination: Destination, path: Path | str, settings: DispatchSett
     """
     dataset = pydicom.dcmread(path)
     sop_class = dataset.SOPClassUID
-    syntaxes = list(dict.fromkeys([dataset.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian,
-                                   ImplicitVRLittleEndian]))
     ae = AE(ae_title=settings.calling_ae)
-    ae.add_requested_context(sop_class, syntaxes)
+    stored_as = dataset.file_meta.TransferSyntaxUID
+    if stored_as in _UNCOMPRESSED:
+        ae.add_requested_context(sop_class, list(dict.fromkeys([stored_as, *_UNCOMPRESSED])))
+    else:
+        # Two contexts: an SCP picks one syntax per context and may well pick uncompressed, or
+        # refuse the compressed one (DCMTK storescp by default): then the object is decompressed.
+        ae.add_requested_context(sop_class, [stored_as])
+        ae.add_requested_context(sop_class, list(_UNCOMPRESSED))
     for attribute in ("connection_timeout", "acse_timeout", "dimse_timeout", "network_timeout"):
         setattr(ae, attribute, destination.timeout_s)
     where = f"destination {destination.name} ({destination.label})"
@@ -194,16 +213,22 @@ def send_file(destination: Destination, path: Path | str, settings: DispatchSett
             reason = seen.get("reason", "no reason given")
             raise DispatchError(f"{where} refused the association from {settings.calling_ae} ({reason})")
         if "connected" not in seen and "tls" in seen:
-            raise DispatchError(f"{where}: {seen['tls']}")
+            raise DestinationUnreachable(f"{where}: {seen['tls']}")
         if "connected" not in seen:
-            raise DispatchError(f"{where} unreachable (no connection within {destination.timeout_s:g} s)")
-        raise DispatchError(f"{where} aborted the association request")
+            raise DestinationUnreachable(f"{where} unreachable (no connection within {destination.timeout_s:g} s)")
+        # A peer that supports none of the proposed contexts (say, no Secondary Capture) aborts
+        # or rejects the request: that object's failure, not the destination's.
+        raise DispatchError(f"{where} aborted the association request for {sop_class.name}")
     try:
+        accepted = {str(c.transfer_syntax[0]) for c in assoc.accepted_contexts if c.abstract_syntax == sop_class}
+        if stored_as not in _UNCOMPRESSED and stored_as not in accepted and accepted & {str(u) for u in _UNCOMPRESSED}:
+            # e.g. the JPEG result image to a PACS that takes uncompressed only; the same instance
+            dataset.decompress(generate_instance_uid=False)
         try:
             response = assoc.send_c_store(dataset)
         except ValueError as error:  # no accepted presentation context for this SOP class/syntax
-            raise DispatchError(f"{where} did not accept {sop_class.name} "
-                                f"in {dataset.file_meta.TransferSyntaxUID.name}: {error}") from error
+            raise ObjectNotAccepted(f"{where} did not accept {sop_class.name} "
+                                    f"in {stored_as.name} or uncompressed: {error}") from error
         status = response.get("Status") if response else None
         if status is None:
             raise DispatchError(f"{where} sent no C-STORE response (timeout or aborted association)")
@@ -285,8 +310,10 @@ class Dispatcher:
         try:
             path = self._object_path(delivery)
             status = self._send(destination, path, self._settings)
-        except DispatchError as error:
+        except DestinationUnreachable as error:
             down[destination.name] = str(error)
+            return str(error)
+        except DispatchError as error:  # this object only (refused, aborted, no response)
             return str(error)
         except Exception as error:  # unreadable object file, bad TLS files: retry, keep going
             return f"{type(error).__name__}: {error}"

@@ -14,14 +14,14 @@ import io
 import textwrap
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, EncapsulatedPDFStorage
-from pydicom.valuerep import PersonName
+from pydicom.dataset import Dataset
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 import screener
 from screener.pipeline.estimate import BmdEstimate
-from screener.report.result_image import copy_patient_study, render_film
-from screener.report.sr import MANUFACTURER, MODEL_NAME, report_uids, software_versions, source_header
+from screener.report.common import new_instance
+from screener.report.result_image import render_film
+from screener.report.sr import MANUFACTURER, report_uids, source_header
 from screener.report.text import DEMO_PREFIX, category_text, result_rows, statements
 
 __all__ = ["PDF_SERIES_NUMBER", "DOCUMENT_TITLE", "render_pdf", "build_pdf"]
@@ -48,8 +48,22 @@ LIMITS = (
 
 
 def _person(value: object) -> str:
+    """FAMILY, Given Middle (prefix, suffix): the alphabetic group, else the ideographic, else the
+    phonetic one. (DejaVu has no CJK glyphs: such a name prints as boxes; see docs/viewers.md.)"""
     text = str(value or "").strip()
-    return PersonName(text).formatted("%(family_name)s, %(given_name)s").strip(", ") if text else "-"
+    if not text:
+        return "-"
+    groups = (text.split("=") + ["", ""])[:3]
+    group = next((g for g in groups if g.strip("^ ")), "")
+    parts = (group.split("^") + [""] * 5)[:5]
+    family, given, middle, prefix, suffix = (p.strip() for p in parts)
+    name = ", ".join(p for p in (family, " ".join(p for p in (given, middle) if p)) if p)
+    extra = " ".join(p for p in (prefix, suffix) if p)
+    return f"{name} ({extra})" if extra else (name or "-")
+
+
+def _fit(text: str, limit: int = 70) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def _date(value: object) -> str:
@@ -75,46 +89,49 @@ def _identifiers(header: Dataset) -> list[tuple[str, str]]:
 
 def render_pdf(header: Dataset, estimate: BmdEstimate, pixels: np.ndarray, now: datetime.datetime) -> bytes:
     """The report page as PDF bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.backends.backend_pdf import FigureCanvasPdf
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     algo = estimate.algorithm
     fig = Figure(figsize=A4_INCHES)
     FigureCanvasPdf(fig)
+
+    def text(x: float, y: float, value: str, **kwargs: object) -> None:
+        # header text is data: a "$" in a study description must not start TeX math (it raises)
+        fig.text(x, y, value, parse_math=False, **kwargs)  # type: ignore[arg-type]
+
     top = 0.965
     if estimate.demo:
-        fig.patches.append(matplotlib.patches.Rectangle((0, 0.935), 1, 0.065, transform=fig.transFigure,
-                                                        facecolor="#c80000", edgecolor="none"))
-        fig.text(0.5, 0.967, DEMO_PREFIX, ha="center", va="center", color="white", fontsize=17, weight="bold")
+        fig.patches.append(Rectangle((0, 0.935), 1, 0.065, transform=fig.transFigure,
+                                     facecolor="#c80000", edgecolor="none"))
+        text(0.5, 0.967, DEMO_PREFIX, ha="center", va="center", color="white", fontsize=17, weight="bold")
         top = 0.915
-    fig.text(0.06, top, DOCUMENT_TITLE, fontsize=16, weight="bold", va="top")
-    fig.text(0.06, top - 0.03, "Software estimate from a frontal chest radiograph - not a DXA measurement",
+    text(0.06, top, DOCUMENT_TITLE, fontsize=16, weight="bold", va="top")
+    text(0.06, top - 0.03, "Software estimate from a frontal chest radiograph - not a DXA measurement",
              fontsize=9.5, va="top", color="#444444")
     y = top - 0.065
     for label, value in _identifiers(header):
-        fig.text(0.06, y, label, fontsize=9, va="top", color="#444444")
-        fig.text(0.22, y, value[:70], fontsize=9, va="top")
+        text(0.06, y, label, fontsize=9, va="top", color="#444444")
+        text(0.22, y, _fit(value), fontsize=9, va="top")
         y -= 0.018
 
     # results table (left) and the picture (right)
     table_top = y - 0.015
-    fig.text(0.06, table_top, "Results", fontsize=12, weight="bold", va="top")
+    text(0.06, table_top, "Results", fontsize=12, weight="bold", va="top")
     ty = table_top - 0.03
     for x, head in ((0.06, "Site"), (0.19, "BMD (g/cm2)"), (0.34, "T-score")):
-        fig.text(x, ty, head, fontsize=10, weight="bold", va="top")
+        text(x, ty, head, fontsize=10, weight="bold", va="top")
     for row in result_rows(estimate):
         ty -= 0.022
-        fig.text(0.06, ty, row.site, fontsize=10, va="top", family="DejaVu Sans Mono")
-        fig.text(0.19, ty, row.bmd_text, fontsize=10, va="top", family="DejaVu Sans Mono")
-        fig.text(0.34, ty, row.tscore_text, fontsize=10, va="top", family="DejaVu Sans Mono")
+        text(0.06, ty, row.site, fontsize=10, va="top", family="DejaVu Sans Mono")
+        text(0.19, ty, row.bmd_text, fontsize=10, va="top", family="DejaVu Sans Mono")
+        text(0.34, ty, row.tscore_text, fontsize=10, va="top", family="DejaVu Sans Mono")
     ty -= 0.035
-    fig.text(0.06, ty, "WHO category (L1-L4)", fontsize=10, va="top", color="#444444")
-    fig.text(0.06, ty - 0.02, category_text(estimate), fontsize=13, weight="bold", va="top")
+    text(0.06, ty, "WHO category (L1-L4)", fontsize=10, va="top", color="#444444")
+    text(0.06, ty - 0.02, category_text(estimate), fontsize=13, weight="bold", va="top")
     if estimate.tscores.tscore is None and estimate.tscores.reason:
-        fig.text(0.06, ty - 0.05, textwrap.fill(estimate.tscores.reason, 48), fontsize=8, va="top")
+        text(0.06, ty - 0.05, textwrap.fill(estimate.tscores.reason, 48), fontsize=8, va="top")
 
     film = np.asarray(render_film(pixels, estimate, max_side=900)[0])
     h, w = film.shape[:2]
@@ -130,12 +147,12 @@ def render_pdf(header: Dataset, estimate: BmdEstimate, pixels: np.ndarray, now: 
     body = [METHOD, LIMITS] + statements(estimate)[1:]  # the first statement is the heading above
     for paragraph in body:
         wrapped = textwrap.fill(paragraph, 105)
-        fig.text(0.06, y, wrapped, fontsize=8.3, va="top", linespacing=1.35)
+        text(0.06, y, wrapped, fontsize=8.3, va="top", linespacing=1.35)
         y -= 0.0155 * (wrapped.count("\n") + 1) + 0.012
-    fig.text(0.06, max(y, 0.09), textwrap.fill(
+    text(0.06, max(y, 0.09), textwrap.fill(
         f"Model: {algo.name} {algo.version} (model id {algo.model_id}). Software: {MANUFACTURER} "
         f"{screener.__version__}.", 105), fontsize=8, va="top", color="#444444")
-    fig.text(0.06, 0.035, f"Generated {now.strftime('%Y-%m-%d %H:%M')} by {MANUFACTURER}. "
+    text(0.06, 0.035, f"Generated {now.strftime('%Y-%m-%d %H:%M')} by {MANUFACTURER}. "
              "Derived report: not for primary diagnosis.", fontsize=7.5, color="#444444")
     out = io.BytesIO()
     # No CreationDate: identical results give identical bytes (deterministic objects).
@@ -161,25 +178,11 @@ def build_pdf(
     if length % 2:
         document += b"\x00"  # OB values have even length; PS3.3 A.45.1 allows one pad byte
 
-    ds = Dataset()
-    copy_patient_study(header, ds)
-    ds.SOPClassUID = EncapsulatedPDFStorage
-    ds.SOPInstanceUID = uids.pdf_instance_uid
-    ds.Modality = "DOC"
-    ds.SeriesInstanceUID = uids.pdf_series_uid
-    ds.SeriesNumber = PDF_SERIES_NUMBER
-    ds.SeriesDescription = "BMD report PDF (DEMO)" if estimate.demo else "BMD report PDF"
-    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds = new_instance(header, estimate, sop_class_uid=EncapsulatedPDFStorage, sop_instance_uid=uids.pdf_instance_uid,
+                      series_instance_uid=uids.pdf_series_uid, series_number=PDF_SERIES_NUMBER,
+                      series_description="BMD report PDF", modality="DOC",
+                      transfer_syntax_uid=ExplicitVRLittleEndian, now=now, institution_name=institution_name)
     ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = MODEL_NAME
-    ds.SoftwareVersions = software_versions(estimate.algorithm)
-    if institution_name:
-        ds.InstitutionName = institution_name
-    ds.ConversionType = "WSD"
-    ds.InstanceNumber = 1
-    ds.BurnedInAnnotation = "YES"
     ds.DocumentTitle = DOCUMENT_TITLE + (" (DEMO)" if estimate.demo else "")
     ds.ConceptNameCodeSequence = []
     ref = Dataset()
@@ -189,10 +192,4 @@ def build_pdf(
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocument = document
     ds.EncapsulatedDocumentLength = length  # without the pad byte
-
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return ds

@@ -21,19 +21,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, PYDICOM_IMPLEMENTATION_UID, SecondaryCaptureImageStorage
+from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
 from screener.pipeline.estimate import BmdEstimate
 from screener.pipeline.rois import LOCAL_ROI_NAMES
-from screener.report.sr import (
-    MANUFACTURER,
-    MODEL_NAME,
-    report_uids,
-    software_versions,
-    source_header,
-)
+from screener.report.common import new_instance
+from screener.report.sr import MANUFACTURER, report_uids, source_header
 from screener.report.text import (
     DEMO_PREFIX,
     NOT_FOR_DIAGNOSIS,
@@ -48,7 +43,6 @@ __all__ = [
     "render_film",
     "render_result",
     "build_result_image",
-    "copy_patient_study",
     "font",
 ]
 
@@ -64,14 +58,6 @@ ROI_COLOUR = {
 }
 LANDMARK_COLOUR = (255, 60, 60)
 DEMO_RED = (200, 0, 0)
-
-#: Attributes of the Patient and General Study modules, copied from the source as they are.
-PATIENT_STUDY = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-    "AccessionNumber", "StudyDescription", "SpecificCharacterSet",
-)
-
 
 @lru_cache(maxsize=None)
 def _font_path(bold: bool) -> str:
@@ -196,13 +182,6 @@ def _mono(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), max(8, size))
 
 
-def copy_patient_study(header: Dataset, target: Dataset) -> None:
-    """Patient and General Study modules of the source, unchanged (type 2: present, maybe empty)."""
-    for keyword in PATIENT_STUDY:
-        if keyword in header:
-            target[keyword] = header[keyword]
-
-
 def _jpeg(picture: Image.Image) -> bytes:
     out = io.BytesIO()
     # 4:2:0 would smear the coloured outlines and small text; 4:2:2 is what DICOM names here.
@@ -226,27 +205,14 @@ def build_result_image(
     picture = render_result(pixels, estimate)
     frame = _jpeg(picture)
 
-    ds = Dataset()
-    copy_patient_study(header, ds)
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = uids.image_instance_uid
-    ds.Modality = "OT"
-    ds.SeriesInstanceUID = uids.image_series_uid
-    ds.SeriesNumber = RESULT_IMAGE_SERIES_NUMBER
-    ds.SeriesDescription = "BMD result image (DEMO)" if estimate.demo else "BMD result image"
-    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
-    ds.Laterality = ""
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = MODEL_NAME
-    ds.SoftwareVersions = software_versions(estimate.algorithm)
-    if institution_name:
-        ds.InstitutionName = institution_name
-    ds.ConversionType = "WSD"  # workstation: made by software from another image
-    ds.InstanceNumber = 1
+    ds = new_instance(header, estimate, sop_class_uid=SecondaryCaptureImageStorage,
+                      sop_instance_uid=uids.image_instance_uid, series_instance_uid=uids.image_series_uid,
+                      series_number=RESULT_IMAGE_SERIES_NUMBER, series_description="BMD result image",
+                      modality="OT", transfer_syntax_uid=JPEGBaseline8Bit, now=now,
+                      institution_name=institution_name)
+    ds.Laterality = header.get("Laterality", "") or ""  # type 2C in the SC's General Series
     ds.PatientOrientation = header.get("PatientOrientation", "") or ""
     ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.BurnedInAnnotation = "YES"
     ds.RecognizableVisualFeatures = "NO"
     ds.DerivationDescription = (
         f"{NOT_FOR_DIAGNOSIS}. Source radiograph with BMD estimate ROIs, landmarks and results by "
@@ -268,10 +234,4 @@ def build_result_image(
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = encapsulate([frame])
     ds["PixelData"].VR = "OB"
-
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return ds

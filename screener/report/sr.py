@@ -1,14 +1,17 @@
-"""The DICOM Structured Report for one BMD estimate (TID 1500, Comprehensive SR).
+"""The DICOM Structured Report for one BMD estimate (TID 1500, Comprehensive 3D SR).
 
-What the SR says is fixed by METHOD.md section 6. Layout of the content tree::
+What the SR says is fixed by METHOD.md section 6; how it is laid out so that viewers (OHIF 3)
+draw it, and the IHE AI Results checklist it meets, are in docs/viewers.md. The tree::
 
     Imaging Measurement Report (DCM 126000), procedure reported: Imaging procedure (SCT 363679005)
-      Observation context: device observer "CXR-BMD Screener"
+      Observation context: device observer = the algorithm (its Device UID follows the model)
+      Image Library (TID 1600): the source film
       Imaging Measurements (DCM 126010)
-        5 x TID 1501 group: L1, L2, L3, L4, L1-L4 (finding site), BMD (LN 24966-4, g/cm2),
-            T-score (LN 38267-1, {T-score}); the L1-L4 group adds the WHO category
-        6 x TID 1410 group: each local ROI as a closed POLYLINE on the source image
-        1 x TID 1501 group: the 16 landmarks as SCOORD POINTs
+        5 x TID 1501: L1, L2, L3, L4, L1-L4 (finding site), BMD (LN 24966-4, g/cm2) and T-score
+            (LN 38267-1, {T-score}) each INFERRED FROM a marker on the right image edge; the
+            L1-L4 group adds the WHO category; TEXT lines name the site (what viewers print)
+        6 x TID 1501: each local ROI, its Area INFERRED FROM its closed outline, named by TEXT
+        16 x TID 1410: each landmark as a small CIRCLE, named by its Finding (private code)
       Qualitative Evaluations (UMLS C0034375)
         Comment: estimated from a chest radiograph by software, not a DXA measurement
         Comment: DEMO MODEL - NOT FOR CLINICAL USE ...  (demo bundles only)
@@ -58,8 +61,6 @@ from highdicom.sr import (
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
-    ScoordContentItem,
-    SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
     SourceImageForRegion,
     TextContentItem,
@@ -71,7 +72,7 @@ from pydicom.sr.coding import Code
 
 import screener
 from screener.pipeline.estimate import AlgorithmInfo, BmdEstimate
-from screener.pipeline.landmarks import LANDMARK_NAMES, LANDMARK_SCHEME
+from screener.pipeline.landmarks import LANDMARK_NAMES
 from screener.pipeline.rois import LOCAL_ROI_NAMES
 from screener.pipeline.tscore import SITES, WhoCategory
 from screener.report.text import DEMO_PREFIX, ESTIMATE_STATEMENT, ROI_LABELS, statements, summary_text
@@ -188,7 +189,7 @@ class ReportUids:
 
 
 def report_uids(source_sop_instance_uid: str, model_id: str) -> ReportUids:
-    """Deterministic UIDs: the same image and model always give the same SR and GSPS UIDs."""
+    """Deterministic UIDs: the same image and model always give the same UIDs for every object."""
     if not source_sop_instance_uid:
         raise ValueError("report_uids needs the source SOPInstanceUID (0008,0018)")
     if not model_id:

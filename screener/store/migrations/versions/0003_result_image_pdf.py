@@ -10,7 +10,8 @@ cannot alter a constraint, so the table is rebuilt from its own stored DDL with 
 clause replaced (rows, names and indexes kept), and the administrators' views that read it
 (0002) are dropped before and created again after. Alembic's batch mode is not used: it runs
 the models' naming convention over the reflected names and would rename every other CHECK of
-the table to ck_deliveries_ck_deliveries_*.
+the table to ck_deliveries_ck_deliveries_*. Downgrading deletes the image and pdf delivery
+rows: the old constraint does not admit them.
 """
 
 from __future__ import annotations
