@@ -179,6 +179,13 @@ def test_sr_is_reproducible_and_uids_follow_the_model(source, geometry) -> None:
 # --------------------------------------------------------------------------- header
 
 
+@pytest.mark.parametrize("demo, sex", [(True, "F"), (False, None)], ids=["demo-female", "real-unknown-sex"])
+def test_fast_sr_build_is_the_object_highdicom_checks_in_full(source, geometry, demo, sex) -> None:
+    estimate = make_estimate(geometry, demo=demo, sex=sex)
+    fast = encode(build_sr(source, estimate, now=NOW))
+    assert fast == encode(build_sr(source, estimate, now=NOW, full_check=True))
+
+
 def test_sr_header_copies_patient_and_study(source, geometry) -> None:
     estimate = make_estimate(geometry, demo=True)
     sr = build_sr(source, estimate, now=NOW, institution_name="Test Hospital")
