@@ -361,7 +361,7 @@ MARKER_HALF_LENGTH = 0.012
 LANDMARK_RADIUS = 0.004
 AREA = Code("42798000", "SCT", "Area")
 MM2 = Code("mm2", "UCUM", "mm2")
-PIXELS = Code("{pixels}", "UCUM", "pixels")
+PIXELS = Code("{pixels}", "UCUM", "Pixels")  # a count of pixels (an area in pixel units)
 
 
 def _algorithm_id(algo: AlgorithmInfo) -> AlgorithmIdentification:
@@ -460,8 +460,9 @@ def _site_group(header: Dataset, estimate: BmdEstimate, site: str) -> Measuremen
 
 
 def pixel_area_mm2(header: Dataset) -> float | None:
-    """Area of one pixel in mm2, None when the film gives no usable spacing."""
-    spacing = _valid_spacing(header)
+    """Area of one pixel in mm2 in the patient (Pixel Spacing first: Imager Pixel Spacing is at
+    the detector, magnified), None when the film gives no usable spacing."""
+    spacing = _valid_spacing(header, ("PixelSpacing", "ImagerPixelSpacing"))
     return None if spacing is None else spacing[0] * spacing[1]
 
 
@@ -542,7 +543,7 @@ def _image_library(header: Dataset) -> ContainerContentItem:
     projection radiograph; many real films lack one or both (RG1 has neither), so the entry is
     built here and each descriptor is written only when the film states it."""
     acq = RelationshipTypeValues.HAS_ACQ_CONTEXT
-    pixels = Code("{pixels}", "UCUM", "Pixels")
+    pixels = PIXELS
     descriptors: list = []
     modality = _MODALITY_CODES.get(str(header.get("Modality", "")).strip())
     if modality is not None:
@@ -576,10 +577,12 @@ def _image_library(header: Dataset) -> ContainerContentItem:
     return library
 
 
-def _valid_spacing(header: Dataset) -> tuple[float, float] | None:
-    """(row, column) spacing in mm from Imager Pixel Spacing, else Pixel Spacing; None when
-    neither holds two positive numbers (a real Philips CR says 0\\0)."""
-    for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
+def _valid_spacing(header: Dataset, keywords: tuple[str, ...] = ("ImagerPixelSpacing", "PixelSpacing")
+                   ) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from the first of ``keywords`` that holds two positive
+    numbers (TID 1603 describes Imager Pixel Spacing); None if none does (a real Philips CR
+    says 0\\0)."""
+    for keyword in keywords:
         value = header.get(keyword)
         try:
             row, col = float(value[0]), float(value[1])  # type: ignore[index]
