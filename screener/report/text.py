@@ -17,7 +17,6 @@ __all__ = [
     "NOT_FOR_DIAGNOSIS",
     "ROI_LABELS",
     "ROI_SHORT_LABELS",
-    "LANDMARK_LABELS",
     "ResultRow",
     "result_rows",
     "summary_text",
@@ -51,27 +50,6 @@ ROI_SHORT_LABELS: dict[str, str] = {
     "right_ribcage": "R rib cage",
     "t12": "T12",
 }
-#: Readable names of the 16 landmarks, in LANDMARK_NAMES order (patient's left and right).
-LANDMARK_LABELS: tuple[str, ...] = (
-    "Right clavicle, medial end",
-    "Right clavicle, midpoint",
-    "Right clavicle, lateral end",
-    "Left clavicle, medial end",
-    "Left clavicle, midpoint",
-    "Left clavicle, lateral end",
-    "Right rib cage, 20 %",
-    "Right rib cage, 40 %",
-    "Right rib cage, 60 %",
-    "Right rib cage, 80 %",
-    "Left rib cage, 20 %",
-    "Left rib cage, 40 %",
-    "Left rib cage, 60 %",
-    "Left rib cage, 80 %",
-    "Cervical spine",
-    "T12 vertebra",
-)
-
-
 @dataclass(frozen=True)
 class ResultRow:
     """One line of the results table: a lumbar site, its BMD and (sex known) its T-score."""
