@@ -260,11 +260,10 @@ class _Header:
 
     @property
     def own_output(self) -> bool:
-        """Our SR, GSPS or PDF (by SOP class), or our result image: a Secondary Capture is
-        also an input kind, so ours is told apart by its Manufacturer."""
-        if self.sop_class_uid in _OWN_OUTPUT_UIDS:
-            return True
-        return self.sop_class_uid == str(SecondaryCaptureImageStorage) and self.manufacturer == MANUFACTURER
+        """A result kind (SR, PR, KO, PDF: by SOP class, whoever wrote it), or anything we wrote
+        (by Manufacturer: our result image is a Secondary Capture, which is also an input kind).
+        The worker's eligibility check refuses the same Manufacturer."""
+        return self.sop_class_uid in _OWN_OUTPUT_UIDS or self.manufacturer == MANUFACTURER
 
 
 class Receiver:

@@ -60,6 +60,7 @@ __all__ = [
     "SUPPORTED_TRANSFER_SYNTAXES",
     "decode_dataset",
     "decode_file",
+    "pixel_spacing",
 ]
 
 MIN_SIDE = 128  # kept for callers of the first release; DecodeLimits.min_side is the setting
@@ -493,7 +494,8 @@ def _percentile_window(values: np.ndarray, valid: np.ndarray | None) -> np.ndarr
     return np.clip((values - lo) / max(float(hi - lo), 1e-9), 0.0, 1.0)
 
 
-def _spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str]:
+def pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str]:
+    """(row, column) spacing in mm in the patient and where it came from, or (None, "unknown")."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword)
         if value is not None and not isinstance(value, (str, bytes)) and len(value) == 2:
@@ -550,7 +552,7 @@ def _decode(ds: Dataset, limits: DecodeLimits) -> DecodedImage:
         pixels = 1.0 - pixels  # MONOCHROME1: high values display dark; we want bright = dense
     if padding is not None:
         pixels[padding] = 0.0  # padding is outside the patient: black, whatever the photometric
-    spacing, source = _spacing(ds)
+    spacing, source = pixel_spacing(ds)
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
     return DecodedImage(
         pixels=pixels,

@@ -15,7 +15,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 from screener.pipeline.estimate import BmdEstimate
 from screener.report.sr import MANUFACTURER, MODEL_NAME, software_versions
 
-__all__ = ["PATIENT_STUDY", "copy_patient_study", "new_instance"]
+__all__ = ["PATIENT_STUDY", "copy_patient_study", "new_instance", "source_reference"]
 
 #: Attributes of the Patient and General Study modules, copied from the source as they are.
 PATIENT_STUDY = (
@@ -75,3 +75,11 @@ def new_instance(
     ds.file_meta.TransferSyntaxUID = transfer_syntax_uid
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return ds
+
+
+def source_reference(header: Dataset) -> Dataset:
+    """The item that names the source film (Source Image / Source Instance Sequence)."""
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = header.SOPClassUID
+    ref.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    return ref

@@ -19,7 +19,7 @@ from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 import screener
 from screener.pipeline.estimate import BmdEstimate
-from screener.report.common import new_instance
+from screener.report.common import new_instance, source_reference
 from screener.report.result_image import render_film
 from screener.report.sr import MANUFACTURER, report_uids, source_header
 from screener.report.text import DEMO_PREFIX, category_text, result_rows, statements
@@ -185,10 +185,7 @@ def build_pdf(
     ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
     ds.DocumentTitle = DOCUMENT_TITLE + (" (DEMO)" if estimate.demo else "")
     ds.ConceptNameCodeSequence = []
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = header.SOPClassUID
-    ref.ReferencedSOPInstanceUID = header.SOPInstanceUID
-    ds.SourceInstanceSequence = [ref]
+    ds.SourceInstanceSequence = [source_reference(header)]
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocument = document
     ds.EncapsulatedDocumentLength = length  # without the pad byte

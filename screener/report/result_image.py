@@ -27,7 +27,7 @@ from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
 from screener.pipeline.estimate import BmdEstimate
 from screener.pipeline.rois import LOCAL_ROI_NAMES
-from screener.report.common import new_instance
+from screener.report.common import new_instance, source_reference
 from screener.report.sr import MANUFACTURER, report_uids, source_header
 from screener.report.text import (
     DEMO_PREFIX,
@@ -59,17 +59,14 @@ ROI_COLOUR = {
 LANDMARK_COLOUR = (255, 60, 60)
 DEMO_RED = (200, 0, 0)
 
-@lru_cache(maxsize=None)
-def _font_path(bold: bool) -> str:
-    import matplotlib  # ships DejaVu Sans: the same face everywhere, no system fonts needed
-
-    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
-    return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name)
-
-
 @lru_cache(maxsize=64)
-def font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(_font_path(bold), max(8, int(size)))
+def font(size: int, bold: bool = False, mono: bool = False) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans (or Sans Mono) as matplotlib ships it: the same face everywhere, no system
+    fonts needed."""
+    import matplotlib
+
+    name = "DejaVuSans" + ("Mono" if mono else "") + ("-Bold" if bold else "") + ".ttf"
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), max(8, int(size)))
 
 
 def _film(pixels: np.ndarray, max_side: int) -> tuple[Image.Image, float]:
@@ -94,6 +91,8 @@ def _panel_lines(estimate: BmdEstimate) -> list[tuple[str, str, tuple[int, int, 
     ]
     for row in result_rows(estimate):
         lines.append((f"{row.site:<7}{row.bmd_text:>10}{row.tscore_text:>9}", "mono", white))
+    if estimate.tscores.tscore is None:
+        lines.append(("No T-score: patient sex unknown.", "small", grey))
     lines += [
         ("", "body", white),
         ("WHO category (L1-L4):", "body", grey),
@@ -105,8 +104,6 @@ def _panel_lines(estimate: BmdEstimate) -> list[tuple[str, str, tuple[int, int, 
         (f"Model: {algo.name} {algo.version}", "small", grey),
         (f"{MANUFACTURER}", "small", grey),
     ]
-    if estimate.tscores.tscore is None:
-        lines.insert(4 + len(result_rows(estimate)), ("No T-score: patient sex unknown.", "small", grey))
     return lines
 
 
@@ -161,8 +158,8 @@ def render_result(pixels: np.ndarray, estimate: BmdEstimate, max_side: int = MAX
         y = banner_h + size
     styles = {
         "title": (font(round(size * 1.15), True), 1.5),
-        "head": (_mono(round(size * 0.95), True), 1.35),
-        "mono": (_mono(round(size * 0.95)), 1.3),
+        "head": (font(round(size * 0.95), True, mono=True), 1.35),
+        "mono": (font(round(size * 0.95), mono=True), 1.3),
         "body": (font(round(size * 0.85)), 1.3),
         "small": (font(round(size * 0.7)), 1.3),
     }
@@ -172,14 +169,6 @@ def render_result(pixels: np.ndarray, estimate: BmdEstimate, max_side: int = MAX
             draw.text((x, y), text, fill=colour, font=face)
         y += face.size * spacing
     return picture
-
-
-@lru_cache(maxsize=16)
-def _mono(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
-    import matplotlib
-
-    name = "DejaVuSansMono-Bold.ttf" if bold else "DejaVuSansMono.ttf"
-    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), max(8, size))
 
 
 def _jpeg(picture: Image.Image) -> bytes:
@@ -223,10 +212,7 @@ def build_result_image(
     ds.LossyImageCompression = "01"
     ds.LossyImageCompressionMethod = "ISO_10918_1"
     ds.LossyImageCompressionRatio = round(picture.width * picture.height * 3 / len(frame), 2)
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = header.SOPClassUID
-    ref.ReferencedSOPInstanceUID = header.SOPInstanceUID
-    ds.SourceImageSequence = [ref]
+    ds.SourceImageSequence = [source_reference(header)]
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "YBR_FULL_422"
     ds.PlanarConfiguration = 0

@@ -72,6 +72,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 import screener
+from screener.pipeline.decode import pixel_spacing
 from screener.pipeline.estimate import AlgorithmInfo, BmdEstimate
 from screener.pipeline.landmarks import LANDMARK_NAMES
 from screener.pipeline.rois import LOCAL_ROI_NAMES
@@ -460,9 +461,9 @@ def _site_group(header: Dataset, estimate: BmdEstimate, site: str) -> Measuremen
 
 
 def pixel_area_mm2(header: Dataset) -> float | None:
-    """Area of one pixel in mm2 in the patient (Pixel Spacing first: Imager Pixel Spacing is at
-    the detector, magnified), None when the film gives no usable spacing."""
-    spacing = _valid_spacing(header, ("PixelSpacing", "ImagerPixelSpacing"))
+    """Area of one pixel in mm2 in the patient, from the spacing the pipeline uses (Pixel
+    Spacing, else Imager Pixel Spacing over the magnification); None when the film has none."""
+    spacing, _ = pixel_spacing(header)
     return None if spacing is None else spacing[0] * spacing[1]
 
 
@@ -519,8 +520,8 @@ def _landmark_groups(header: Dataset, estimate: BmdEstimate) -> list[PlanarROIMe
     groups = []
     for i, xy in enumerate(estimate.landmarks.points):
         centre = clip_point(xy, columns, rows)
-        edge = np.array([min(centre[0] + radius, float(columns)) if centre[0] + radius <= columns
-                         else centre[0] - radius, centre[1]])
+        # the point on the circle to the right, or to the left at the image's right edge
+        edge = np.array([centre[0] + radius if centre[0] + radius <= columns else centre[0] - radius, centre[1]])
         region = ImageRegion(graphic_type=hd.sr.GraphicTypeValues.CIRCLE, graphic_data=np.vstack([centre, edge]),
                              source_image=_source(header))
         groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -543,14 +544,13 @@ def _image_library(header: Dataset) -> ContainerContentItem:
     projection radiograph; many real films lack one or both (RG1 has neither), so the entry is
     built here and each descriptor is written only when the film states it."""
     acq = RelationshipTypeValues.HAS_ACQ_CONTEXT
-    pixels = PIXELS
     descriptors: list = []
     modality = _MODALITY_CODES.get(str(header.get("Modality", "")).strip())
     if modality is not None:
         descriptors.append(CodeContentItem(name=codes.DCM.Modality, value=modality, relationship_type=acq))
     descriptors += [
-        NumContentItem(name=codes.DCM.PixelDataRows, value=int(header.Rows), unit=pixels, relationship_type=acq),
-        NumContentItem(name=codes.DCM.PixelDataColumns, value=int(header.Columns), unit=pixels, relationship_type=acq),
+        NumContentItem(name=codes.DCM.PixelDataRows, value=int(header.Rows), unit=PIXELS, relationship_type=acq),
+        NumContentItem(name=codes.DCM.PixelDataColumns, value=int(header.Columns), unit=PIXELS, relationship_type=acq),
     ]
     orientation = header.get("PatientOrientation")
     if orientation is not None and not isinstance(orientation, str) and len(orientation) == 2 and all(orientation):
@@ -577,12 +577,10 @@ def _image_library(header: Dataset) -> ContainerContentItem:
     return library
 
 
-def _valid_spacing(header: Dataset, keywords: tuple[str, ...] = ("ImagerPixelSpacing", "PixelSpacing")
-                   ) -> tuple[float, float] | None:
-    """(row, column) spacing in mm from the first of ``keywords`` that holds two positive
-    numbers (TID 1603 describes Imager Pixel Spacing); None if none does (a real Philips CR
-    says 0\\0)."""
-    for keyword in keywords:
+def _valid_spacing(header: Dataset) -> tuple[float, float] | None:
+    """(row, column) spacing in mm as TID 1603 describes it: Imager Pixel Spacing, else Pixel
+    Spacing; None if neither holds two positive numbers (a real Philips CR says 0\\0)."""
+    for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
         value = header.get(keyword)
         try:
             row, col = float(value[0]), float(value[1])  # type: ignore[index]
