@@ -2,8 +2,8 @@
 
 decode -> header eligibility -> landmarks -> image eligibility -> ROIs -> BMD -> T-score ->
 SR, GSPS, result image and PDF. Images are decoded by a small thread pool and pushed through
-the networks in batches. Every input ends with exactly one :class:`Outcome` (reported, ineligible or error)
-and one JSON file; nothing about one file can stop the others.
+the networks in batches. Every input ends with exactly one :class:`Outcome` (reported,
+ineligible or error) and one JSON file; nothing about one file can stop the others.
 """
 
 from __future__ import annotations

@@ -44,11 +44,6 @@ class DestinationUnreachable(DispatchError):
     deliveries in the same run would fail the same way and are not tried."""
 
 
-class ObjectNotAccepted(DispatchError):
-    """The destination is up but takes no presentation context for this object: that delivery
-    fails, the destination's other deliveries are still tried."""
-
-
 #: Transfer syntaxes any storage SCP accepts; a compressed object is also offered in these.
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -227,8 +222,8 @@ def send_file(destination: Destination, path: Path | str, settings: DispatchSett
         try:
             response = assoc.send_c_store(dataset)
         except ValueError as error:  # no accepted presentation context for this SOP class/syntax
-            raise ObjectNotAccepted(f"{where} did not accept {sop_class.name} "
-                                    f"in {stored_as.name} or uncompressed: {error}") from error
+            raise DispatchError(f"{where} did not accept {sop_class.name} "
+                                f"in {stored_as.name} or uncompressed: {error}") from error
         status = response.get("Status") if response else None
         if status is None:
             raise DispatchError(f"{where} sent no C-STORE response (timeout or aborted association)")

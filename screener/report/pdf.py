@@ -49,7 +49,7 @@ LIMITS = (
 
 def _person(value: object) -> str:
     """FAMILY, Given Middle (prefix, suffix): the alphabetic group, else the ideographic, else the
-    phonetic one. (DejaVu has no CJK glyphs: such a name prints as boxes; see docs/viewers.md.)"""
+    phonetic one. (DejaVu has no CJK glyphs: such a name prints as boxes.)"""
     text = str(value or "").strip()
     if not text:
         return "-"
