@@ -35,8 +35,8 @@ from screener.node.dispatch import (
 )
 from screener.store.models import Delivery, Event
 from screener.store.queue import ReceivedInstance, claim_jobs, complete_job, record_received
-from tests.conftest import free_port
-from tests.dcmtk import dcmtk_tool
+from tests.support.common import free_port
+from tests.support.dcmtk import dcmtk_tool
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 SALT = b"per-install-salt-0123456789abcdef"
@@ -266,6 +266,7 @@ def test_settings_validate_fields_and_name_them(changes: dict[str, object], fiel
 # ---------------------------------------------------------------- send_file
 
 
+@pytest.mark.dcmtk
 def test_send_file_stores_sr_at_dcmtk_storescp(storescp: Callable[..., StoreSCP], tmp_path: Path) -> None:
     peer = storescp()
     path = sr_file(tmp_path, "2.25.77")
@@ -273,6 +274,7 @@ def test_send_file_stores_sr_at_dcmtk_storescp(storescp: Callable[..., StoreSCP]
     assert peer.received_uids() == {"2.25.77"}
 
 
+@pytest.mark.dcmtk
 def test_jpeg_result_image_is_decompressed_for_an_scp_that_takes_only_uncompressed(
         storescp: Callable[..., StoreSCP], tmp_path: Path) -> None:
     peer = storescp(accept_all=False)
@@ -313,6 +315,7 @@ def test_send_file_refused_association(pynetdicom_scp: Callable[..., int], tmp_p
 # ---------------------------------------------------------------- the outbox run
 
 
+@pytest.mark.dcmtk
 def test_run_due_sends_and_records_sent(storescp: Callable[..., StoreSCP], factory: sessionmaker[Session],
                                         objects: dict[str, Path], tmp_path: Path) -> None:
     peer = storescp()
@@ -327,6 +330,7 @@ def test_run_due_sends_and_records_sent(storescp: Callable[..., StoreSCP], facto
     assert dispatcher(factory, objects, destination("pacs", peer.port)).run_due().attempted == 0
 
 
+@pytest.mark.dcmtk
 def test_destination_down_then_up(storescp: Callable[..., StoreSCP], factory: sessionmaker[Session],
                                   objects: dict[str, Path], tmp_path: Path) -> None:
     port = free_port()  # nothing listens here yet
@@ -370,6 +374,7 @@ def test_dead_after_max_attempts(factory: sessionmaker[Session], objects: dict[s
     assert run.run_due(now=now + timedelta(days=1)).attempted == 0
 
 
+@pytest.mark.dcmtk
 def test_one_destination_down_does_not_block_the_other(
     storescp: Callable[..., StoreSCP], factory: sessionmaker[Session], objects: dict[str, Path], tmp_path: Path,
 ) -> None:
@@ -410,6 +415,7 @@ def test_unknown_or_disabled_destination_fails_with_reason(factory: sessionmaker
 # ---------------------------------------------------------------- the scheduler job
 
 
+@pytest.mark.dcmtk
 def test_scheduler_job_runs_due_deliveries(storescp: Callable[..., StoreSCP], factory: sessionmaker[Session],
                                            objects: dict[str, Path], tmp_path: Path) -> None:
     peer = storescp()
@@ -520,6 +526,7 @@ def tls_destination(tmp_path: Path, port: int, ca_file: Path) -> Destination:
                        tls=built.tls, timeout_s=TIMEOUT_S)
 
 
+@pytest.mark.dcmtk
 def test_run_due_sends_over_tls_to_dcmtk(tls_storescp: tuple[StoreSCP, Path], factory: sessionmaker[Session],
                                          objects: dict[str, Path], tmp_path: Path) -> None:
     peer, ca_file = tls_storescp
@@ -531,6 +538,7 @@ def test_run_due_sends_over_tls_to_dcmtk(tls_storescp: tuple[StoreSCP, Path], fa
     assert (row.state, row.attempts, row.last_error) == ("sent", 1, None)
 
 
+@pytest.mark.dcmtk
 def test_tls_with_the_wrong_ca_fails_and_stays_pending(tls_storescp: tuple[StoreSCP, Path],
                                                        factory: sessionmaker[Session], objects: dict[str, Path],
                                                        tmp_path: Path) -> None:
@@ -547,6 +555,7 @@ def test_tls_with_the_wrong_ca_fails_and_stays_pending(tls_storescp: tuple[Store
     assert "TLS" in (row.last_error or "") and "certificate" in (row.last_error or ""), row.last_error
 
 
+@pytest.mark.dcmtk
 def test_tls_destination_never_falls_back_to_clear(storescp: Callable[..., StoreSCP], factory: sessionmaker[Session],
                                                    objects: dict[str, Path], tmp_path: Path) -> None:
     """A plain (non-TLS) PACS on the port: the TLS destination fails, nothing is sent in clear."""

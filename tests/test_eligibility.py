@@ -21,7 +21,7 @@ from screener.pipeline.eligibility import (
     patient_age,
 )
 from screener.pipeline.landmarks import LANDMARK_NAMES, Landmarks
-from tests.conftest import edit_dataset, SHARED, rg1_file, synthetic_contours
+from tests.support.common import edit_dataset, SHARED, rg1_file, synthetic_contours
 from training.jsrt import landmarks_from_contours
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from screener.health import start_health_server
 from screener.store.models import Event, utcnow
-from tests.conftest import free_port
+from tests.support.common import free_port
 
 Get = Callable[..., tuple[int, dict]]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from screener.pipeline.landmarks import LANDMARK_NAMES, NUM_LANDMARKS
-from tests.conftest import SHARED, synthetic_contours
+from tests.support.common import SHARED, synthetic_contours
 from training.jsrt import landmarks_from_contours, split_ids
 
 

@@ -1,4 +1,4 @@
-"""The store, the SQL views and the audit queries on a real PostgreSQL server (tests/pg.py):
+"""The store, the SQL views and the audit queries on a real PostgreSQL server (tests/support/pg.py):
 the multi-node path, where several nodes claim from one queue with FOR UPDATE SKIP LOCKED."""
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ from screener.store.queue import (
     mark_sent,
     record_received,
 )
-from tests.pg import postgres_url  # noqa: F401  (the fixture)
-from tests.test_audit import VIEWS, minutes, outcome, populate
-from tests.test_store import DESTS, MODEL, SALT, T0, received
+from tests.support.audit import VIEWS, minutes, outcome, populate
+from tests.support.store import DESTS, MODEL, SALT, T0, received
+
+pytestmark = [pytest.mark.postgres]
 
 
 @pytest.fixture
-def engine(postgres_url: str) -> Iterator[Engine]:  # noqa: F811
+def engine(postgres_url: str) -> Iterator[Engine]:
     """A freshly migrated, empty database (the server is shared by the session)."""
     engine = make_engine(postgres_url)
     with engine.begin() as c:
@@ -170,7 +171,7 @@ def test_queue_round_trip(factory: sessionmaker[Session]) -> None:
 # ---------------------------------------------------------------- several nodes
 
 
-def test_claim_skips_rows_locked_by_another_node_without_waiting(engine: Engine, postgres_url: str) -> None:  # noqa: F811
+def test_claim_skips_rows_locked_by_another_node_without_waiting(engine: Engine, postgres_url: str) -> None:
     factory = session_factory(engine)
     first, second = queue(factory, 1), queue(factory, 2)
     # Node B's claims give up after 5 s instead of hanging if they ever wait for node A's lock.
@@ -188,7 +189,7 @@ def test_claim_skips_rows_locked_by_another_node_without_waiting(engine: Engine,
 
 @pytest.mark.parametrize("nodes", [4])
 def test_concurrent_claims_from_several_nodes_never_share_a_job(
-        engine: Engine, postgres_url: str, nodes: int) -> None:  # noqa: F811
+        engine: Engine, postgres_url: str, nodes: int) -> None:
     factory = session_factory(engine)
     ids = {queue(factory, n).id for n in range(1, 121)}
     start = threading.Barrier(nodes)

@@ -11,8 +11,8 @@ import pydicom
 import pytest
 
 from screener.cli import main
-from tests.conftest import SHARED, rg1_file
-from tests.validators import dciodvfy, dsrdump, pixelmed_sr
+from tests.support.common import SHARED, rg1_file
+from tests.support.validators import dciodvfy, dsrdump, pixelmed_sr
 
 SYNTAXES = ("RG1_UNCR.dcm", "RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
 
@@ -68,6 +68,9 @@ def test_bad_inputs_get_reasons_not_crashes(processed) -> None:
     assert results["corrupt.dcm"]["code"] == "corrupt-pixel-data"
 
 
+@pytest.mark.dicom3tools
+@pytest.mark.dcmtk
+@pytest.mark.java
 def test_outputs_pass_the_validators(processed) -> None:
     _, _, _, results = processed
     outputs = [Path(p) for p in results["RG1_UNCR.dcm"]["outputs"]]
@@ -100,6 +103,7 @@ def test_usage_errors_exit_non_zero(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not (SHARED / "dicom").is_dir(), reason="extended check: ../shared/data/dicom not present")
+@pytest.mark.dicom3tools
 def test_shared_vendor_files_each_get_a_validated_sr_or_a_reason(tmp_path: Path) -> None:
     assert main(["process", str(SHARED / "dicom"), "--out", str(tmp_path), "--quiet"]) == 0
     results = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]

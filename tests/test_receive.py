@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from screener.node.receive import ReceiveSettings, bound_port, start_scp, stop
 from screener.node.spool import INCOMING, spool_path, sweep_incoming
 from screener.store.models import Event, Instance, Job
-from tests.conftest import edit_dataset, rg1_file
-from tests.dcmtk import run_tool
+from tests.support.common import edit_dataset, rg1_file
+from tests.support.dcmtk import run_tool
 
 SALT = b"receive-test-salt"
 MODEL = "demo-1.0"
@@ -102,6 +102,7 @@ def test_settings_are_frozen_and_normalised(settings: ReceiveSettings) -> None:
 # ---------------------------------------------------------------- echo and store
 
 
+@pytest.mark.dcmtk
 def test_echo(scp, settings: ReceiveSettings) -> None:
     port = scp(settings)
     result = run_tool("echoscu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", port)
@@ -109,6 +110,7 @@ def test_echo(scp, settings: ReceiveSettings) -> None:
 
 
 @pytest.mark.parametrize(("name", "flags"), [("RG1_UNCR.dcm", ()), ("RG1_J2KR.dcm", ("-xv", "-R"))])
+@pytest.mark.dcmtk
 def test_store_spools_streams_and_queues(scp, settings, factory, name: str, flags: tuple[str, ...]) -> None:
     port = scp(settings)
     source = rg1_file(name)
@@ -134,6 +136,7 @@ def test_store_spools_streams_and_queues(scp, settings, factory, name: str, flag
     assert files_under(settings.spool_root) == {path}
 
 
+@pytest.mark.dcmtk
 def test_explicit_big_endian_is_stored_as_sent(scp, settings, factory, tmp_path: Path) -> None:
     """The retired big endian syntax, which old archives still send: stored as is, pixels intact."""
     big = tmp_path / "big-endian.dcm"
@@ -149,6 +152,7 @@ def test_explicit_big_endian_is_stored_as_sent(scp, settings, factory, tmp_path:
     assert (stored.pixel_array == pydicom.dcmread(rg1_file()).pixel_array).all()
 
 
+@pytest.mark.dcmtk
 def test_same_instance_twice_is_one_job_and_a_duplicate_event(scp, settings, factory) -> None:
     port = scp(settings)
     for _ in range(2):
@@ -158,6 +162,7 @@ def test_same_instance_twice_is_one_job_and_a_duplicate_event(scp, settings, fac
     assert len(rows(factory, Event, kind="duplicate")) == 1
 
 
+@pytest.mark.dcmtk
 def test_routing_loop_sr_is_acknowledged_and_dropped(scp, settings, factory) -> None:
     port = scp(settings)
     sr = Path(get_testdata_file("test-SR.dcm"))
@@ -171,6 +176,7 @@ def test_routing_loop_sr_is_acknowledged_and_dropped(scp, settings, factory) -> 
     assert event.peer_ae == CALLING and event.sop_instance_uid == pydicom.dcmread(sr).SOPInstanceUID
 
 
+@pytest.mark.dcmtk
 def test_our_result_image_and_pdf_are_dropped_but_other_secondary_captures_are_not(scp, settings, factory,
                                                                                      tmp_path) -> None:
     """A Secondary Capture is an input kind too: ours is told apart by its Manufacturer. The
@@ -201,6 +207,7 @@ def test_our_result_image_and_pdf_are_dropped_but_other_secondary_captures_are_n
 # ---------------------------------------------------------------- association checks
 
 
+@pytest.mark.dcmtk
 def test_unknown_calling_ae_is_rejected_and_audited(scp, settings, factory) -> None:
     port = scp(settings)
     result = storescu(port, rg1_file(), calling="STRANGER")
@@ -211,6 +218,7 @@ def test_unknown_calling_ae_is_rejected_and_audited(scp, settings, factory) -> N
     assert rows(factory, Instance) == []
 
 
+@pytest.mark.dcmtk
 def test_wrong_called_ae_is_rejected_and_audited(scp, settings, factory) -> None:
     port = scp(settings)
     result = storescu(port, rg1_file(), called="SOMEONEELSE")
@@ -220,6 +228,7 @@ def test_wrong_called_ae_is_rejected_and_audited(scp, settings, factory) -> None
     assert event.reason_code == "called-ae-not-recognised"
 
 
+@pytest.mark.dcmtk
 def test_peer_not_in_allow_list_is_rejected_and_audited(scp, settings, factory) -> None:
     port = scp(dataclasses.replace(settings, allowed_peers=("10.9.9.9",)))
     result = run_tool("echoscu", "-aet", CALLING, "-aec", "CXRBMD", "127.0.0.1", port)
@@ -233,6 +242,7 @@ def test_peer_not_in_allow_list_is_rejected_and_audited(scp, settings, factory) 
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.dcmtk
 def test_traversal_uid_is_refused_and_nothing_escapes(scp, settings, factory, tmp_path: Path) -> None:
     port = scp(settings)
     evil = rg1_copy(tmp_path, SOPInstanceUID="../../evil")
@@ -248,6 +258,7 @@ def test_traversal_uid_is_refused_and_nothing_escapes(scp, settings, factory, tm
     assert event.reason_code == "invalid-SOPInstanceUID" and "evil" in event.message
 
 
+@pytest.mark.dcmtk
 def test_spool_under_watermark_is_out_of_resources(scp, settings, factory) -> None:
     port = scp(dataclasses.replace(settings, min_free_bytes=2**62))
     result = storescu(port, rg1_file())
@@ -261,6 +272,7 @@ def spooled(settings: ReceiveSettings) -> set[Path]:
     return {p for p in files_under(settings.spool_root) if INCOMING not in p.parts}
 
 
+@pytest.mark.dcmtk
 def test_dataset_over_size_limit_is_aborted_while_arriving(scp, settings, factory) -> None:
     port = scp(dataclasses.replace(settings, max_dataset_bytes=1024))
     result = storescu(port, rg1_file())
@@ -275,6 +287,7 @@ def test_dataset_over_size_limit_is_aborted_while_arriving(scp, settings, factor
     assert sweep_incoming(settings.spool_root, older_than_s=0) == 1  # the partial file, swept
 
 
+@pytest.mark.dcmtk
 def test_spool_filling_up_while_a_large_dataset_arrives_aborts(scp, settings, factory, tmp_path: Path) -> None:
     big = rg1_copy(tmp_path)
     ds = pydicom.dcmread(big)
@@ -287,6 +300,7 @@ def test_spool_filling_up_while_a_large_dataset_arrives_aborts(scp, settings, fa
     assert event.reason_code == "spool-full" and rows(factory, Instance) == []
 
 
+@pytest.mark.dcmtk
 def test_pdu_longer_than_negotiated_closes_the_connection_without_allocating_it(scp, settings) -> None:
     port = scp(settings)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -296,6 +310,7 @@ def test_pdu_longer_than_negotiated_closes_the_connection_without_allocating_it(
     assert echo.returncode == 0, echo.stdout  # and the node still serves
 
 
+@pytest.mark.dcmtk
 def test_database_down_is_out_of_resources_never_success(scp, settings, factory, engine) -> None:
     port = scp(settings)
     with engine.begin() as connection:

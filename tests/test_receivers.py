@@ -21,8 +21,8 @@ from screener.node.receive import ReceiveSettings
 from screener.node.receivers import PortInUse, ReceiverPool, claim_port
 from screener.node.spool import INCOMING
 from screener.store.models import Instance, Job
-from tests.conftest import free_port, process_running, rg1_file, wait_for
-from tests.dcmtk import run_tool
+from tests.support.common import free_port, process_running, rg1_file, wait_for
+from tests.support.dcmtk import run_tool
 
 CALLING = "PACS"
 
@@ -58,6 +58,7 @@ def count(factory: sessionmaker[Session], model: type) -> int:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
 
 
+@pytest.mark.dcmtk
 def test_parallel_associations_all_land_once(pool: ReceiverPool, factory, tmp_path: Path) -> None:
     files = copies(tmp_path / "sent", 8)
     assert pool.port and len(pool.pids()) == 2 and all(map(process_running, pool.pids()))
@@ -75,6 +76,7 @@ def test_parallel_associations_all_land_once(pool: ReceiverPool, factory, tmp_pa
     assert list((tmp_path / "spool" / INCOMING).iterdir()) == []  # each one arrived there, then moved
 
 
+@pytest.mark.dcmtk
 def test_one_process_is_enough_and_this_process_receives_nothing(settings, engine, factory) -> None:
     pool = ReceiverPool(settings, str(engine.url), processes=1)
     try:
@@ -88,6 +90,7 @@ def test_one_process_is_enough_and_this_process_receives_nothing(settings, engin
     assert tempfile.gettempdir() != str(settings.spool_root / INCOMING)  # only the child's was moved
 
 
+@pytest.mark.dcmtk
 def test_dead_child_is_started_again(pool: ReceiverPool) -> None:
     pid, other = pool.pids()
     os.kill(pid, signal.SIGKILL)

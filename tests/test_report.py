@@ -8,9 +8,7 @@ fails the test with an install hint instead of skipping it.
 
 from __future__ import annotations
 
-import datetime
 import io
-from collections.abc import Iterator
 
 import highdicom as hd
 import numpy as np
@@ -21,10 +19,9 @@ from pydicom.uid import UID
 
 import screener
 from screener.pipeline.decode import decode_file
-from screener.pipeline.estimate import AlgorithmInfo, BmdEstimate
 from screener.pipeline.landmarks import LANDMARK_NAMES, Landmarks
-from screener.pipeline.rois import LOCAL_ROI_NAMES, RoiSet, extract_rois
-from screener.pipeline.tscore import SITES, ReferenceTable, WhoCategory, compute_tscores
+from screener.pipeline.rois import LOCAL_ROI_NAMES, extract_rois
+from screener.pipeline.tscore import SITES, WhoCategory
 from screener.report import sr as srmod
 from screener.report.overlay import PR_SERIES_NUMBER, build_gsps
 from screener.report.text import ROI_LABELS
@@ -39,86 +36,30 @@ from screener.report.sr import (
     report_uids,
     tracking_uid,
 )
-from tests import validators
-from tests.conftest import rg1_file, synthetic_contours
-from training.jsrt import landmarks_from_contours
+from tests.support import validators
+from tests.support.common import rg1_file
+from tests.support.report import (
+    BMD,
+    DEMO_STATEMENT,
+    MODEL_ID,
+    NOW,
+    children,
+    code_of,
+    encode,
+    geometry,
+    groups,
+    make_estimate,
+    source,
+    walk,
+)
 
-NOW = datetime.datetime(2024, 5, 6, 7, 8, 9)
-BMD = (0.781, 0.802, 0.829, 0.851)
-DEMO_STATEMENT = "Trained on synthetic labels only; its numbers mean nothing."
-MODEL_ID = "cxr-bmd-test@1.0.0+0123456789ab"
-
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def source() -> Dataset:
-    return pydicom.dcmread(rg1_file())
-
-
-@pytest.fixture(scope="module")
-def geometry(source: Dataset) -> tuple[Landmarks, RoiSet]:
-    """Plausible landmarks on RG1 (1955 x 1841) and the ROIs cut from them."""
-    decoded = decode_file(rg1_file())
-    rows, columns = decoded.shape
-    points = landmarks_from_contours(synthetic_contours()) * [columns / 512.0, rows / 512.0]
-    landmarks = Landmarks(points=points, confidence=np.linspace(0.6, 1.0, len(LANDMARK_NAMES)))
-    return landmarks, extract_rois(decoded.pixels, landmarks, 32)
-
-
-def make_estimate(geometry, *, demo: bool, sex: str | None = "F", model_id: str = MODEL_ID) -> BmdEstimate:
-    landmarks, rois = geometry
-    algorithm = AlgorithmInfo(
-        name="cxr-bmd-test", version="1.0.0", model_id=model_id, demo=demo,
-        demo_statement=DEMO_STATEMENT if demo else "",
-    )
-    return BmdEstimate(landmarks, rois, BMD, compute_tscores(BMD, sex, ReferenceTable.default()), algorithm)
-
-
-def encode(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
+__all__ = ["geometry", "source"]  # fixtures from tests/support/report.py
 
 # --------------------------------------------------------------------------- content-tree helpers
 
 
-def walk(ds: Dataset) -> Iterator[Dataset]:
-    for item in ds.get("ContentSequence", []):
-        yield item
-        yield from walk(item)
-
-
-def code_of(item: Dataset, keyword: str = "ConceptNameCodeSequence") -> tuple[str, str]:
-    code = item[keyword][0]
-    return code.CodeValue, code.CodingSchemeDesignator
-
-
 def key(code) -> tuple[str, str]:
     return code.value, code.scheme_designator
-
-
-def children(item: Dataset, name: tuple[str, str] | None = None, value_type: str | None = None) -> list[Dataset]:
-    out = []
-    for child in item.get("ContentSequence", []):
-        if name is not None and ("ConceptNameCodeSequence" not in child or code_of(child) != name):
-            continue
-        if value_type is not None and child.ValueType != value_type:
-            continue
-        out.append(child)
-    return out
-
-
-def groups(report: Dataset) -> dict[str, Dataset]:
-    """Measurement groups by Tracking Identifier."""
-    out = {}
-    for item in walk(report):
-        if item.ValueType == "CONTAINER" and code_of(item) == ("125007", "DCM"):
-            (tid,) = children(item, ("112039", "DCM"), "TEXT")
-            assert children(item, ("112040", "DCM"), "UIDREF"), "group without Tracking Unique Identifier"
-            out[tid.TextValue] = item
-    return out
 
 
 def texts(report: Dataset) -> list[str]:
@@ -529,6 +470,9 @@ def _report(tool: str, errors: list[str], warnings: list[str]) -> None:
 
 
 @pytest.mark.parametrize("demo, sex", [(True, "F"), (False, None)], ids=["demo-female", "real-unknown-sex"])
+@pytest.mark.dicom3tools
+@pytest.mark.dcmtk
+@pytest.mark.java
 def test_sr_passes_dciodvfy_dsrdump_and_pixelmed(source, geometry, tmp_path, demo, sex) -> None:
     path = tmp_path / "sr.dcm"
     build_sr(source, make_estimate(geometry, demo=demo, sex=sex), now=NOW).save_as(path, enforce_file_format=True)
@@ -538,6 +482,7 @@ def test_sr_passes_dciodvfy_dsrdump_and_pixelmed(source, geometry, tmp_path, dem
 
 
 @pytest.mark.parametrize("demo", [True, False], ids=["demo", "real"])
+@pytest.mark.dicom3tools
 def test_gsps_passes_dciodvfy(source, geometry, tmp_path, demo) -> None:
     path = tmp_path / "pr.dcm"
     build_gsps(source, make_estimate(geometry, demo=demo), now=NOW).save_as(path, enforce_file_format=True)

@@ -1,5 +1,6 @@
 """The result image (Secondary Capture), the PDF report (Encapsulated PDF) and the IHE AIR
-requirements on the SR, built from the real Philips CR with the estimate of test_report.
+requirements on the SR, built from the real Philips CR with the estimate of test_report
+(tests/support/report.py).
 
 Each AIR line of docs/viewers.md has a test here named after it. The validators (dciodvfy)
 and poppler's pdftotext are CI dependencies: missing, the test fails with an install hint.
@@ -25,11 +26,11 @@ from screener.pipeline.tscore import SITES
 from screener.report.pdf import PDF_SERIES_NUMBER, build_pdf
 from screener.report.result_image import MAX_SIDE, RESULT_IMAGE_SERIES_NUMBER, build_result_image
 from screener.report.sr import build_sr, device_uid, report_uids
-from tests import validators
-from tests.conftest import rg1_file
-from tests.test_report import MODEL_ID, NOW, code_of, encode, geometry, groups, make_estimate, source, walk
+from tests.support import validators
+from tests.support.common import rg1_file
+from tests.support.report import MODEL_ID, NOW, code_of, encode, geometry, groups, make_estimate, source, walk
 
-__all__ = ["geometry", "source"]  # fixtures re-used from test_report
+__all__ = ["geometry", "source"]  # fixtures from tests/support/report.py, as in test_report
 
 OTHER_MODEL = "cxr-bmd-test@1.0.1+fedcba987654"
 
@@ -89,6 +90,7 @@ def test_result_image_without_demo_has_no_banner_and_is_reproducible(source, geo
 
 
 @pytest.mark.parametrize("demo, sex", [(True, "F"), (False, None)], ids=["demo-female", "real-unknown-sex"])
+@pytest.mark.dicom3tools
 def test_result_image_and_pdf_pass_dciodvfy(source, geometry, pixels, tmp_path, demo, sex) -> None:
     estimate = make_estimate(geometry, demo=demo, sex=sex)
     for name, ds in (("sc", build_result_image(source, estimate, pixels, now=NOW)),

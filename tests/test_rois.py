@@ -10,7 +10,7 @@ import pytest
 from screener.pipeline.geometry import OrientedBox, Pyramid, letterbox_box, sample_box
 from screener.pipeline.landmarks import LANDMARK_NAMES, Landmarks
 from screener.pipeline.rois import LOCAL_ROI_NAMES, ROI_NAMES, extract_rois, roi_boxes
-from tests.conftest import synthetic_contours
+from tests.support.common import synthetic_contours
 from training.jsrt import landmarks_from_contours
 
 

@@ -6,7 +6,7 @@ from alembic.script import ScriptDirectory
 
 import threading
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -20,7 +20,6 @@ from screener.store.models import Base, Delivery, Event, Instance, Job, hash_pat
 from screener.store.queue import (
     InvalidTransition,
     LeaseLost,
-    ReceivedInstance,
     backoff_seconds,
     claim_jobs,
     complete_job,
@@ -30,22 +29,7 @@ from screener.store.queue import (
     mark_sent,
     record_received,
 )
-
-T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
-SALT = b"per-install-salt-0123456789abcdef"
-MODEL = "demo-1.0"
-DESTS = [("PACS", ("sr", "gsps")), ("ARCHIVE", ("sr",))]
-
-
-def received(n: int = 1, **changes: object) -> ReceivedInstance:
-    fields: dict[str, object] = dict(
-        sop_instance_uid=f"1.2.3.4.{n}", study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
-        spool_path=f"/spool/1.2.3/1.2.3.4/1.2.3.4.{n}.dcm", size_bytes=1000, accession_number="ACC1",
-        patient_id="PID-42", calling_ae="PACS", peer_address="10.0.0.1:104",
-    )
-    fields.update(changes)
-    return ReceivedInstance(**fields)  # type: ignore[arg-type]
+from tests.support.store import DESTS, MODEL, SALT, T0, received
 
 
 def queue(factory: sessionmaker[Session], n: int = 1, model_id: str = MODEL, **kw: object) -> Job:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import synthetic_contours
+from tests.support.common import synthetic_contours
 from training.jsrt import landmarks_from_contours
 
 

@@ -26,11 +26,11 @@ from PIL import Image
 from screener.pipeline.bundle import ModelBundle
 from screener.process import Outcome, Processor
 from screener.report.text import ROI_LABELS
-from tests.conftest import SHARED, rg1_file
-from tests.test_orthanc import Orthanc
-from tests.viewer import ROOT, OhifServer, open_study
+from tests.support.common import ROOT, SHARED, rg1_file
+from tests.support.orthanc import Orthanc
+from tests.support.viewer import OhifServer, open_study
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.orthanc]
 
 ARTIFACTS = ROOT / "out" / "viewer"
 SCREENSHOTS = ROOT / "docs" / "screenshots"

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.common import ROOT
+
 BROWSER_DIR = ROOT / "tests" / "browser"
 APP_CONFIG = ROOT / "deploy" / "ohif" / "app-config.js"
 OHIF_VERSION = "3.13.2"  # deploy/ohif/install.sh installs this one
