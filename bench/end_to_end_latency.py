@@ -27,9 +27,10 @@ import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.conftest import rg1_file  # noqa: E402
-from tests.dcmtk import dcmtk_tool, run_tool  # noqa: E402
-from tests.test_serve import Node, free_port, wait_for  # noqa: E402
+from tests.support.common import rg1_file  # noqa: E402
+from tests.support.dcmtk import dcmtk_tool, run_tool  # noqa: E402
+from tests.support.common import free_port, wait_for  # noqa: E402
+from tests.support.serve import Node  # noqa: E402
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from screener.node.receive import ReceiveSettings, bound_port, start_scp, stop  # noqa: E402
 from screener.store.db import create_schema, make_engine, session_factory  # noqa: E402
-from tests.dcmtk import run_tool  # noqa: E402
+from tests.support.dcmtk import run_tool  # noqa: E402
 
 
 def peak_rss_mb() -> float:

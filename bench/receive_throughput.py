@@ -41,7 +41,7 @@ from screener.config import NodeSettings  # noqa: E402
 from screener.node.receive import ReceiveSettings  # noqa: E402
 from screener.node.receivers import ReceiverPool  # noqa: E402
 from screener.store.db import create_schema, make_engine  # noqa: E402
-from tests.dcmtk import dcmtk_tool  # noqa: E402  (the real DCMTK, not pynetdicom's apps)
+from tests.support.dcmtk import dcmtk_tool  # noqa: E402  (the real DCMTK, not pynetdicom's apps)
 
 
 def make_files(source: str, n: int, folder: Path) -> list[Path]:

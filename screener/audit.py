@@ -25,14 +25,14 @@ from sqlalchemy import case, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from screener.store.models import Delivery, DeliveryState, Event, Instance, Job, JobState
+from screener.result import SITES, JobResult, ResultDocumentError
+from screener.store.models import Delivery, DeliveryState, Event, Instance, Job, JobState, as_utc
 
 DEFAULT_DATABASE_URL = "sqlite:///./screener-data/screener.db"
 FORMATS = ("table", "json", "csv")
 BUCKETS = ("hour", "day")
 FAILURE_KINDS = ("failed", "ineligible", "dead")
 OSTEOPOROSIS = "osteoporosis"
-SITES = ("L1", "L2", "L3", "L4", "L1-L4")
 
 Row = dict[str, Any]
 Counter_t = dict[str, int]
@@ -40,37 +40,30 @@ Counter_t = dict[str, int]
 # ---------------------------------------------------------------- result documents
 
 
-def _result_part(result: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    """The object holding bmd_g_cm2/tscore/who_category: ``result`` of an Outcome document,
-    or the document itself when the fields sit at its top level."""
-    if not isinstance(result, Mapping):
-        return {}
-    inner = result.get("result")
-    return inner if isinstance(inner, Mapping) else result
-
-
-def _site(values: Any, site: str) -> float | None:
-    if not isinstance(values, Mapping):
-        return None
-    value = values.get(site)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def result_fields(result: Mapping[str, Any] | None) -> Row:
     """BMD and T-score per site (``bmd_l1`` .. ``bmd_l1_l4``), ``who_category``, and the
-    Outcome's ``code``/``reason``; None where the document does not have them."""
-    part = _result_part(result)
-    row: Row = {}
-    for site in SITES:
-        row[f"bmd_{site.lower().replace('-', '_')}"] = _site(part.get("bmd_g_cm2"), site)
-    for site in SITES:
-        row[f"tscore_{site.lower().replace('-', '_')}"] = _site(part.get("tscore"), site)
-    category = part.get("who_category")
-    row["who_category"] = category if isinstance(category, str) else None
-    top = result if isinstance(result, Mapping) else {}
-    row["code"] = top.get("code") if isinstance(top.get("code"), str) else None
-    row["reason"] = top.get("reason") if isinstance(top.get("reason"), str) else None
+    result's ``code``/``reason``; None where the document does not have them (or there is none)."""
+    row: Row = {f"bmd_{_column(site)}": None for site in SITES}
+    row |= {f"tscore_{_column(site)}": None for site in SITES}
+    row |= {"who_category": None, "code": None, "reason": None}
+    if not result:
+        return row
+    try:
+        parsed = JobResult.from_json(result)
+    except ResultDocumentError:
+        return row
+    row["code"], row["reason"] = parsed.code.value, parsed.reason
+    m = parsed.measurement
+    if m is not None:
+        for site in SITES:
+            row[f"bmd_{_column(site)}"] = m.bmd_g_cm2.get(site)
+            row[f"tscore_{_column(site)}"] = m.tscore.get(site) if m.tscore else None
+        row["who_category"] = m.who_category
     return row
+
+
+def _column(site: str) -> str:
+    return site.lower().replace("-", "_")
 
 
 def _summary(result: Mapping[str, Any] | None) -> str | None:
@@ -180,43 +173,15 @@ def backlog(session: Session, *, now: datetime | None = None) -> list[Row]:
 def _backlog_rows(session: Session, query: Any, now: datetime) -> list[Row]:
     out = []
     for destination, pending, retrying, oldest, next_attempt in _read(session, query):
-        oldest = _as_utc(oldest)
+        oldest = as_utc(oldest)
         out.append({
             "destination": destination, "pending": int(pending), "retrying": int(retrying or 0),
             "oldest_queued_at": oldest,
             "oldest_age_s": None if oldest is None else round((now - oldest).total_seconds(), 1),
-            "next_attempt_at": _as_utc(next_attempt),
+            "next_attempt_at": as_utc(next_attempt),
         })
     out.sort(key=lambda r: (r["oldest_queued_at"] is None, r["oldest_queued_at"] or now, r["destination"]))
     return out
-
-
-def _as_utc(value: Any) -> Any:
-    """Aggregates (MIN/MAX) bypass the column type: SQLite hands back text, naive UTC."""
-    if value is None or not isinstance(value, (str, datetime)):
-        return value
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def status_report(session: Session, *, errors: int = 5) -> dict[str, Any]:
-    """Queue depth by job state, delivery counts by destination and state, the last errors.
-
-    What ``screener status`` prints and the health endpoint serves.
-    """
-    jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-    deliveries = session.execute(select(Delivery.destination, Delivery.state, func.count())
-                                 .group_by(Delivery.destination, Delivery.state)
-                                 .order_by(Delivery.destination, Delivery.state)).all()
-    last = session.scalars(select(Event).where(Event.outcome.in_(("error", "rejected")))
-                           .order_by(Event.id.desc()).limit(errors)).all()
-    return {
-        "jobs": {state.value: int(jobs.get(state.value, 0)) for state in JobState},
-        "deliveries": [{"destination": d, "state": st, "count": int(n)} for d, st, n in deliveries],
-        "last_errors": [{"time": _as_utc(e.time).isoformat(), "kind": e.kind, "sop_instance_uid": e.sop_instance_uid,
-                         "job_id": e.job_id, "reason_code": e.reason_code, "message": e.message} for e in last],
-    }
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -299,7 +264,7 @@ def _received_times(session: Session, job_ids: Iterable[int]) -> dict[int, datet
         query = (select(Event.job_id, func.min(Event.time))
                  .where(Event.kind == "received", Event.job_id.in_(chunk)).group_by(Event.job_id))
         for job_id, time in _read(session, query):
-            found[job_id] = _as_utc(time)
+            found[job_id] = as_utc(time)
         # Fallback for jobs whose received event is gone: the instance's first arrival.
         missing = [j for j in chunk if j not in found]
         if missing:
@@ -454,10 +419,9 @@ def database_url(args: argparse.Namespace) -> str:
     if getattr(args, "database_url", None):
         return args.database_url
     from screener.config import Settings, load_config
-    from screener.service import database_url as node_database_url
 
     config = getattr(args, "config", None)
-    return node_database_url(load_config(config) if config is not None else Settings())
+    return (load_config(config) if config is not None else Settings()).database_url
 
 
 def _open(url: str) -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -110,7 +111,8 @@ def _settings(a: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _cmd_serve(a: argparse.Namespace) -> int:
     from screener.node.receivers import PortInUse
-    from screener.service import Service, configure_logging
+    from screener.logs import configure_logging
+    from screener.service import Service
 
     settings = _settings(a)
     configure_logging()
@@ -122,16 +124,15 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _sessions(settings):  # type: ignore[no-untyped-def]
-    from screener.service import database_url
     from screener.store.db import make_engine, session_factory
 
     if not settings.storage.database_url and not (settings.data_dir / "screener.db").exists():
         raise FileNotFoundError(f"no database at {settings.data_dir / 'screener.db'}: has `screener serve` run?")
-    return session_factory(make_engine(database_url(settings)))
+    return session_factory(make_engine(settings.database_url))
 
 
 def _cmd_status(a: argparse.Namespace) -> int:
-    from screener.audit import status_report
+    from screener.store.status import status_report
 
     with _sessions(_settings(a))() as session:
         report = status_report(session)
@@ -264,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`screener status | head`): stop quietly, as a Unix tool killed by
+        # SIGPIPE would (exit 128 + 13). Point stdout at /dev/null so the flush at exit cannot
+        # raise the same error again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except (BundleError, ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from screener.node.dispatch import DispatchSettings
+from screener.node.receive import ReceiveSettings
 from screener.pipeline.decode import DecodeLimits
 from screener.pipeline.eligibility import EligibilityRules
 
@@ -120,24 +122,34 @@ def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
         raise ConfigError(f"{key} = {value}: use a number {'>= 0' if zero_ok else '> 0'}")
 
 
+def _default(cls: type, name: str) -> Any:
+    """A field's default in the dataclass that owns the rule (one source for every default)."""
+    return {f.name: f.default for f in fields(cls)}[name]
+
+
+_MIB = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """[node]: the DICOM C-STORE SCP (see screener.node.receive.ReceiveSettings)."""
 
-    ae_title: str = "CXRBMD"
-    bind_address: str = "127.0.0.1"
-    port: int = 11112
-    allowed_calling_aes: tuple[str, ...] = ()
-    allowed_peers: tuple[str, ...] = ()
-    max_dataset_bytes: int = 512 * 1024 * 1024
-    min_free_mb: int = 1024
+    ae_title: str = _default(ReceiveSettings, "ae_title")
+    bind_address: str = _default(ReceiveSettings, "bind_address")
+    port: int = _default(ReceiveSettings, "port")
+    allowed_calling_aes: tuple[str, ...] = _default(ReceiveSettings, "allowed_calling_aes")
+    allowed_peers: tuple[str, ...] = _default(ReceiveSettings, "allowed_peers")
+    max_dataset_bytes: int = _default(ReceiveSettings, "max_dataset_bytes")
+    min_free_mb: int = _default(ReceiveSettings, "min_free_bytes") // _MIB
+    acse_timeout_s: float = _default(ReceiveSettings, "acse_timeout_s")
+    network_timeout_s: float = _default(ReceiveSettings, "network_timeout_s")
+    max_associations: int = _default(ReceiveSettings, "max_associations")
+    max_associations_per_peer: int = _default(ReceiveSettings, "max_associations_per_peer")
     receive_processes: int = 2
     health_port: int = 0
     health_bind_address: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
-        from screener.node.receive import ReceiveSettings
-
         if isinstance(self.health_port, bool) or not isinstance(self.health_port, int) or not 0 <= self.health_port <= 65535:
             raise ConfigError(f"node.health_port = {self.health_port!r}: use a TCP port 1-65535, or 0 for no "
                               "HTTP health endpoint")
@@ -150,15 +162,21 @@ class NodeSettings:
         if not isinstance(self.receive_processes, int) or not 1 <= self.receive_processes <= 64:
             raise ConfigError(f"node.receive_processes = {self.receive_processes!r}: use an integer from 1 to 64 "
                               "(about one per CPU core; 1 receives in the main process only)")
-
+        _positive("node.min_free_mb", self.min_free_mb, zero_ok=True)
         try:  # the receive layer owns these rules; only the key names change
-            ReceiveSettings(spool_root=Path("."), model_id="x", patient_salt=b"x", port=self.port,
-                            ae_title=self.ae_title, bind_address=self.bind_address,
-                            allowed_calling_aes=self.allowed_calling_aes, allowed_peers=self.allowed_peers,
-                            max_dataset_bytes=self.max_dataset_bytes, min_free_bytes=max(0, self.min_free_mb))
+            self.receive_settings(spool_root=Path("."), model_id="x", patient_salt=b"x")
         except ValueError as exc:
             raise ConfigError(f"node.{exc}") from exc
-        _positive("node.min_free_mb", self.min_free_mb, zero_ok=True)
+
+    def receive_settings(self, *, spool_root: Path, model_id: str, patient_salt: bytes) -> ReceiveSettings:
+        """The receive layer's settings from these keys (the rest come from the service)."""
+        return ReceiveSettings(
+            spool_root=spool_root, model_id=model_id, patient_salt=patient_salt, port=self.port,
+            ae_title=self.ae_title, bind_address=self.bind_address, allowed_calling_aes=self.allowed_calling_aes,
+            allowed_peers=self.allowed_peers, max_dataset_bytes=self.max_dataset_bytes,
+            min_free_bytes=self.min_free_mb * _MIB, acse_timeout_s=self.acse_timeout_s,
+            network_timeout_s=self.network_timeout_s, max_associations=self.max_associations,
+            max_associations_per_peer=self.max_associations_per_peer)
 
 
 @dataclass(frozen=True)
@@ -201,21 +219,22 @@ class WorkerSettings:
 class DispatchConfig:
     """[dispatch]: C-STORE SCU to the destinations, with capped exponential backoff."""
 
-    calling_ae: str = "CXRBMD"
-    max_attempts: int = 10
-    backoff_base_s: float = 30.0
-    backoff_cap_s: float = 3600.0
+    calling_ae: str = _default(DispatchSettings, "calling_ae")
+    max_attempts: int = _default(DispatchSettings, "max_attempts")
+    backoff_base_s: float = _default(DispatchSettings, "backoff_base_s")
+    backoff_cap_s: float = _default(DispatchSettings, "backoff_cap_s")
     interval_s: float = 2.0  # an idle outbox costs one indexed query; results reach PACS sooner
 
     def __post_init__(self) -> None:
-        from screener.node.dispatch import DispatchSettings
-
         try:
-            DispatchSettings(calling_ae=self.calling_ae, max_attempts=self.max_attempts,
-                             backoff_base_s=self.backoff_base_s, backoff_cap_s=self.backoff_cap_s)
+            self.dispatch_settings()
         except ValueError as exc:
             raise ConfigError(f"dispatch.{exc}") from exc
         _positive("dispatch.interval_s", self.interval_s)
+
+    def dispatch_settings(self) -> DispatchSettings:
+        return DispatchSettings(calling_ae=self.calling_ae, max_attempts=self.max_attempts,
+                                backoff_base_s=self.backoff_base_s, backoff_cap_s=self.backoff_cap_s)
 
 
 @dataclass(frozen=True)
@@ -307,6 +326,11 @@ class Settings:
     @property
     def data_dir(self) -> Path:
         return (Path(self.base_dir or ".") / self.storage.data_dir).resolve()
+
+    @property
+    def database_url(self) -> str:
+        """``storage.database_url``, else the SQLite file ``screener.db`` under the data folder."""
+        return self.storage.database_url or f"sqlite:///{self.data_dir / 'screener.db'}"
 
 
 def _section(cls: type, name: str, raw: Any) -> Any:

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from pydicom.dataset import Dataset
+
+from screener.codes import ReasonCode
+from screener.durable import write_atomically
+from screener.result import JobResult, JobStatus, Measurement, ObjectKind, OutputObject
+from screener.safe_text import scrub
 
 from screener.pipeline.bundle import ModelBundle
 from screener.pipeline.decode import DEFAULT_LIMITS, DecodedImage, DecodeError, DecodeLimits, decode_dataset, read_dataset
@@ -29,46 +34,53 @@ from screener.pipeline.geometry import Pyramid
 __all__ = ["Outcome", "Processor", "find_inputs", "OUTPUT_SUFFIXES", "REQUIRED_KINDS"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-#: File name ending of each report object, by kind (the outbox's DeliveryKind values): SR, GSPS,
-#: result image (Secondary Capture), PDF (Encapsulated PDF).
-OUTPUT_SUFFIXES: dict[str, str] = {"sr": ".sr.dcm", "gsps": ".gsps.dcm", "image": ".sc.dcm", "pdf": ".pdf.dcm"}
+#: File name ending of each report object, by kind: SR, GSPS, result image (Secondary
+#: Capture), PDF (Encapsulated PDF). The name before it is the object's own SOP Instance UID,
+#: which differs per source image and model version, so two model versions never overwrite
+#: each other's objects while a delivery still points at one.
+OUTPUT_SUFFIXES: dict[ObjectKind, str] = {ObjectKind.SR: ".sr.dcm", ObjectKind.GSPS: ".gsps.dcm",
+                                          ObjectKind.IMAGE: ".sc.dcm", ObjectKind.PDF: ".pdf.dcm"}
 #: The SR and the GSPS are the result; without them nothing is reported. The pictures are
 #: extra views of it: one that cannot be made is left out (and said), the result still goes.
-REQUIRED_KINDS = ("sr", "gsps")
+REQUIRED_KINDS = (ObjectKind.SR, ObjectKind.GSPS)
 
 
 @dataclass(frozen=True)
 class Outcome:
+    """What became of one input file: the stored :class:`~screener.result.JobResult` plus the
+    in-memory estimate (for callers that print or test it)."""
+
     file: Path
-    status: str  # "reported", "ineligible" or "error"
-    code: str  # stable reason code ("eligible" when reported)
+    status: JobStatus
+    code: ReasonCode
     reason: str
     sop_instance_uid: str = ""
     estimate: BmdEstimate | None = None
-    outputs: tuple[Path, ...] = ()
+    outputs: Mapping[ObjectKind, OutputObject] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def to_json(self) -> dict:
-        d: dict = {
-            "file": str(self.file), "status": self.status, "code": self.code, "reason": self.reason,
-            "sop_instance_uid": self.sop_instance_uid, "outputs": [str(p) for p in self.outputs],
-            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
-        }
-        est = self.estimate
-        if est is not None:
-            t = est.tscores
-            d["result"] = {
-                "model_id": est.model_id, "demo": est.demo, "bmd_g_cm2": t.bmd, "tscore": t.tscore,
-                "coordinates": "source pixels, x = column, y = row, centre of the top-left pixel at (0, 0) "
-                               "(the SR's SCOORD puts it at (0.5, 0.5))",
-                "who_category": t.category.value if t.category else None, "tscore_note": t.reason,
-                "landmarks_xy": est.landmarks.points.round(2).tolist(),
-                "landmark_confidence": est.landmarks.confidence.round(3).tolist(),
-                "roi_corners_xy": {n: c.round(2).tolist() for n, c in zip(est.rois.names, est.rois.corners)},
-            }
-            if est.demo:
-                d["result"]["demo_statement"] = est.algorithm.demo_statement
-        return d
+    def result(self) -> JobResult:
+        """The document the node stores (screener.result: one schema, one reader)."""
+        return JobResult(status=self.status, code=self.code, reason=self.reason,
+                         sop_instance_uid=self.sop_instance_uid, file=str(self.file), outputs=self.outputs,
+                         seconds=self.seconds, measurement=_measurement(self.estimate))
+
+    def to_json(self) -> dict[str, Any]:
+        return self.result().to_json()
+
+
+def _measurement(est: BmdEstimate | None) -> Measurement | None:
+    if est is None:
+        return None
+    t = est.tscores
+    return Measurement(
+        model_id=est.model_id, demo=est.demo, bmd_g_cm2=dict(t.bmd), tscore=dict(t.tscore) if t.tscore else None,
+        who_category=t.category.value if t.category else None, tscore_note=t.reason,
+        landmarks_xy=tuple(tuple(p) for p in est.landmarks.points.round(2).tolist()),
+        landmark_confidence=tuple(est.landmarks.confidence.round(3).tolist()),
+        roi_corners_xy={n: tuple(tuple(p) for p in c.round(2).tolist()) for n, c in zip(est.rois.names, est.rois.corners)},
+        demo_statement=est.algorithm.demo_statement if est.demo else None,
+    )
 
 
 @dataclass
@@ -123,16 +135,19 @@ class Processor:
         rules: EligibilityRules = EligibilityRules(),
         limits: DecodeLimits = DEFAULT_LIMITS,
         previews: bool = False,
-        kinds: tuple[str, ...] = tuple(OUTPUT_SUFFIXES),
+        kinds: Iterable[ObjectKind | str] = tuple(OUTPUT_SUFFIXES),
+        write_json: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        unknown = set(kinds) - set(OUTPUT_SUFFIXES)
+        kinds = tuple(kinds)
+        unknown = {str(k) for k in kinds} - {str(k) for k in OUTPUT_SUFFIXES}
         if unknown:
             raise ValueError(f"kinds: unknown report object kinds {sorted(unknown)}; known: {list(OUTPUT_SUFFIXES)}")
         # what to build: what some destination takes (the SR and GSPS always)
-        self.kinds = tuple(k for k in OUTPUT_SUFFIXES if k in kinds or k in REQUIRED_KINDS)
+        self.kinds = tuple(k for k in OUTPUT_SUFFIXES if k in kinds or k in REQUIRED_KINDS)  # StrEnum == str
         self.previews = previews
+        self.write_json = write_json  # the node stores the document in its database instead
         self.estimator = BmdEstimator(bundle, device)
         self.out_dir = out_dir
         self.batch_size = batch_size
@@ -159,13 +174,13 @@ class Processor:
             uid = str(ds.get("SOPInstanceUID", ""))
             header = check_header(ds, self.rules)
             if not header.eligible:
-                item.outcome = self._done(item, "ineligible", header.code, header.reason, uid)
+                item.outcome = self._done(item, JobStatus.INELIGIBLE, header.code, header.reason, uid)
                 return item
             item.image = decode_dataset(ds, self.limits)
         except DecodeError as exc:
-            item.outcome = self._done(item, "error", exc.code, str(exc), uid)
+            item.outcome = self._done(item, JobStatus.ERROR, exc.code, str(exc), uid)
         except Exception as exc:  # anything unforeseen: this file fails, the others go on
-            item.outcome = self._done(item, "error", "internal-error", f"{type(exc).__name__}: {exc}", uid)
+            item.outcome = self._done(item, JobStatus.ERROR, ReasonCode.INTERNAL_ERROR, f"{type(exc).__name__}: {scrub(exc)}", uid)
         item.seconds["decode"] = time.perf_counter() - t
         return item
 
@@ -181,14 +196,15 @@ class Processor:
                     try:
                         self._estimate([item])
                     except Exception as exc:
-                        item.outcome = self._done(item, "error", "internal-error", f"{type(exc).__name__}: {exc}",
+                        item.outcome = self._done(item, JobStatus.ERROR, ReasonCode.INTERNAL_ERROR, f"{type(exc).__name__}: {scrub(exc)}",
                                                   item.image.sop_instance_uid if item.image else "")
         for item in items:
             assert item.outcome is not None
             try:
-                self._write_json(item.outcome)
+                if self.write_json:
+                    self._write_json(item.outcome)
             except OSError as exc:
-                item.outcome = self._done(item, "error", "output-failed", f"could not write the result: {exc}")
+                item.outcome = self._done(item, JobStatus.ERROR, ReasonCode.OUTPUT_FAILED, f"could not write the result: {scrub(exc)}")
             yield item.outcome
 
     def _estimate(self, live: list[_Item]) -> None:
@@ -209,7 +225,7 @@ class Processor:
             if decision.eligible:
                 eligible.append((item, pyr, lm))
             else:
-                item.outcome = self._done(item, "ineligible", decision.code, decision.reason, item.image.sop_instance_uid)
+                item.outcome = self._done(item, JobStatus.INELIGIBLE, decision.code, decision.reason, item.image.sop_instance_uid)
         if not eligible:
             return
         t = time.perf_counter()
@@ -231,54 +247,47 @@ class Processor:
         assert item.dataset is not None and item.image is not None
         uid, ds, pixels = item.image.sop_instance_uid, item.dataset, item.image.pixels
         t = time.perf_counter()
-        builders = {"sr": lambda: build_sr(ds, est), "gsps": lambda: build_gsps(ds, est),
-                    "image": lambda: build_result_image(ds, est, pixels), "pdf": lambda: build_pdf(ds, est, pixels)}
-        objects: dict[str, Dataset] = {}
+        builders = {ObjectKind.SR: lambda: build_sr(ds, est), ObjectKind.GSPS: lambda: build_gsps(ds, est),
+                    ObjectKind.IMAGE: lambda: build_result_image(ds, est, pixels),
+                    ObjectKind.PDF: lambda: build_pdf(ds, est, pixels)}
+        objects: dict[ObjectKind, Dataset] = {}
         left_out: list[str] = []
         for kind in self.kinds:
             try:
                 objects[kind] = builders[kind]()
             except Exception as exc:  # a source header an object cannot carry: say so, keep going
                 if kind in REQUIRED_KINDS:
-                    return self._done(item, "error", "report-failed", f"could not build the {kind}: {exc}", uid, est)
-                left_out.append(f"{kind} not built ({type(exc).__name__}: {exc})")
-        stem = output_stem(uid, item.path)
-        outputs = tuple(self.out_dir / f"{stem}{OUTPUT_SUFFIXES[kind]}" for kind in objects)
+                    return self._done(item, JobStatus.ERROR, ReasonCode.REPORT_FAILED,
+                                      f"could not build the {kind}: {type(exc).__name__}: {scrub(exc)}", uid, est)
+                left_out.append(f"{kind} not built ({type(exc).__name__}: {scrub(exc)})")
+        outputs: dict[ObjectKind, OutputObject] = {}
         try:
-            for obj, path in zip(objects.values(), outputs):
-                _atomic_write(path, lambda tmp, obj=obj: obj.save_as(tmp, enforce_file_format=True))
+            for kind, obj in objects.items():
+                path = self.out_dir / f"{obj.SOPInstanceUID}{OUTPUT_SUFFIXES[kind]}"
+                write_atomically(path, lambda fh, obj=obj: obj.save_as(fh, enforce_file_format=True))
+                outputs[kind] = OutputObject(str(path), str(obj.SOPInstanceUID))
             if self.previews:  # the GSPS read back and drawn, as a viewer would show it
                 from screener.report.preview import render_gsps
 
-                png = self.out_dir / f"{stem}.gsps.png"
-                _atomic_write(png, lambda tmp: render_gsps(pixels, objects["gsps"], tmp))
-                outputs += (png,)
+                gsps = objects[ObjectKind.GSPS]
+                png = self.out_dir / f"{gsps.SOPInstanceUID}.gsps.png"
+                write_atomically(png, lambda fh: render_gsps(pixels, gsps, fh))
         except Exception as exc:
-            return self._done(item, "error", "output-failed", f"could not write the report: {exc}", uid, est)
+            return self._done(item, JobStatus.ERROR, ReasonCode.OUTPUT_FAILED,
+                              f"could not write the report: {type(exc).__name__}: {scrub(exc)}", uid, est)
         item.seconds["report"] = time.perf_counter() - t
         reason = "estimated" + (f"; {'; '.join(left_out)}"[:900] if left_out else "")
-        return self._done(item, "reported", "eligible", reason, uid, est, outputs)
+        return self._done(item, JobStatus.REPORTED, ReasonCode.ELIGIBLE, reason, uid, est, outputs)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
-    def _done(self, item: _Item, status: str, code: str, reason: str, uid: str = "",
-              est: BmdEstimate | None = None, outputs: tuple[Path, ...] = ()) -> Outcome:
+    def _done(self, item: _Item, status: JobStatus, code: ReasonCode, reason: str, uid: str = "",
+              est: BmdEstimate | None = None, outputs: Mapping[ObjectKind, OutputObject] | None = None) -> Outcome:
         seconds = dict(item.seconds)
         seconds["total"] = time.perf_counter() - item.t0
-        return Outcome(item.path, status, code, reason, uid, est, outputs, seconds)
+        return Outcome(item.path, status, code, reason, uid, est, dict(outputs or {}), seconds)
 
     def _write_json(self, outcome: Outcome) -> None:
         stem = output_stem(outcome.sop_instance_uid, outcome.file)
         text = json.dumps(outcome.to_json(), indent=2) + "\n"
-        _atomic_write(self.out_dir / f"{stem}.json", lambda tmp: Path(tmp).write_text(text))
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary name and rename: a reader (or a router watching the folder)
-    never sees a half-written SR, and a crash leaves the old file or none."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_atomically(self.out_dir / f"{stem}.json", lambda fh: fh.write(text.encode()))

@@ -1,7 +1,7 @@
 """`screener serve`: the SCP, the worker threads and the scheduler, wired from one Settings.
 
-Start order follows the data flow backwards (database, workers, scheduler, then the SCP), so
-nothing is acknowledged before something can process it. Stop order is the reverse of that:
+Start order follows the data flow backwards (database, workers, scheduler, health endpoint,
+then the SCP), so nothing is acknowledged before something can process it. Stop order is the reverse of that:
 stop accepting associations, let the workers finish the batch in hand, then the scheduler.
 """
 
@@ -11,59 +11,26 @@ import logging
 import os
 import secrets
 import signal
-import sys
 import threading
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.config import Settings, build_decode_limits, build_eligibility_rules
-from screener.health import start_health_server
+from screener.health import HealthChecks, start_health_server
 from screener.node import dispatch, receive, receivers
 from screener.node.spool import sweep_incoming
-from screener.store.db import SQLITE_BEGIN, create_schema, make_engine, session_factory
-from screener.store.models import Delivery, Event, Instance, JobState, utcnow
+from screener.retention import purge_outbox, purge_spool, sweep_orphans
+from screener.store.db import create_schema, make_engine, session_factory
+from screener.store.models import Delivery
+from screener.store.queue import job_result
 
-__all__ = ["Service", "configure_logging", "database_url", "patient_salt", "purge_spool"]
+__all__ = ["Service", "delivery_object_path", "housekeeping", "patient_salt"]
 
 log = structlog.get_logger(__name__)
-
-_FINISHED = (JobState.DONE, JobState.INELIGIBLE, JobState.FAILED)
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """JSON lines when stdout is a pipe or file (a journal, a collector); readable on a terminal.
-
-    Log lines carry UIDs and hashed patient IDs only: nothing here logs a dataset's names.
-    """
-    renderer: Any = structlog.dev.ConsoleRenderer() if sys.stdout.isatty() else structlog.processors.JSONRenderer()
-    structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.format_exc_info,
-                    renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=True,
-    )
-    # pynetdicom and the receive module log through the standard library: same stream, same shape.
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processor=renderer, foreign_pre_chain=[structlog.processors.add_log_level,
-                                               structlog.processors.TimeStamper(fmt="iso", utc=True)]))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for noisy in ("pynetdicom", "apscheduler", "highdicom"):  # per-association, per-run and per-SR chatter
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def database_url(settings: Settings) -> str:
-    return settings.storage.database_url or f"sqlite:///{settings.data_dir / 'screener.db'}"
 
 
 def patient_salt(settings: Settings) -> bytes:
@@ -84,34 +51,25 @@ def patient_salt(settings: Settings) -> bytes:
     return path.read_text().strip().encode()
 
 
-def purge_spool(sessions: sessionmaker[Session], retention_days: float) -> int:
-    """Delete spooled images whose jobs are all finished and that are older than the retention."""
-    cutoff = utcnow() - timedelta(days=retention_days)
-    with sessions() as session:
-        old = session.scalars(select(Instance).where(Instance.received_at < cutoff)).all()
-        candidates = [i for i in old if Path(i.spool_path).exists()
-                      and all(j.state in _FINISHED for j in i.jobs)]
-        session.commit()
-    for instance in candidates:
-        Path(instance.spool_path).unlink(missing_ok=True)
-        with sessions() as session:
-            session.connection(execution_options={SQLITE_BEGIN: "IMMEDIATE"})
-            session.add(Event(time=utcnow(), kind="purged", outcome="ok", sop_instance_uid=instance.sop_instance_uid,
-                              study_uid=instance.study_instance_uid, accession_number=instance.accession_number,
-                              message=f"spooled image deleted after {retention_days:g} days"))
-            session.commit()
-        log.info("spool_purged", sop_instance_uid=instance.sop_instance_uid)
-    return len(candidates)
-
-
 def delivery_object_path(delivery: Delivery) -> Path:
-    """The SR / GSPS file of a delivery: the worker's outcome lists the files it wrote."""
-    from screener.worker import output_for
-
-    path = output_for((delivery.job.result_json or {}).get("outputs", []), delivery.kind)
-    if path is None:
+    """The file of a delivery's object, from the job's result document."""
+    result = job_result(delivery.job)
+    output = result.output(delivery.kind) if result is not None else None
+    if output is None:
         raise FileNotFoundError(f"job {delivery.job_id} has no {delivery.kind} output")
-    return path
+    if not Path(output.path).is_file():
+        raise FileNotFoundError(f"job {delivery.job_id}: the {delivery.kind} file {output.path} is gone")
+    return Path(output.path)
+
+
+def housekeeping(sessions: sessionmaker[Session], spool: Path, outbox: Path, retention_days: float) -> None:
+    """The hourly retention run: each sweep on its own, so one failing does not stop the rest."""
+    for sweep in (lambda: purge_spool(sessions, retention_days), lambda: purge_outbox(sessions, outbox, retention_days),
+                  lambda: sweep_orphans(sessions, spool)):
+        try:
+            sweep()
+        except Exception:
+            log.exception("retention_failed")
 
 
 class Service:
@@ -132,17 +90,18 @@ class Service:
         s = self.settings
         data = s.data_dir
         data.mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(database_url(s))
+        (data / "spool").mkdir(exist_ok=True)
+        self.engine = make_engine(s.database_url)
         create_schema(self.engine)
         self.sessions = session_factory(self.engine)
         bundle = ModelBundle.load(s.model.bundle or None)
         destinations = [d.destination() for d in s.destinations]
         # Build what some destination takes; with none configured, everything (kept in the outbox).
-        kinds = tuple({str(k) for d in destinations for k in d.kinds()}) if destinations else tuple(OUTPUT_SUFFIXES)
+        kinds = tuple({k for d in destinations for k in d.kinds()}) if destinations else tuple(OUTPUT_SUFFIXES)
         for n in range(s.worker.workers):
             processor = Processor(bundle, data / "outbox", device=s.model.device, batch_size=s.model.batch_size,
                                   decode_workers=s.worker.decode_workers, rules=build_eligibility_rules(s.eligibility),
-                                  limits=build_decode_limits(s.decode), kinds=kinds)
+                                  limits=build_decode_limits(s.decode), kinds=kinds, write_json=False)
             # Owner names are unique per process and thread: the lease is checked by name.
             worker = Worker(f"{os.uname().nodename}:{os.getpid()}:{n}", self.sessions, processor, destinations,
                             s.worker.lease_seconds, s.worker.poll_seconds)
@@ -152,11 +111,10 @@ class Service:
         self._scheduler = BackgroundScheduler(timezone="UTC")
         dispatcher = dispatch.Dispatcher(
             self.sessions, {d.name: d for d in destinations},
-            dispatch.DispatchSettings(calling_ae=s.dispatch.calling_ae, max_attempts=s.dispatch.max_attempts,
-                                      backoff_base_s=s.dispatch.backoff_base_s, backoff_cap_s=s.dispatch.backoff_cap_s),
-            delivery_object_path)
+            s.dispatch.dispatch_settings(), delivery_object_path)
         dispatch.schedule(self._scheduler, dispatcher, s.dispatch.interval_s)
-        self._scheduler.add_job(purge_spool, "interval", hours=1, args=[self.sessions, s.storage.retention_days],
+        self._scheduler.add_job(housekeeping, "interval", hours=1,
+                                args=[self.sessions, data / "spool", data / "outbox", s.storage.retention_days],
                                 id="retention", max_instances=1, coalesce=True)
         # Partial files of aborted transfers: once at start (a previous run's), then every 5 minutes.
         sweep_incoming(data / "spool", receive.STALE_INCOMING_S)
@@ -164,20 +122,19 @@ class Service:
                                 id="incoming", max_instances=1, coalesce=True)
         self._scheduler.start()
         node = s.node
-        self.receive_settings = receive.ReceiveSettings(
-            spool_root=data / "spool", model_id=bundle.model_id, patient_salt=patient_salt(s), port=node.port,
-            ae_title=node.ae_title, bind_address=node.bind_address, allowed_calling_aes=node.allowed_calling_aes,
-            allowed_peers=node.allowed_peers, max_dataset_bytes=node.max_dataset_bytes,
-            min_free_bytes=node.min_free_mb * 1024 * 1024)
-        self._receivers = receivers.ReceiverPool(self.receive_settings, database_url(s), node.receive_processes,
-                                                 logging.getLogger().level)
-        port = self._receivers.start()
-        # A receive process that dies is started again; the others and this one keep serving.
-        self._scheduler.add_job(self._receivers.check, "interval", seconds=5, id="receivers",
-                                max_instances=1, coalesce=True)
+        self.receive_settings = node.receive_settings(spool_root=data / "spool", model_id=bundle.model_id,
+                                                      patient_salt=patient_salt(s))
+        pool = self._receivers = receivers.ReceiverPool(self.receive_settings, s.database_url, node.receive_processes,
+                                                        logging.getLogger().level)
         if node.health_port:
-            self._health = start_health_server(node.health_bind_address, node.health_port, self.sessions,
-                                               self._receivers.running)
+            # Before the DICOM port: a monitor probing once the port answers finds /health up.
+            self._health = start_health_server(node.health_bind_address, node.health_port, HealthChecks(
+                engine=self.engine, receive_processes=pool.running, slots=pool.slots,
+                spool_root=data / "spool", min_free_bytes=self.receive_settings.min_free_bytes))
+        port = pool.start()
+        # A receive process that dies is started again; the others and this one keep serving.
+        self._scheduler.add_job(pool.check, "interval", seconds=5, id="receivers",
+                                max_instances=1, coalesce=True)
         log.info("serving", ae_title=node.ae_title, address=node.bind_address, port=port,
                  health=f"http://{node.health_bind_address}:{node.health_port}/health" if node.health_port else None,
                  receive_processes=node.receive_processes,

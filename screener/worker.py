@@ -12,30 +12,20 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-import pydicom
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
+from screener.codes import ReasonCode
 from screener.node.dispatch import Destination
-from screener.process import OUTPUT_SUFFIXES, Outcome, Processor
-from screener.store.models import DeliveryKind, Job, JobState
+from screener.process import Outcome, Processor
+from screener.result import JobResult, JobStatus
+from screener.safe_text import scrub
+from screener.store.models import Job, JobState
 from screener.store.queue import LeaseLost, claim_jobs, complete_job, fail_job
 
-__all__ = ["RETRYABLE_CODES", "Worker"]
+__all__ = ["Worker"]
 
 log = structlog.get_logger(__name__)
-
-# Outcome codes of failures that may pass on a later attempt (our bug, a full disk); every
-# other error code is about the image itself (DecodeError codes, report-failed) and is final.
-RETRYABLE_CODES = frozenset({"internal-error", "output-failed"})
-_SUFFIX = {DeliveryKind(kind): suffix for kind, suffix in OUTPUT_SUFFIXES.items()}
-
-
-def output_for(outputs: Sequence[str | Path], kind: DeliveryKind | str) -> Path | None:
-    """The output file of ``kind`` among an outcome's outputs (named <uid>.sr.dcm, .gsps.dcm,
-    .sc.dcm, .pdf.dcm: screener.process.OUTPUT_SUFFIXES)."""
-    suffix = _SUFFIX[DeliveryKind(kind)]
-    return next((Path(p) for p in outputs if str(p).endswith(suffix)), None)
 
 
 class Worker:
@@ -57,9 +47,9 @@ class Worker:
             outcomes = list(self._processor.run([Path(job.instance.spool_path) for job in jobs]))
         except Exception as error:  # the Processor handles per-file errors; this is a broken batch
             log.exception("batch_failed", owner=self.owner, jobs=[j.id for j in jobs])
-            message = f"{type(error).__name__}: {error}"  # `error` is unbound after the except block
+            message = f"{type(error).__name__}: {scrub(error)}"  # `error` is unbound after the except block
             for job in jobs:
-                self._finish(job, lambda s, j=job: fail_job(s, j.id, self.owner, message, True))
+                self._finish(job, lambda s, j=job: fail_job(s, j.id, self.owner, ReasonCode.BATCH_FAILED, message, True))
             return len(jobs)
         for job, outcome in zip(jobs, outcomes, strict=True):
             self._record(job, outcome)
@@ -77,25 +67,18 @@ class Worker:
                 stop.wait(self._poll_seconds)
 
     def _record(self, job: Job, outcome: Outcome) -> None:
-        fields = dict(job_id=job.id, sop_instance_uid=job.instance.sop_instance_uid, status=outcome.status,
-                      code=outcome.code, seconds=round(outcome.seconds.get("total", 0.0), 3))
-        result = outcome.to_json()
-        if outcome.status == "reported":
-            uids = {}
-            for kind in DeliveryKind:
-                path = output_for(result["outputs"], kind)
-                if path is not None:
-                    uids[kind] = str(pydicom.dcmread(path, stop_before_pixels=True,
-                                                     specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        result: JobResult = outcome.result()
+        fields = dict(job_id=job.id, sop_instance_uid=job.instance.sop_instance_uid, status=result.status.value,
+                      code=result.code.value, seconds=round(result.seconds.get("total", 0.0), 3))
+        if result.status is JobStatus.REPORTED:
             # only what was written: a result image or PDF that could not be made is not queued
-            destinations = [(name, tuple(k for k in kinds if k in uids)) for name, kinds in self._destinations]
-            self._finish(job, lambda s: complete_job(s, job.id, self.owner, JobState.DONE, result,
-                                                     destinations, object_uids=uids))
-        elif outcome.status == "ineligible":
+            destinations = [(name, tuple(k for k in kinds if k in result.outputs)) for name, kinds in self._destinations]
+            self._finish(job, lambda s: complete_job(s, job.id, self.owner, JobState.DONE, result, destinations))
+        elif result.status is JobStatus.INELIGIBLE:
             self._finish(job, lambda s: complete_job(s, job.id, self.owner, JobState.INELIGIBLE, result, []))
         else:
-            retry = outcome.code in RETRYABLE_CODES
-            self._finish(job, lambda s: fail_job(s, job.id, self.owner, f"{outcome.code}: {outcome.reason}", retry))
+            self._finish(job, lambda s: fail_job(s, job.id, self.owner, result.code, result.reason, result.retryable,
+                                                 result=result))
         log.info("job_finished", **fields)
 
     def _finish(self, job: Job, write) -> None:  # type: ignore[no-untyped-def]

@@ -66,7 +66,7 @@ def test_failures_since(db) -> None:
         dead, inel, failed = rows
         assert (dead["destination"], dead["delivery_kind"]) == ("PACS", "gsps")
         assert "association rejected" in dead["message"]
-        assert inel["reason_code"] == "not-chest" and inel["message"] == "BodyPartExamined is KNEE"
+        assert inel["reason_code"] == "body-part" and inel["message"] == "BodyPartExamined is KNEE"
         assert "not retryable: decoder crashed" in failed["message"]
         assert [r["kind"] for r in audit.failures(s, minutes(25))] == ["failed"]
         with pytest.raises(ValueError, match="since"):
@@ -125,11 +125,15 @@ def test_positives_in_period(db) -> None:
             audit.positives(s, minutes(60), T0)
 
 
-def test_result_fields_read_outcome_and_bare_result() -> None:
-    doc = outcome(0.8, -1.5, "osteopenia")
-    assert audit.result_fields(doc) == audit.result_fields(doc["result"]) | {"code": "eligible", "reason": "eligible"}
-    assert audit.result_fields(outcome(0.8, None, None))["tscore_l1_l4"] is None
+def test_result_fields_read_the_versioned_document_only() -> None:
+    doc = outcome(0.8, -1.5, "osteopenia").to_json()
+    fields = audit.result_fields(doc)
+    assert (fields["bmd_l1_l4"], fields["tscore_l1_l4"], fields["who_category"], fields["code"]) == (
+        0.8, -1.5, "osteopenia", "eligible")
+    assert audit.result_fields(outcome(0.8, None, None).to_json())["tscore_l1_l4"] is None
     assert audit.result_fields(None)["bmd_l1_l4"] is None
+    # a document without a version (the shape before migration 0004) is not guessed at
+    assert audit.result_fields(doc["result"]) == audit.result_fields(None)
 
 
 # ---------------------------------------------------------------- formats
@@ -230,7 +234,7 @@ def test_views_do_not_disturb_the_schema_comparison(db) -> None:
     with engine.connect() as c:
         diff = compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}), Base.metadata)
         assert diff == []
-        assert c.scalar(text("SELECT version_num FROM alembic_version")) == "0003"
+        assert c.scalar(text("SELECT version_num FROM alembic_version")) == "0004"
 
 
 def test_view_instance_history(db) -> None:
@@ -244,8 +248,8 @@ def test_view_instance_history(db) -> None:
     assert acc1.tscore_l1_l4 == pytest.approx(-3.1)
     assert (acc1.deliveries_pending, acc1.deliveries_sent, acc1.deliveries_dead) == (0, 2, 1)
     assert (rows["ACC2"].who_category, rows["ACC2"].deliveries_pending) == ("normal", 1)
-    assert (rows["ACC3"].job_state, rows["ACC3"].result_code, rows["ACC3"].bmd_l1_l4) == ("ineligible", "not-chest", None)
-    assert (rows["ACC4"].job_state, rows["ACC4"].last_error) == ("failed", "decoder crashed")
+    assert (rows["ACC3"].job_state, rows["ACC3"].result_code, rows["ACC3"].bmd_l1_l4) == ("ineligible", "body-part", None)
+    assert (rows["ACC4"].job_state, rows["ACC4"].last_error) == ("failed", "corrupt-pixel-data: decoder crashed")
 
 
 def test_view_failures_backlog_and_positives(db) -> None:
@@ -258,7 +262,7 @@ def test_view_failures_backlog_and_positives(db) -> None:
                                    "FROM v_positive_screens ORDER BY completed_at")).all()
     assert [(f.kind, f.accession_number, f.destination) for f in failures] == [
         ("dead", "ACC1", "PACS"), ("ineligible", "ACC3", None), ("failed", "ACC4", None)]
-    assert failures[1].reason_code == "not-chest" and failures[1].message == "BodyPartExamined is KNEE"
+    assert failures[1].reason_code == "body-part" and failures[1].message == "BodyPartExamined is KNEE"
     assert [(b.destination, b.pending, b.retrying) for b in backlog] == [("PACS", 1, 0)]
     assert backlog[0].oldest_age_s > 0
     assert [(p.accession_number, p.sop_instance_uid) for p in positives] == [("ACC1", "1.2.3.4.1"), ("ACC5", "1.2.3.4.5")]

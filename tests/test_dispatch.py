@@ -36,6 +36,7 @@ from screener.node.dispatch import (
 from screener.store.models import Delivery, Event
 from screener.store.queue import ReceivedInstance, claim_jobs, complete_job, record_received
 from tests.support.common import free_port
+from tests.support.store import job_result
 from tests.support.dcmtk import dcmtk_tool
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -192,7 +193,7 @@ def completed(factory: sessionmaker[Session], objects: dict[str, Path], tmp_path
         objects[image_uid] = jpeg_sc_file(tmp_path, image_uid)
         uids["image"] = image_uid
     with factory() as s:
-        complete_job(s, job.id, "w1", "done", {"bmd": 1.0}, destinations, object_uids=uids, now=T0)
+        complete_job(s, job.id, "w1", "done", job_result(uids), destinations, now=T0)
     return sr_uid
 
 

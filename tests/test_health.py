@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy import text
 
-from screener.health import start_health_server
+from screener.health import HealthChecks, start_health_server
 from screener.store.models import Event, utcnow
 from tests.support.common import free_port
 
@@ -18,12 +18,14 @@ Get = Callable[..., tuple[int, dict]]
 
 
 @pytest.fixture
-def health(factory) -> Iterator[Callable[[tuple[int, int]], Get]]:
+def health(engine, tmp_path) -> Iterator[Callable[..., Get]]:
     servers = []
 
-    def start(processes: tuple[int, int]) -> Get:
+    def start(processes: tuple[int, int], slots: tuple[int, int] = (0, 16), min_free_bytes: int = 0) -> Get:
         port = free_port()
-        servers.append(start_health_server("127.0.0.1", port, factory, lambda: processes))
+        checks = HealthChecks(engine=engine, receive_processes=lambda: processes, slots=lambda: slots,
+                              spool_root=tmp_path, min_free_bytes=min_free_bytes, write_timeout_s=0.5)
+        servers.append(start_health_server("127.0.0.1", port, checks))
 
         def get(path: str = "/health", method: str = "GET") -> tuple[int, dict]:
             request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
@@ -70,3 +72,31 @@ def test_other_paths_and_methods_are_refused(health) -> None:
     assert get("/")[0] == 404 and get("/health/../etc")[0] == 404
     assert get(method="POST")[0] == 405 and get(method="DELETE")[0] == 405
     assert get("/health?verbose=1")[0] == 200
+
+
+# Before: each of the three faults below answered 200 "ok".
+
+
+def test_spool_under_its_watermark_is_503(health) -> None:
+    status, document = health((1, 1), min_free_bytes=1 << 62)()
+    assert status == 503 and len(document["problems"]) == 1
+    assert document["problems"][0].startswith("spool:") and "below the watermark" in document["problems"][0]
+
+
+def test_write_locked_database_is_503(health, engine) -> None:
+    raw = engine.raw_connection()  # another process holding the write lock, as a stuck job would
+    try:
+        raw.driver_connection.execute("BEGIN IMMEDIATE")
+        status, document = health((1, 1))()
+    finally:
+        raw.driver_connection.execute("ROLLBACK")
+        raw.close()
+    assert status == 503 and document["problems"][0].startswith("database: database is locked")
+    assert health((1, 1))()[0] == 200  # and healthy again once the lock is gone
+
+
+def test_every_association_slot_taken_is_503(health) -> None:
+    status, document = health((2, 2), slots=(32, 32))()
+    assert status == 503 and document["associations"] == {"in_use": 32, "capacity": 32}
+    assert document["problems"] == ["associations: all 32 slots in use; new callers are rejected (local limit)"]
+    assert health((2, 2), slots=(31, 32))()[0] == 200

@@ -274,7 +274,7 @@ def test_views_return_rows_on_postgresql(engine: Engine, scenario: sessionmaker[
     assert first["bmd_l1_l4"] == pytest.approx(0.62) and first["bmd_l2"] == pytest.approx(0.63)
     assert first["tscore_l1_l4"] == pytest.approx(-3.1)
     assert (first["deliveries_pending"], first["deliveries_sent"], first["deliveries_dead"]) == (0, 2, 1)
-    assert history[2]["result_code"] == "not-chest" and history[2]["bmd_l1"] is None
+    assert history[2]["result_code"] == "body-part" and history[2]["bmd_l1"] is None
     assert isinstance(first["received_at"], datetime) and first["received_at"] == minutes(0)
 
     positives = rows(engine, "SELECT * FROM v_positive_screens ORDER BY completed_at")
@@ -284,7 +284,7 @@ def test_views_return_rows_on_postgresql(engine: Engine, scenario: sessionmaker[
 
     failures = rows(engine, "SELECT * FROM v_failures ORDER BY time, event_id")
     assert [(r["kind"], r["reason_code"], r["delivery_kind"]) for r in failures] == [
-        ("dead", None, "gsps"), ("ineligible", "not-chest", None), ("failed", None, None)]
+        ("dead", "delivery-failed", "gsps"), ("ineligible", "body-part", None), ("failed", "corrupt-pixel-data", None)]
     assert failures[1]["message"] == "BodyPartExamined is KNEE"
 
     backlog = rows(engine, "SELECT * FROM v_delivery_backlog")
@@ -305,7 +305,7 @@ def test_audit_queries_on_postgresql(engine: Engine, scenario: sessionmaker[Sess
     assert [r["kind"] for r in history] == ["received", "claimed", "done", "sent", "dead", "sent"]
     assert history[3]["destination"] == "PACS" and history[0]["time"] == minutes(0)
     assert [(r["kind"], r["reason_code"]) for r in failures] == [
-        ("dead", None), ("ineligible", "not-chest"), ("failed", None)]
+        ("dead", "delivery-failed"), ("ineligible", "body-part"), ("failed", "corrupt-pixel-data")]
     assert backlog == [{"destination": "PACS", "pending": 1, "retrying": 0, "oldest_queued_at": minutes(14),
                         "oldest_age_s": 46 * 60.0, "next_attempt_at": minutes(14)}]
     assert [(r["bucket"], r["received"], r["done"], r["ineligible"], r["failed"], r["sr_sent"]) for r in days] == [

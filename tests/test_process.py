@@ -50,8 +50,12 @@ def test_radiographs_are_reported_with_sr_and_gsps(processed) -> None:
         assert r["result"]["demo"] is True and "NOT FOR CLINICAL USE" in r["result"]["demo_statement"]
         assert 0.3 < r["result"]["bmd_g_cm2"]["L1-L4"] < 1.6
         assert r["result"]["tscore"] is not None  # PatientSex F is in the files
-        for path in r["outputs"]:
-            assert Path(path).is_file() and Path(path).parent == out
+        assert list(r["outputs"]) == ["sr", "gsps", "image", "pdf"]
+        for output in r["outputs"].values():
+            path = Path(output["path"])
+            # each object is named after its own SOP Instance UID, so model versions never collide
+            assert path.is_file() and path.parent == out and path.name.startswith(output["sop_instance_uid"] + ".")
+            assert pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID == output["sop_instance_uid"]
 
 
 def test_transfer_syntaxes_agree(processed) -> None:
@@ -73,7 +77,7 @@ def test_bad_inputs_get_reasons_not_crashes(processed) -> None:
 @pytest.mark.java
 def test_outputs_pass_the_validators(processed) -> None:
     _, _, _, results = processed
-    outputs = [Path(p) for p in results["RG1_UNCR.dcm"]["outputs"]]
+    outputs = [Path(o["path"]) for o in results["RG1_UNCR.dcm"]["outputs"].values()]
     assert [p.name.split(".", -1)[-2] for p in outputs] == ["sr", "gsps", "sc", "pdf"]
     sr_path, *others = outputs
     for check in (dciodvfy, dsrdump, pixelmed_sr):
@@ -83,10 +87,10 @@ def test_outputs_pass_the_validators(processed) -> None:
         assert dciodvfy(path)[0] == [], path.name
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 3], ids=["sr", "gsps", "result-image", "pdf"])
-def test_our_own_outputs_are_not_processed(processed, tmp_path: Path, index: int) -> None:
+@pytest.mark.parametrize("kind", ["sr", "gsps", "image", "pdf"], ids=["sr", "gsps", "result-image", "pdf"])
+def test_our_own_outputs_are_not_processed(processed, tmp_path: Path, kind: str) -> None:
     _, _, _, results = processed
-    output = Path(results["RG1_UNCR.dcm"]["outputs"][index])
+    output = Path(results["RG1_UNCR.dcm"]["outputs"][kind]["path"])
     shutil.copy(output, tmp_path / "loop.dcm")
     # even where secondary captures are screened, our own result image is not
     config = tmp_path / "screener.toml"
@@ -94,7 +98,7 @@ def test_our_own_outputs_are_not_processed(processed, tmp_path: Path, index: int
     assert main(["process", str(tmp_path / "loop.dcm"), "--out", str(tmp_path / "o"), "--quiet",
                  "--config", str(config)]) == 0
     r = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
-    assert r["status"] == "ineligible" and r["code"] == "own_output", r
+    assert r["status"] == "ineligible" and r["code"] == "own-output", r
 
 
 def test_usage_errors_exit_non_zero(tmp_path: Path) -> None:
@@ -113,7 +117,7 @@ def test_shared_vendor_files_each_get_a_validated_sr_or_a_reason(tmp_path: Path)
     for r in results:
         assert r["reason"], r
         if r["status"] == "reported":
-            assert dciodvfy(Path(r["outputs"][0]))[0] == []
+            assert dciodvfy(Path(r["outputs"]["sr"]["path"]))[0] == []
 
 
 def test_gsps_preview_draws_outlines_where_the_rois_are(processed, tmp_path: Path) -> None:
@@ -125,7 +129,7 @@ def test_gsps_preview_draws_outlines_where_the_rois_are(processed, tmp_path: Pat
 
     _, _, _, results = processed
     r = results["RG1_UNCR.dcm"]
-    gsps = pydicom.dcmread(r["outputs"][1])
+    gsps = pydicom.dcmread(r["outputs"]["gsps"]["path"])
     pixels = decode_file(rg1_file()).pixels
     png = render_gsps(pixels, gsps, tmp_path / "gsps.png", max_side=4096)  # full size: no rescaling
     drawn = np.asarray(Image.open(png).convert("RGB")).astype(int)
@@ -150,13 +154,17 @@ def test_one_failing_output_does_not_stop_the_others(tmp_path: Path) -> None:
         ds.save_as(src / name)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "1.2.826.0.1.3680043.10.1234.50.sr.dcm").mkdir()  # a folder where the SR should go
+    from screener.pipeline.bundle import ModelBundle
+    from screener.report.sr import report_uids
+
+    sr_uid = report_uids("1.2.826.0.1.3680043.10.1234.50", ModelBundle.load(None).model_id).sr_instance_uid
+    (out / f"{sr_uid}.sr.dcm").mkdir()  # a folder where the SR should go
     assert main(["process", str(src), "--out", str(out), "--quiet", "--batch-size", "2"]) == 0
     first = json.loads((out / "1.2.826.0.1.3680043.10.1234.50.json").read_text())
     second = json.loads((out / "1.2.826.0.1.3680043.10.1234.51.json").read_text())
     assert first["status"] == "error" and first["code"] == "output-failed"
     assert second["status"] == "reported"
-    assert not list(out.glob(".*.tmp"))  # no half-written files left behind
+    assert not list(out.glob(".*.part"))  # no half-written files left behind
 
 
 def test_inputs_skip_hidden_and_output_folders_and_duplicates(tmp_path: Path) -> None:
@@ -194,7 +202,7 @@ def test_a_picture_that_cannot_be_made_leaves_the_result_and_is_not_queued(tmp_p
     assert processor.kinds == ("sr", "gsps", "pdf")  # the SR and GSPS always
     [outcome] = processor.run([rg1_file()])
     assert outcome.status == "reported", outcome.reason
-    assert [p.name.rsplit(".", 2)[-2] for p in outcome.outputs] == ["sr", "gsps"]  # no picture, no PDF
+    assert list(outcome.outputs) == ["sr", "gsps"]  # no picture, no PDF
     assert "pdf not built (ValueError: no PDF today)" in outcome.reason
     with pytest.raises(ValueError, match="kinds: unknown"):
         Processor(ModelBundle.load(), tmp_path / "o", kinds=("sr", "video"))

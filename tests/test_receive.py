@@ -235,7 +235,7 @@ def test_peer_not_in_allow_list_is_rejected_and_audited(scp, settings, factory) 
     assert result.returncode != 0
     assert "No Reason" in result.stdout, result.stdout
     [event] = rows(factory, Event, kind="association_rejected")
-    assert event.reason_code == "no-reason-given" and event.peer_address.startswith("127.0.0.1:")
+    assert event.reason_code == "peer-not-allowed" and event.peer_address.startswith("127.0.0.1:")
 
 
 # ---------------------------------------------------------------- refusals
@@ -255,7 +255,7 @@ def test_traversal_uid_is_refused_and_nothing_escapes(scp, settings, factory, tm
     assert not [p for p in new if p.is_relative_to(settings.spool_root)]
     assert rows(factory, Instance) == [] and rows(factory, Job) == []
     [event] = rows(factory, Event, kind="rejected")
-    assert event.reason_code == "invalid-SOPInstanceUID" and "evil" in event.message
+    assert event.reason_code == "invalid-sop-instance-uid" and "evil" in event.message
 
 
 @pytest.mark.dcmtk

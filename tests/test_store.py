@@ -29,7 +29,7 @@ from screener.store.queue import (
     mark_sent,
     record_received,
 )
-from tests.support.store import DESTS, MODEL, SALT, T0, received
+from tests.support.store import DESTS, INELIGIBLE, MODEL, REPORTED, SALT, T0, job_result, received
 
 
 def queue(factory: sessionmaker[Session], n: int = 1, model_id: str = MODEL, **kw: object) -> Job:
@@ -212,9 +212,9 @@ def test_expired_lease_is_reclaimed_and_old_owner_loses_it(factory: sessionmaker
     assert (again.id, again.lease_owner, again.attempts) == (job.id, "w2", 2)
     assert "reclaimed after the lease of w1 expired" in (events(factory, kind="claimed")[-1].message or "")
     with factory() as s, pytest.raises(LeaseLost):
-        complete_job(s, job.id, "w1", "done", {"bmd": 1.0}, DESTS, now=T0 + timedelta(seconds=62))
+        complete_job(s, job.id, "w1", "done", REPORTED, DESTS, now=T0 + timedelta(seconds=62))
     with factory() as s, pytest.raises(LeaseLost):
-        fail_job(s, job.id, "w1", "boom", retry=True, now=T0 + timedelta(seconds=62))
+        fail_job(s, job.id, "w1", "internal-error", "boom", retry=True, now=T0 + timedelta(seconds=62))
     assert job_row(factory, job.id).lease_owner == "w2"
 
 
@@ -243,46 +243,53 @@ def test_claim_validates_arguments(factory: sessionmaker[Session]) -> None:
 def test_complete_job_done_creates_deliveries_and_event(factory: sessionmaker[Session]) -> None:
     job = queue(factory)
     claim_jobs(factory, "w1", 1, 60, now=T0)
-    result = {"bmd": {"L1": 0.9}, "who": "osteopenia"}
+    result = REPORTED
     with factory() as s:
-        done = complete_job(s, job.id, "w1", "done", result, DESTS, object_uids={"sr": "2.25.1"},
-                            now=T0 + timedelta(seconds=5))
-    assert (done.state, done.lease_owner, done.result_json) == ("done", None, result)
+        done = complete_job(s, job.id, "w1", "done", result, DESTS, now=T0 + timedelta(seconds=5))
+    assert (done.state, done.lease_owner, done.result_json) == ("done", None, result.to_json())
     with factory() as s:
         rows = s.scalars(select(Delivery).order_by(Delivery.id)).all()
     assert [(d.destination, d.kind, d.state, d.sop_instance_uid) for d in rows] == [
-        ("PACS", "sr", "pending", "2.25.1"), ("PACS", "gsps", "pending", None), ("ARCHIVE", "sr", "pending", "2.25.1"),
+        ("PACS", "sr", "pending", "2.25.1"), ("PACS", "gsps", "pending", "2.25.2"), ("ARCHIVE", "sr", "pending", "2.25.1"),
     ]
     assert all(d.next_attempt_at == T0 + timedelta(seconds=5) and d.attempts == 0 for d in rows)
     [event] = events(factory, kind="done")
-    assert event.result_json == result and event.job_id == job.id
+    assert event.result_json == result.to_json() and event.job_id == job.id
+
+
+def test_complete_job_refuses_a_destination_kind_the_result_lacks(factory: sessionmaker[Session]) -> None:
+    job = queue(factory)
+    claim_jobs(factory, "w1", 1, 60, now=T0)
+    with factory() as s, pytest.raises(ValueError, match="gsps"):
+        complete_job(s, job.id, "w1", "done", job_result({"sr": "2.25.1"}), DESTS, now=T0)
+    assert job_row(factory, job.id).state == "running" and count(factory, Delivery) == 0
 
 
 def test_complete_job_ineligible_without_deliveries(factory: sessionmaker[Session]) -> None:
     job = queue(factory)
     claim_jobs(factory, "w1", 1, 60, now=T0)
     with factory() as s:
-        complete_job(s, job.id, "w1", "ineligible", {"reason": "lateral view"}, [], now=T0)
+        complete_job(s, job.id, "w1", "ineligible", INELIGIBLE, [], now=T0)
     assert job_row(factory, job.id).state == "ineligible"
     assert count(factory, Delivery) == 0
-    assert len(events(factory, kind="ineligible")) == 1
+    assert [e.reason_code for e in events(factory, kind="ineligible")] == ["view-not-frontal"]
 
 
 def test_complete_job_refuses_other_states_and_unknown_jobs(factory: sessionmaker[Session]) -> None:
     job = queue(factory)
     with factory() as s, pytest.raises(InvalidTransition, match="state"):
-        complete_job(s, job.id, "w1", "failed", {}, [])
+        complete_job(s, job.id, "w1", "failed", REPORTED, [])
     with factory() as s, pytest.raises(LeaseLost):  # queued, never claimed by w1
-        complete_job(s, job.id, "w1", "done", {}, [])
+        complete_job(s, job.id, "w1", "done", REPORTED, [])
     with factory() as s, pytest.raises(KeyError, match="job_id"):
-        complete_job(s, 999, "w1", "done", {}, [])
+        complete_job(s, 999, "w1", "done", REPORTED, [])
 
 
 def test_expired_but_unclaimed_lease_can_still_complete(factory: sessionmaker[Session]) -> None:
     job = queue(factory)
     claim_jobs(factory, "w1", 1, 60, now=T0)
     with factory() as s:
-        complete_job(s, job.id, "w1", "done", {}, DESTS, now=T0 + timedelta(hours=1))
+        complete_job(s, job.id, "w1", "done", REPORTED, DESTS, now=T0 + timedelta(hours=1))
     assert claim_jobs(factory, "w2", 1, 60, now=T0 + timedelta(hours=2)) == []
 
 
@@ -290,11 +297,11 @@ def test_fail_job_retries_while_attempts_remain_then_fails(factory: sessionmaker
     job = queue(factory, max_attempts=2)
     claim_jobs(factory, "w1", 1, 60, now=T0)
     with factory() as s:
-        row = fail_job(s, job.id, "w1", "decoder crashed", retry=True, now=T0)
-    assert (row.state, row.lease_owner, row.last_error) == ("queued", None, "decoder crashed")
+        row = fail_job(s, job.id, "w1", "internal-error", "decoder crashed", retry=True, now=T0)
+    assert (row.state, row.lease_owner, row.last_error) == ("queued", None, "internal-error: decoder crashed")
     claim_jobs(factory, "w1", 1, 60, now=T0)
     with factory() as s:
-        row = fail_job(s, job.id, "w1", "decoder crashed again", retry=True, now=T0)
+        row = fail_job(s, job.id, "w1", "internal-error", "decoder crashed again", retry=True, now=T0)
     assert (row.state, row.attempts) == ("failed", 2)
     assert [e.kind for e in events(factory, job_id=job.id)] == ["received", "claimed", "retry", "claimed", "failed"]
 
@@ -303,9 +310,10 @@ def test_fail_job_without_retry_fails_at_once(factory: sessionmaker[Session]) ->
     job = queue(factory, max_attempts=5)
     claim_jobs(factory, "w1", 1, 60, now=T0)
     with factory() as s:
-        row = fail_job(s, job.id, "w1", "not a DICOM image", retry=False, now=T0)
+        row = fail_job(s, job.id, "w1", "internal-error", "not a DICOM image", retry=False, now=T0)
     assert (row.state, row.attempts) == ("failed", 1)
-    assert "not retryable" in (events(factory, kind="failed")[0].message or "")
+    [failed] = events(factory, kind="failed")
+    assert "not retryable" in (failed.message or "") and failed.reason_code == "internal-error"
 
 
 # ---------------------------------------------------------------- deliveries
@@ -315,7 +323,7 @@ def _completed(factory: sessionmaker[Session], n: int = 1, now: datetime = T0) -
     job = queue(factory, n)
     claim_jobs(factory, "w1", 1, 60, now=now)
     with factory() as s:
-        return complete_job(s, job.id, "w1", "done", {}, [("PACS", ("sr",))], now=now)
+        return complete_job(s, job.id, "w1", "done", REPORTED, [("PACS", ("sr",))], now=now)
 
 
 def test_due_deliveries_only_pending_and_due(factory: sessionmaker[Session]) -> None:
@@ -421,7 +429,7 @@ def test_refused_done_event_leaves_job_running_without_deliveries(engine: Engine
     claim_jobs(factory, "w1", 1, 60, now=T0)
     fail_event_insert(engine, "done")
     with factory() as s, pytest.raises(IntegrityError):
-        complete_job(s, job.id, "w1", "done", {"bmd": 1}, DESTS, now=T0)
+        complete_job(s, job.id, "w1", "done", REPORTED, DESTS, now=T0)
     row = job_row(factory, job.id)
     assert (row.state, row.lease_owner, row.result_json) == ("running", "w1", None)
     assert count(factory, Delivery) == 0
@@ -435,7 +443,7 @@ def test_refused_fail_event_keeps_lease(engine: Engine, factory: sessionmaker[Se
     claim_jobs(factory, "w1", 1, 60, now=T0)
     fail_event_insert(engine, kind)
     with factory() as s, pytest.raises(IntegrityError):
-        fail_job(s, job.id, "w1", "boom", retry=retry, now=T0)
+        fail_job(s, job.id, "w1", "internal-error", "boom", retry=retry, now=T0)
     row = job_row(factory, job.id)
     assert (row.state, row.lease_owner, row.last_error) == ("running", "w1", None)
 

@@ -78,9 +78,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OhifServer,
     try:
         for case in cases.values():
             orthanc.upload(case.source)
-            for output in case.outcome.outputs:
-                if output.suffix == ".dcm":
-                    orthanc.upload(output)
+            for output in case.outcome.outputs.values():
+                orthanc.upload(Path(output.path))
         server = OhifServer(orthanc.http)
         yield server, cases
     finally:

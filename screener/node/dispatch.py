@@ -24,6 +24,8 @@ from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from sqlalchemy.orm import Session, sessionmaker
 
+from screener.codes import ReasonCode
+from screener.node.aetitle import validate_ae_title
 from screener.store.models import Delivery, DeliveryKind, DeliveryState
 from screener.store.queue import InvalidTransition, due_deliveries, mark_failed, mark_sent
 
@@ -49,15 +51,6 @@ _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 # ---------------------------------------------------------------- configuration
-
-
-def _check_ae_title(value: object, what: str) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{what}: an AE title is required, got {value!r}")
-    if len(value) > 16:
-        raise ValueError(f"{what}: AE title {value!r} is {len(value)} characters, at most 16 allowed")
-    if "\\" in value or any(not (0x20 <= ord(c) < 0x7F) for c in value):
-        raise ValueError(f"{what}: AE title {value!r} may hold printable ASCII only, no backslash")
 
 
 def _check_positive(value: object, what: str) -> None:
@@ -105,7 +98,7 @@ class Destination:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"name: a destination name is required, got {self.name!r}")
         where = f"destination {self.name!r}"
-        _check_ae_title(self.ae_title, f"{where}: ae_title")
+        validate_ae_title(f"{where}: ae_title", self.ae_title)
         if not isinstance(self.host, str) or not self.host.strip():
             raise ValueError(f"{where}: host: a host name or address is required, got {self.host!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
@@ -134,7 +127,7 @@ class DispatchSettings:
     batch_limit: int = 100
 
     def __post_init__(self) -> None:
-        _check_ae_title(self.calling_ae, "calling_ae")
+        validate_ae_title("calling_ae", self.calling_ae)
         for name in ("max_attempts", "batch_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -282,50 +275,55 @@ class Dispatcher:
         # so one dead PACS cannot hold up the others.
         down: dict[str, str] = {}
         for delivery in due:
-            error = self._attempt(delivery, down)
-            outcome = self._record(delivery, error, now)
+            failure = self._attempt(delivery, down)
+            outcome = self._record(delivery, failure, now)
             counts[outcome] += 1
-            if error is not None:
-                errors.append(f"delivery {delivery.id}: {error}")
+            if failure is not None:
+                errors.append(f"delivery {delivery.id}: {failure[1]}")
         report = DispatchReport(**counts, errors=tuple(errors))
         if due:
             log.info("dispatch_run", due=len(due), sent=report.sent, failed=report.failed,
                      dead=report.dead, skipped=report.skipped)
         return report
 
-    def _attempt(self, delivery: Delivery, down: dict[str, str]) -> str | None:
-        """Send one delivery; None on success, else the error for the audit trail."""
+    def _attempt(self, delivery: Delivery, down: dict[str, str]) -> tuple[ReasonCode, str] | None:
+        """Send one delivery; None on success, else the reason code and error for the audit."""
         destination = self._destinations.get(delivery.destination)
         if destination is None:
-            return f"destination {delivery.destination!r} is not configured"
+            return ReasonCode.DELIVERY_FAILED, f"destination {delivery.destination!r} is not configured"
         if not destination.sends(delivery.kind):
-            return f"destination {destination.name!r} is configured not to receive {delivery.kind}"
+            return ReasonCode.DELIVERY_FAILED, f"destination {destination.name!r} is configured not to receive {delivery.kind}"
         if destination.name in down:
-            return down[destination.name]
+            return ReasonCode.DESTINATION_UNREACHABLE, down[destination.name]
         try:
             path = self._object_path(delivery)
+        except FileNotFoundError as error:
+            return ReasonCode.OBJECT_MISSING, str(error)
+        try:
             status = self._send(destination, path, self._settings)
         except DestinationUnreachable as error:
             down[destination.name] = str(error)
-            return str(error)
+            return ReasonCode.DESTINATION_UNREACHABLE, str(error)
         except DispatchError as error:  # this object only (refused, aborted, no response)
-            return str(error)
+            return ReasonCode.DELIVERY_FAILED, str(error)
         except Exception as error:  # unreadable object file, bad TLS files: retry, keep going
-            return f"{type(error).__name__}: {error}"
+            return ReasonCode.DELIVERY_FAILED, f"{type(error).__name__}: {error}"
         if status == SUCCESS or status in STORAGE_WARNINGS:
             return None
-        return f"destination {destination.name} ({destination.label}) answered C-STORE status 0x{status:04X}"
+        return (ReasonCode.DELIVERY_FAILED,
+                f"destination {destination.name} ({destination.label}) answered C-STORE status 0x{status:04X}")
 
-    def _record(self, delivery: Delivery, error: str | None, now: datetime | None) -> str:
+    def _record(self, delivery: Delivery, failure: tuple[ReasonCode, str] | None, now: datetime | None) -> str:
         fields: dict[str, Any] = dict(delivery_id=delivery.id, destination=delivery.destination,
                                       kind=delivery.kind, sop_instance_uid=delivery.sop_instance_uid)
         try:
             with self._sessions() as session:
-                if error is None:
+                if failure is None:
                     mark_sent(session, delivery.id, now=now)
                     log.info("delivery_sent", **fields)
                     return "sent"
-                row = mark_failed(session, delivery.id, error, now=now,
+                code, error = failure
+                row = mark_failed(session, delivery.id, error, now=now, reason_code=code,
                                   backoff_base_s=self._settings.backoff_base_s,
                                   backoff_cap_s=self._settings.backoff_cap_s,
                                   max_attempts=self._settings.max_attempts)

@@ -33,9 +33,11 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from screener.logs import configure_logging
 from screener.node import receive
 from screener.node.spool import INCOMING
 from screener.store.db import make_engine, session_factory
@@ -50,6 +52,8 @@ CHILD_START_S = 60.0
 # MAX_BACKOFF_S (a database or disk that is down would otherwise be retried in a tight loop).
 STABLE_S = 60.0
 MAX_BACKOFF_S = 300.0
+# How often a receive process reports its open associations to the parent (for /health).
+SLOTS_EVERY_S = 0.5
 
 
 class PortInUse(RuntimeError):
@@ -82,7 +86,7 @@ def claim_port(address: str, port: int, wait_s: float = PORT_WAIT_S) -> None:
 
 
 def _child_main(settings: receive.ReceiveSettings, database_url: str, log_level: int,
-                lifeline: Connection) -> None:
+                lifeline: Connection, in_use: Any) -> None:
     """One receive process: an SCP until the parent closes the lifeline or sends SIGTERM.
 
     The lifeline is a socket pair, not a multiprocessing Event or Condition: those deadlock
@@ -92,9 +96,7 @@ def _child_main(settings: receive.ReceiveSettings, database_url: str, log_level:
     # (The parent blocked SIGINT around our start, so none arrived during the imports.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    from screener.service import configure_logging  # the parent's log format, in this process
-
-    configure_logging(log_level)
+    configure_logging(log_level)  # the parent's log format, in this process
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
@@ -113,7 +115,9 @@ def _child_main(settings: receive.ReceiveSettings, database_url: str, log_level:
     server = receive.start_scp(settings, session_factory(engine), reuse_port=True)
     try:
         lifeline.send(receive.bound_port(server))
-        stopping.wait()
+        # The parent's health endpoint reads how many association slots this process uses.
+        while not stopping.wait(SLOTS_EVERY_S):
+            in_use.value = receive.associations_in_use(server)
     except OSError:
         pass  # the parent is gone already
     finally:
@@ -126,6 +130,7 @@ class _Child:
     process: SpawnProcess
     lifeline: Connection  # our end: the child sends its port on it; closing it stops the child
     started: float  # time.monotonic() at start
+    in_use: Any  # multiprocessing.Value: the child's associations open now
 
 
 class ReceiverPool:
@@ -171,8 +176,9 @@ class ReceiverPool:
     def _spawn(self, n: int, port: int) -> _Child:
         ours, theirs = self._context.Pipe(duplex=True)
         settings = dataclasses.replace(self.settings, port=port)
+        in_use = self._context.Value("i", 0, lock=False)  # one writer (the child), one int
         process = self._context.Process(target=_child_main, name=f"receiver-{n}", daemon=True,
-                                        args=(settings, self.database_url, self.log_level, theirs))
+                                        args=(settings, self.database_url, self.log_level, theirs, in_use))
         # The child inherits this signal mask: no Ctrl-C reaches it before it ignores SIGINT.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
@@ -180,7 +186,7 @@ class ReceiverPool:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()  # only the child may hold it, or the child would never see our end close
-        return _Child(process, ours, time.monotonic())
+        return _Child(process, ours, time.monotonic(), in_use)
 
     @staticmethod
     def _wait_listening(child: _Child) -> int:
@@ -202,6 +208,13 @@ class ReceiverPool:
     def running(self) -> tuple[int, int]:
         """(configured, running) receive processes."""
         return self.processes, sum(child.process.is_alive() for child in self._children)
+
+    def slots(self) -> tuple[int, int]:
+        """(association slots in use, slots in all) across the running receive processes, as
+        last reported (every SLOTS_EVERY_S)."""
+        with self._lock:
+            children = [c for c in self._children if c.process.is_alive()]
+        return sum(c.in_use.value for c in children), len(children) * self.settings.max_associations
 
     def check(self) -> int:
         """Start again any process that died (after its pause); returns how many were started."""

@@ -15,11 +15,10 @@ import errno
 import os
 import re
 import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+
+from screener.durable import fsync_directory, make_directories, write_atomically
 
 # PS3.5 9.1: digits and dots, no empty component, no leading zero unless the component is "0".
 _UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
@@ -84,52 +83,6 @@ def check_watermark(root: Path, min_free_bytes: int) -> None:
         raise SpoolFull(Path(root), free, min_free_bytes)
 
 
-def _fsync_directory(directory: Path) -> None:
-    # A rename or a new entry is only durable once the directory itself is synced.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_directories(directory: Path) -> None:
-    """Create missing directories and fsync each parent so the new entries survive a crash."""
-    missing: list[Path] = []
-    current = directory
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for created in reversed(missing):
-        created.mkdir(exist_ok=True)  # exist_ok: another thread may create the same study folder
-        _fsync_directory(created.parent)
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> int:
-    """Write ``path`` via ``write(fh)`` so it either appears complete and synced, or not at all.
-
-    Returns the file size in bytes. If ``write`` (or anything else) raises, the temp file is
-    removed and whatever was at ``path`` before is untouched.
-    """
-    path = Path(path)
-    _make_directories(path.parent)
-    # Same directory as the target: os.replace is only atomic within one file system.
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-            size = os.fstat(fh.fileno()).st_size
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-    return size
-
-
 def move_into_spool(source: Path, path: Path) -> int:
     """Make the complete file ``source`` durable as ``path``; returns its size in bytes.
 
@@ -144,7 +97,7 @@ def move_into_spool(source: Path, path: Path) -> int:
         size = os.fstat(fd).st_size
     finally:
         os.close(fd)
-    _make_directories(path.parent)
+    make_directories(path.parent)
     try:
         os.replace(source, path)
     except OSError as error:
@@ -154,7 +107,7 @@ def move_into_spool(source: Path, path: Path) -> int:
             size = write_atomically(path, lambda out: shutil.copyfileobj(fh, out, _COPY_CHUNK))
         source.unlink(missing_ok=True)
         return size
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return size
 
 

@@ -51,6 +51,9 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels.decoders.base import get_decoder
 
+from screener.codes import ReasonCode
+from screener.safe_text import quote
+
 __all__ = [
     "read_dataset",
     "DecodeError",
@@ -108,9 +111,9 @@ MIN_WINDOW_INSIDE = 0.10
 class DecodeError(ValueError):
     """The image cannot be decoded; ``code`` is a stable reason code for reports and audit."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ReasonCode, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = ReasonCode(code)
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ def _as_decode_error(code: str, what: str) -> Iterator[None]:
     except DecodeError:
         raise
     except MemoryError as exc:
-        raise DecodeError("bad-size", f"{what}: out of memory ({exc})") from exc
+        raise DecodeError(ReasonCode.BAD_SIZE, f"{what}: out of memory ({exc})") from exc
     except Exception as exc:  # pydicom and the codecs raise many types for broken input
         raise DecodeError(code, f"{what}: {type(exc).__name__}: {exc}") from exc
 
@@ -186,15 +189,15 @@ def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int:
     try:
         value = ds.get(keyword)
     except Exception as exc:
-        raise DecodeError("inconsistent-attributes", f"{keyword} {_tag(keyword)} cannot be read: {exc}") from exc
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"{keyword} {_tag(keyword)} cannot be read: {exc}") from exc
     if value is None or value == "":
         if default is None:
-            raise DecodeError("inconsistent-attributes", f"{keyword} {_tag(keyword)} is missing")
+            raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"{keyword} {_tag(keyword)} is missing")
         return default
     try:
         return int(value)
     except (TypeError, ValueError) as exc:
-        raise DecodeError("inconsistent-attributes", f"{keyword} {_tag(keyword)} = {value!r} is not a whole number") from exc
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"{keyword} {_tag(keyword)} = {quote(value, 'IS')} is not a whole number") from exc
 
 
 def _first_float(value: Any) -> float | None:
@@ -217,7 +220,7 @@ def _transfer_syntax(ds: Dataset) -> dicom_uid.UID:
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if not ts:
         raise DecodeError(
-            "inconsistent-attributes",
+            ReasonCode.INCONSISTENT_ATTRIBUTES,
             "TransferSyntaxUID (0002,0010) is missing from the file meta information: the pixel data cannot be interpreted",
         )
     return dicom_uid.UID(str(ts))
@@ -227,17 +230,17 @@ def _check_transfer_syntax(ts: dicom_uid.UID) -> None:
     if ts not in SUPPORTED_TRANSFER_SYNTAXES:
         name = ts.name if ts.is_valid and ts.name != str(ts) else "unknown"
         raise DecodeError(
-            "unsupported-transfer-syntax",
+            ReasonCode.UNSUPPORTED_TRANSFER_SYNTAX,
             f"TransferSyntaxUID (0002,0010) = {ts} ({name}) is not a supported still-image transfer syntax",
         )
     try:
         decoder = get_decoder(ts)
     except NotImplementedError as exc:
-        raise DecodeError("unsupported-transfer-syntax", f"TransferSyntaxUID (0002,0010) = {ts} ({ts.name}): {exc}") from exc
+        raise DecodeError(ReasonCode.UNSUPPORTED_TRANSFER_SYNTAX, f"TransferSyntaxUID (0002,0010) = {ts} ({ts.name}): {exc}") from exc
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
         raise DecodeError(
-            "unsupported-transfer-syntax",
+            ReasonCode.UNSUPPORTED_TRANSFER_SYNTAX,
             f"TransferSyntaxUID (0002,0010) = {ts} ({ts.name}): no decoder installed (needs {missing})",
         )
 
@@ -259,26 +262,26 @@ def _pixel_module(ds: Dataset, limits: DecodeLimits) -> _PixelModule:
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if samples != 1 or photometric.startswith(_COLOUR_PREFIXES):
         raise DecodeError(
-            "colour",
-            f"SamplesPerPixel (0028,0002) = {samples}, PhotometricInterpretation (0028,0004) = {photometric or 'missing'}: "
+            ReasonCode.COLOUR,
+            f"SamplesPerPixel (0028,0002) = {samples}, PhotometricInterpretation (0028,0004) = {quote(photometric, 'CS')}: "
             "only grey (MONOCHROME1/2) radiographs are supported",
         )
     if not photometric:
-        raise DecodeError("inconsistent-attributes", "PhotometricInterpretation (0028,0004) is missing: MONOCHROME1 and MONOCHROME2 display inverted to each other")
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, "PhotometricInterpretation (0028,0004) is missing: MONOCHROME1 and MONOCHROME2 display inverted to each other")
     if photometric not in _GREY:
-        raise DecodeError("inconsistent-attributes", f"PhotometricInterpretation (0028,0004) = {photometric!r} is not a known value")
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"PhotometricInterpretation (0028,0004) = {quote(photometric, 'CS')} is not a known value")
     frames = _int_attr(ds, "NumberOfFrames", default=1)
     if frames > 1:
-        raise DecodeError("multi-frame", f"NumberOfFrames (0028,0008) = {frames}: only single-frame images are supported")
+        raise DecodeError(ReasonCode.MULTI_FRAME, f"NumberOfFrames (0028,0008) = {frames}: only single-frame images are supported")
     if frames < 1:
-        raise DecodeError("inconsistent-attributes", f"NumberOfFrames (0028,0008) = {frames}: must be at least 1")
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"NumberOfFrames (0028,0008) = {frames}: must be at least 1")
 
     rows, columns = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
     if min(rows, columns) < limits.min_side:
-        raise DecodeError("bad-size", f"Rows x Columns = {rows} x {columns}: smaller than the minimum of {limits.min_side} px a side")
+        raise DecodeError(ReasonCode.BAD_SIZE, f"Rows x Columns = {rows} x {columns}: smaller than the minimum of {limits.min_side} px a side")
     if max(rows, columns) > limits.max_side or rows * columns > limits.max_pixels:
         raise DecodeError(
-            "bad-size",
+            ReasonCode.BAD_SIZE,
             f"Rows x Columns = {rows} x {columns}: larger than the limit of {limits.max_side} px a side and {limits.max_pixels} pixels",
         )
 
@@ -287,16 +290,16 @@ def _pixel_module(ds: Dataset, limits: DecodeLimits) -> _PixelModule:
     high_bit = _int_attr(ds, "HighBit", default=stored - 1)
     representation = _int_attr(ds, "PixelRepresentation")
     if allocated not in (8, 16, 32):
-        raise DecodeError("inconsistent-attributes", f"BitsAllocated (0028,0100) = {allocated}: a grey radiograph has 8, 16 or 32")
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"BitsAllocated (0028,0100) = {allocated}: a grey radiograph has 8, 16 or 32")
     if not 1 <= stored <= allocated:
-        raise DecodeError("inconsistent-attributes", f"BitsStored (0028,0101) = {stored} with BitsAllocated (0028,0100) = {allocated}: must be 1..BitsAllocated")
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"BitsStored (0028,0101) = {stored} with BitsAllocated (0028,0100) = {allocated}: must be 1..BitsAllocated")
     if not stored - 1 <= high_bit <= allocated - 1:
         raise DecodeError(
-            "inconsistent-attributes",
+            ReasonCode.INCONSISTENT_ATTRIBUTES,
             f"HighBit (0028,0102) = {high_bit} with BitsStored = {stored}, BitsAllocated = {allocated}: must be BitsStored-1..BitsAllocated-1",
         )
     if representation not in (0, 1):
-        raise DecodeError("inconsistent-attributes", f"PixelRepresentation (0028,0103) = {representation}: must be 0 or 1")
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"PixelRepresentation (0028,0103) = {representation}: must be 0 or 1")
     return _PixelModule(rows, columns, allocated, stored, high_bit, representation == 1, photometric)
 
 
@@ -307,7 +310,7 @@ def _check_native_length(ds: Dataset, pm: _PixelModule) -> None:
     # header does not describe this pixel data (a truncated file, or wrong Rows/Columns/Bits).
     if actual not in (expected, expected + expected % 2):
         raise DecodeError(
-            "inconsistent-attributes",
+            ReasonCode.INCONSISTENT_ATTRIBUTES,
             f"Pixel Data is {actual} bytes but Rows x Columns x BitsAllocated = {pm.rows} x {pm.columns} x {pm.bits_allocated} "
             f"needs {expected}: the header and the pixel data disagree (wrong attributes or a truncated file)",
         )
@@ -355,23 +358,23 @@ def _codestream_size(ts: dicom_uid.UID, frame: bytes) -> tuple[int, int, int] | 
 
 def _check_codestream(ds: Dataset, ts: dicom_uid.UID, pm: _PixelModule) -> None:
     """The first frame's own size must match Rows/Columns: codecs allocate what *it* says."""
-    with _as_decode_error("corrupt-pixel-data", "corrupt pixel data: cannot read the encapsulated frames"):
+    with _as_decode_error(ReasonCode.CORRUPT_PIXEL_DATA, "corrupt pixel data: cannot read the encapsulated frames"):
         frame = next(generate_frames(ds.PixelData, number_of_frames=1), b"")
     if not frame:
-        raise DecodeError("corrupt-pixel-data", "corrupt pixel data: the encapsulated Pixel Data holds no frame")
+        raise DecodeError(ReasonCode.CORRUPT_PIXEL_DATA, "corrupt pixel data: the encapsulated Pixel Data holds no frame")
     size = _codestream_size(ts, frame)
     if size is None:
         if ts in _JPEG_FAMILY or ts in _J2K_FAMILY:
-            raise DecodeError("corrupt-pixel-data", f"corrupt pixel data: no {ts.name} frame header found in the first fragment")
+            raise DecodeError(ReasonCode.CORRUPT_PIXEL_DATA, f"corrupt pixel data: no {ts.name} frame header found in the first fragment")
         return
     rows, columns, components = size
     if (rows, columns) != (pm.rows, pm.columns):
         raise DecodeError(
-            "inconsistent-attributes",
+            ReasonCode.INCONSISTENT_ATTRIBUTES,
             f"Rows x Columns = {pm.rows} x {pm.columns} but the {ts.name} codestream is {rows} x {columns}",
         )
     if components != 1:
-        raise DecodeError("inconsistent-attributes", f"SamplesPerPixel = 1 but the {ts.name} codestream has {components} components")
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"SamplesPerPixel = 1 but the {ts.name} codestream has {components} components")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,10 +388,10 @@ def _stored_values(ds: Dataset, ts: dicom_uid.UID, pm: _PixelModule) -> np.ndarr
         # Data sits above bit 0 (HighBit > BitsStored-1): read through HighBit, then shift down.
         # pydicom masks/sign-extends from bit BitsStored-1, so tell it the top bit is HighBit.
         options["bits_stored"] = pm.high_bit + 1
-    with _as_decode_error("corrupt-pixel-data", "corrupt pixel data"):
+    with _as_decode_error(ReasonCode.CORRUPT_PIXEL_DATA, "corrupt pixel data"):
         arr, _ = get_decoder(ts).as_array(ds, index=0, **options)
     if arr.shape != (pm.rows, pm.columns):
-        raise DecodeError("corrupt-pixel-data", f"corrupt pixel data: decoded shape {arr.shape} is not Rows x Columns = {pm.rows} x {pm.columns}")
+        raise DecodeError(ReasonCode.CORRUPT_PIXEL_DATA, f"corrupt pixel data: decoded shape {arr.shape} is not Rows x Columns = {pm.rows} x {pm.columns}")
     if shift and not ts.is_encapsulated:
         arr = np.right_shift(arr, shift)  # arithmetic for signed dtypes, so the sign survives
     return arr
@@ -407,7 +410,7 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
 
 def _modality(ds: Dataset, stored: np.ndarray) -> np.ndarray:
     if ds.get("ModalityLUTSequence"):
-        with _as_decode_error("inconsistent-attributes", "ModalityLUTSequence (0028,3000) cannot be applied"):
+        with _as_decode_error(ReasonCode.INCONSISTENT_ATTRIBUTES, "ModalityLUTSequence (0028,3000) cannot be applied"):
             return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
     values = stored.astype(np.float32)
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
@@ -415,9 +418,9 @@ def _modality(ds: Dataset, stored: np.ndarray) -> np.ndarray:
         return values
     slope_f, intercept_f = _first_float(slope if slope is not None else 1.0), _first_float(intercept if intercept is not None else 0.0)
     if slope_f is None or slope_f == 0.0:
-        raise DecodeError("inconsistent-attributes", f"RescaleSlope (0028,1053) = {slope!r}: must be a non-zero number")
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"RescaleSlope (0028,1053) = {quote(slope, 'DS')}: must be a non-zero number")
     if intercept_f is None:
-        raise DecodeError("inconsistent-attributes", f"RescaleIntercept (0028,1052) = {intercept!r}: must be a number")
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"RescaleIntercept (0028,1052) = {quote(intercept, 'DS')}: must be a number")
     if slope_f != 1.0:
         values *= np.float32(slope_f)
     if intercept_f != 0.0:
@@ -429,26 +432,26 @@ def _lut_table(ds: Dataset, item: Dataset, name: str) -> tuple[int, np.ndarray]:
     """(first mapped input value, LUT entries) of a LUT item; US lists or OW bytes."""
     descriptor = item.get("LUTDescriptor")
     if descriptor is None or len(descriptor) != 3:
-        raise DecodeError("inconsistent-attributes", f"{name} LUTDescriptor (0028,3002) = {descriptor!r}: needs 3 values")
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"{name} LUTDescriptor (0028,3002) = {descriptor!r}: needs 3 values")
     entries = int(descriptor[0]) or 65536
     first = int(descriptor[1])
     data = item.get("LUTData")
     if data is None:
-        raise DecodeError("inconsistent-attributes", f"{name} LUTData (0028,3006) is missing")
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"{name} LUTData (0028,3006) is missing")
     if isinstance(data, (bytes, bytearray)):
         big = getattr(ds, "original_encoding", (None, True))[1] is False
         table = np.frombuffer(bytes(data), dtype=">u2" if big else "<u2")
     else:
         table = np.asarray(list(data) if not isinstance(data, int) else [data], dtype=np.float64)
     if table.size < entries:
-        raise DecodeError("inconsistent-attributes", f"{name} LUTData has {table.size} entries, LUTDescriptor says {entries}")
+        raise DecodeError(ReasonCode.INCONSISTENT_ATTRIBUTES, f"{name} LUTData has {table.size} entries, LUTDescriptor says {entries}")
     return first, table[:entries].astype(np.float32)
 
 
 def _voi(ds: Dataset, values: np.ndarray) -> tuple[np.ndarray | None, str]:
     """Display values in [0, 1] from the first VOI LUT, else the first window; (None, why) if neither."""
     if ds.get("VOILUTSequence"):
-        with _as_decode_error("inconsistent-attributes", "VOILUTSequence (0028,3010) cannot be applied"):
+        with _as_decode_error(ReasonCode.INCONSISTENT_ATTRIBUTES, "VOILUTSequence (0028,3010) cannot be applied"):
             first, table = _lut_table(ds, ds.VOILUTSequence[0], "VOILUTSequence[0]")
             lo, hi = float(table.min()), float(table.max())
             if hi > lo:
@@ -516,14 +519,14 @@ def _decode(ds: Dataset, limits: DecodeLimits) -> DecodedImage:
     if "PixelData" not in ds:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         extra = f" (it has {other[0]}, which radiographs do not use)" if other else ""
-        raise DecodeError("no-pixel-data", f"the dataset has no Pixel Data (7FE0,0010){extra}")
+        raise DecodeError(ReasonCode.NO_PIXEL_DATA, f"the dataset has no Pixel Data (7FE0,0010){extra}")
     ts = _transfer_syntax(ds)
     _check_transfer_syntax(ts)
     pm = _pixel_module(ds, limits)
-    with _as_decode_error("corrupt-pixel-data", "corrupt pixel data: Pixel Data (7FE0,0010) cannot be read"):
+    with _as_decode_error(ReasonCode.CORRUPT_PIXEL_DATA, "corrupt pixel data: Pixel Data (7FE0,0010) cannot be read"):
         empty = ds.PixelData is None or len(ds.PixelData) == 0
     if empty:
-        raise DecodeError("no-pixel-data", "Pixel Data (7FE0,0010) is empty")
+        raise DecodeError(ReasonCode.NO_PIXEL_DATA, "Pixel Data (7FE0,0010) is empty")
     if ts.is_encapsulated:
         _check_codestream(ds, ts, pm)
     else:
@@ -533,10 +536,10 @@ def _decode(ds: Dataset, limits: DecodeLimits) -> DecodedImage:
     padding = _padding_mask(ds, stored)
     valid = ~padding if padding is not None else None
     if valid is not None and not valid.any():
-        raise DecodeError("no-pixel-data", "every pixel equals the PixelPaddingValue (0028,0120): there is no image")
+        raise DecodeError(ReasonCode.NO_PIXEL_DATA, "every pixel equals the PixelPaddingValue (0028,0120): there is no image")
     values = _modality(ds, stored)
     del stored
-    with _as_decode_error("inconsistent-attributes", "the VOI LUT / window cannot be applied"):
+    with _as_decode_error(ReasonCode.INCONSISTENT_ATTRIBUTES, "the VOI LUT / window cannot be applied"):
         pixels, voi_source = _voi(ds, values)
     if pixels is not None:
         inside = _inside_fraction(pixels, valid)
@@ -571,7 +574,7 @@ def decode_dataset(ds: Dataset, limits: DecodeLimits = DEFAULT_LIMITS) -> Decode
     """Decode a dataset's single grey frame; raises only :class:`DecodeError`."""
     # Checks raise their own precise codes; this net catches what a check did not foresee
     # (an attribute pydicom cannot convert, a codec error in a LUT) so no raw exception escapes.
-    with _as_decode_error("corrupt-pixel-data", "cannot decode the image"):
+    with _as_decode_error(ReasonCode.CORRUPT_PIXEL_DATA, "cannot decode the image"):
         return _decode(ds, limits)
 
 
@@ -595,18 +598,18 @@ def _check_deflated_size(path: Path, limits: DecodeLimits) -> None:
             while data:
                 total += len(inflater.decompress(data, 1 << 24))
                 if total > limits.max_file_bytes:
-                    raise DecodeError("bad-size", f"{path}: the deflated dataset inflates to more than {limits.max_file_bytes} bytes")
+                    raise DecodeError(ReasonCode.BAD_SIZE, f"{path}: the deflated dataset inflates to more than {limits.max_file_bytes} bytes")
                 data = inflater.unconsumed_tail
 
 
 def _decode_png(path: Path, limits: DecodeLimits) -> DecodedImage:
     from PIL import Image
 
-    with _as_decode_error("unreadable-file", f"{path}: not a readable PNG"):
+    with _as_decode_error(ReasonCode.UNREADABLE_FILE, f"{path}: not a readable PNG"):
         with Image.open(path) as im:
             width, height = im.size
             if min(width, height) < limits.min_side or max(width, height) > limits.max_side or width * height > limits.max_pixels:
-                raise DecodeError("bad-size", f"{path}: {height} x {width} px is outside the limits {limits}")
+                raise DecodeError(ReasonCode.BAD_SIZE, f"{path}: {height} x {width} px is outside the limits {limits}")
             arr = np.asarray(im.convert("I;16") if im.mode not in ("L", "I;16") else im)
     top = 65535.0 if arr.dtype == np.uint16 else 255.0
     return DecodedImage(pixels=arr.astype(np.float32) / top, pixel_spacing_mm=None, spacing_source="unknown",
@@ -629,9 +632,9 @@ def _check_file_size(path: Path, limits: DecodeLimits) -> None:
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise DecodeError("unreadable-file", f"{path}: cannot read the file ({exc})") from exc
+        raise DecodeError(ReasonCode.UNREADABLE_FILE, f"{path}: cannot read the file ({exc})") from exc
     if size > limits.max_file_bytes:
-        raise DecodeError("bad-size", f"{path}: {size} bytes is larger than any image within the limits ({limits.max_file_bytes} bytes)")
+        raise DecodeError(ReasonCode.BAD_SIZE, f"{path}: {size} bytes is larger than any image within the limits ({limits.max_file_bytes} bytes)")
 
 
 def read_dataset(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Dataset:
@@ -649,13 +652,13 @@ def read_dataset(path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> Dat
     except DecodeError:
         raise
     except OSError as exc:
-        raise DecodeError("unreadable-file", f"{path}: cannot read the file ({exc})") from exc
+        raise DecodeError(ReasonCode.UNREADABLE_FILE, f"{path}: cannot read the file ({exc})") from exc
     except MemoryError as exc:
-        raise DecodeError("bad-size", f"{path}: out of memory while reading ({exc})") from exc
+        raise DecodeError(ReasonCode.BAD_SIZE, f"{path}: out of memory while reading ({exc})") from exc
     except Exception as exc:
-        raise DecodeError("not-dicom", f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+        raise DecodeError(ReasonCode.NOT_DICOM, f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
     truncated = [str(w.message) for w in caught if "End of file" in str(w.message)]
     if truncated and "PixelData" not in ds:
         # pydicom drops an encapsulated Pixel Data element cut off by the end of the file.
-        raise DecodeError("corrupt-pixel-data", f"{path}: corrupt pixel data: the file is truncated ({truncated[0]})")
+        raise DecodeError(ReasonCode.CORRUPT_PIXEL_DATA, f"{path}: corrupt pixel data: the file is truncated ({truncated[0]})")
     return ds

@@ -7,7 +7,7 @@ Three gates, in the order the worker meets them:
 2. :func:`check_landmarks` (after the detector): confidence and the geometry of the 16 points.
 3. :func:`check_image` (with pixels and landmarks): a film that displays inverted.
 
-Each returns a :class:`Decision`; ``code`` is stable (snake_case) for audit queries and
+Each returns a :class:`Decision`; ``code`` is a stable :class:`~screener.codes.ReasonCode` for audit queries and
 ``reason`` is a sentence for a person, naming the DICOM attribute and its value.
 
 Policy decisions (all configurable in :class:`EligibilityRules`, documented where they are set):
@@ -48,6 +48,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from screener import MANUFACTURER
+from screener.codes import ReasonCode
+from screener.safe_text import quote
 
 if TYPE_CHECKING:  # the detector module pulls in torch; eligibility must stay light to import
     from screener.pipeline.landmarks import Landmarks
@@ -74,7 +76,7 @@ _SR_FAMILY = "1.2.840.10008.5.1.4.1.1.88."  # every SR, and KO (.88.59)
 _PR_FAMILY = "1.2.840.10008.5.1.4.1.1.11."  # presentation states
 _POLICIES = ("accept", "reject")
 
-ELIGIBLE = "eligible"
+ELIGIBLE = ReasonCode.ELIGIBLE
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class Decision:
     """One gate's answer: ``code`` is stable for audit; ``reason`` is for a person."""
 
     eligible: bool
-    code: str
+    code: ReasonCode
     reason: str
 
 
@@ -160,6 +162,48 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip().upper()
 
 
+def _raw(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return ""
+    if value is None:
+        return ""
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _coded(ds: Dataset, keyword: str, tag: str, notes: list[str]) -> str:
+    """A single coded value in its canonical form (upper case; ViewPosition without the dots
+    or dashes of "P.A." / "A-P"), with a note when the sent form differed, so the report
+    says what was read. A sent form that is not unambiguous stays as it is and is refused."""
+    raw = _raw(ds, keyword)
+    value = raw.upper()
+    if keyword == "ViewPosition" and value not in ("PA", "AP"):
+        squeezed = "".join(c for c in value if c not in ".-/ ")
+        if squeezed in ("PA", "AP"):
+            value = squeezed
+    if value != raw and value:
+        how = "in lower case" if raw.upper() == value else "with dots, dashes or spaces"
+        notes.append(f"{keyword} {tag} read as '{value}' (sent {how})")
+    return value
+
+
+def _image_type(ds: Dataset, notes: list[str]) -> list[str]:
+    """ImageType values; one value holding spaces ("ORIGINAL PRIMARY", a known vendor quirk:
+    the separator should be a backslash) is split when its first word is a valid value 1."""
+    values = _values(ds, "ImageType")
+    if len(values) == 1 and " " in values[0]:
+        words = values[0].split()
+        if words[0] in ("ORIGINAL", "DERIVED") and all(quote(w, "CS").startswith("'") for w in words):
+            joined = "\\".join(words)
+            notes.append(f"ImageType (0008,0008) {quote(values[0], 'CS')} read as {joined} "
+                         "(values separated by spaces instead of backslashes)")
+            return words
+    return values
+
+
 def _values(ds: Dataset, keyword: str) -> list[str]:
     """All values of a multi-valued string attribute, upper case ([] when missing)."""
     try:
@@ -189,7 +233,7 @@ def patient_age(ds: Dataset) -> tuple[float | None, str]:
         if len(text) == 4 and text[:3].isdigit() and text[3] in "DWMY":
             years = int(text[:3]) / {"D": 365.25, "W": 52.1775, "M": 12.0, "Y": 1.0}[text[3]]
             return years, f"PatientAge (0010,1010) '{text}'"
-        bad_age = f"PatientAge (0010,1010) '{text}' is not a valid age string"
+        bad_age = f"PatientAge (0010,1010) {quote(text, 'AS')} is not a valid age string"
     else:
         bad_age = "PatientAge (0010,1010) is missing"
     birth = _date(ds, "PatientBirthDate")
@@ -208,22 +252,22 @@ def patient_age(ds: Dataset) -> tuple[float | None, str]:
 def _check_sop_class(ds: Dataset, rules: EligibilityRules) -> Decision | None:
     sop = _text(ds, "SOPClassUID")
     if not sop:
-        return Decision(False, "sop_class_missing", "SOPClassUID (0008,0016) is missing: cannot tell whether this is an image")
+        return Decision(False, ReasonCode.SOP_CLASS_MISSING, "SOPClassUID (0008,0016) is missing: cannot tell whether this is an image")
     name = UID(sop).name
     label = f"SOPClassUID (0008,0016) {sop} ({name})" if name != sop else f"SOPClassUID (0008,0016) {sop}"
     if _text(ds, "Manufacturer") == MANUFACTURER.upper():
         # our own SR, GSPS, result image or PDF, come back through a routing loop
-        return Decision(False, "own_output", f"{label} was written by {MANUFACTURER} (Manufacturer (0008,0070)): "
+        return Decision(False, ReasonCode.OWN_OUTPUT, f"{label} was written by {MANUFACTURER} (Manufacturer (0008,0070)): "
                                              "our own result, never screened")
     if sop in rules.sop_classes:
         return None
     if sop.startswith((_SR_FAMILY, _PR_FAMILY)):
-        return Decision(False, "sop_class_not_image", f"{label} is not an image (structured report, key object or presentation state)")
+        return Decision(False, ReasonCode.SOP_CLASS_NOT_IMAGE, f"{label} is not an image (structured report, key object or presentation state)")
     if sop == _SECONDARY_CAPTURE_FAMILY or sop.startswith(_SECONDARY_CAPTURE_FAMILY + "."):
         if rules.accept_secondary_capture:
             return None
-        return Decision(False, "secondary_capture", f"{label} is a secondary capture (a screenshot or scanned copy, not a calibrated radiograph)")
-    return Decision(False, "sop_class_not_screened", f"{label} is not one of the screened image classes ({', '.join(rules.sop_classes)})")
+        return Decision(False, ReasonCode.SECONDARY_CAPTURE, f"{label} is a secondary capture (a screenshot or scanned copy, not a calibrated radiograph)")
+    return Decision(False, ReasonCode.SOP_CLASS_NOT_SCREENED, f"{label} is not one of the screened image classes ({', '.join(rules.sop_classes)})")
 
 
 def _view_from_code(ds: Dataset) -> str:
@@ -251,56 +295,56 @@ def check_header(ds: Dataset, rules: EligibilityRules = EligibilityRules()) -> D
     notes: list[str] = []
     accepted: list[str] = []
 
-    modality = _text(ds, "Modality")
+    modality = _coded(ds, "Modality", "(0008,0060)", notes)
     allowed = {m.upper() for m in rules.modalities}
     if not modality:
-        return Decision(False, "modality_missing", f"Modality (0008,0060) is missing; screened modalities are {', '.join(rules.modalities)}")
+        return Decision(False, ReasonCode.MODALITY_MISSING, f"Modality (0008,0060) is missing; screened modalities are {', '.join(rules.modalities)}")
     if modality not in allowed:
-        return Decision(False, "modality", f"Modality (0008,0060) is '{modality}'; screened modalities are {', '.join(rules.modalities)}")
+        return Decision(False, ReasonCode.MODALITY, f"Modality (0008,0060) is {quote(modality, 'CS')}; screened modalities are {', '.join(rules.modalities)}")
     accepted.append(modality)
 
-    body_part = _text(ds, "BodyPartExamined")
+    body_part = _coded(ds, "BodyPartExamined", "(0018,0015)", notes)
     if not body_part:
         if rules.missing_body_part == "reject":
-            return Decision(False, "body_part_missing", "BodyPartExamined (0018,0015) is missing and the missing_body_part policy is 'reject'")
+            return Decision(False, ReasonCode.BODY_PART_MISSING, "BodyPartExamined (0018,0015) is missing and the missing_body_part policy is 'reject'")
         notes.append("BodyPartExamined (0018,0015) is missing (accepted; the landmark check must confirm a chest)")
     elif body_part not in {b.upper() for b in rules.body_parts}:
-        return Decision(False, "body_part", f"BodyPartExamined (0018,0015) is '{body_part}'; screened body parts are {', '.join(rules.body_parts)}")
+        return Decision(False, ReasonCode.BODY_PART, f"BodyPartExamined (0018,0015) is {quote(body_part, 'CS')}; screened body parts are {', '.join(rules.body_parts)}")
     else:
         accepted.append(body_part)
 
-    view = _text(ds, "ViewPosition")
+    view = _coded(ds, "ViewPosition", "(0018,5101)", notes)
     source = "ViewPosition (0018,5101)"
     if not view:
         view, source = _view_from_code(ds), "ViewCodeSequence (0054,0220) meaning"
     if not view:
         if rules.missing_view == "reject":
-            return Decision(False, "view_missing", "ViewPosition (0018,5101) is missing and the missing_view policy is 'reject'")
+            return Decision(False, ReasonCode.VIEW_MISSING, "ViewPosition (0018,5101) is missing and the missing_view policy is 'reject'")
         notes.append("ViewPosition (0018,5101) is missing (accepted; the landmark check must confirm a frontal film)")
     elif view not in {v.upper() for v in rules.views}:
-        return Decision(False, "view_not_frontal", f"{source} is '{view}'; only {', '.join(rules.views)} films are screened")
+        return Decision(False, ReasonCode.VIEW_NOT_FRONTAL, f"{source} is {quote(view, 'CS')}; only {', '.join(rules.views)} films are screened")
     else:
         accepted.append(view)
 
-    image_type = _values(ds, "ImageType")
+    image_type = _image_type(ds, notes)
     if not image_type:
         notes.append("ImageType (0008,0008) is missing (accepted)")
     else:
         value = "\\".join(image_type)
         if len(image_type) > 1 and image_type[1] == "SECONDARY":
-            return Decision(False, "secondary_image", f"ImageType (0008,0008) is '{value}': a SECONDARY image is a copy or reformat, not the acquired film")
+            return Decision(False, ReasonCode.SECONDARY_IMAGE, f"ImageType (0008,0008) is {value}: a SECONDARY image is a copy or reformat, not the acquired film")
         if image_type[0] == "DERIVED" and not rules.accept_derived_primary:
-            return Decision(False, "derived_image", f"ImageType (0008,0008) is '{value}' and only ORIGINAL images are screened")
+            return Decision(False, ReasonCode.DERIVED_IMAGE, f"ImageType (0008,0008) is {value} and only ORIGINAL images are screened")
         if image_type[0] not in ("ORIGINAL", "DERIVED"):
-            return Decision(False, "image_type", f"ImageType (0008,0008) value 1 is '{image_type[0]}': must be ORIGINAL or DERIVED")
+            return Decision(False, ReasonCode.IMAGE_TYPE, f"ImageType (0008,0008) value 1 is {quote(image_type[0], 'CS')}: must be ORIGINAL or DERIVED")
 
     age, age_source = patient_age(ds)
     if age is None:
         if rules.missing_age == "reject":
-            return Decision(False, "age_missing", f"patient age unknown: {age_source}; the missing_age policy is 'reject'")
+            return Decision(False, ReasonCode.AGE_MISSING, f"patient age unknown: {age_source}; the missing_age policy is 'reject'")
         notes.append(f"patient age unknown: {age_source} (accepted by the missing_age policy; the WHO category assumes age >= {rules.min_age:g})")
     elif age < rules.min_age:
-        return Decision(False, "age_below_minimum", f"patient age {age:.0f} years (from {age_source}) is below the minimum of {rules.min_age:g}")
+        return Decision(False, ReasonCode.AGE_BELOW_MINIMUM, f"patient age {age:.0f} years (from {age_source}) is below the minimum of {rules.min_age:g}")
     else:
         accepted.append(f"age {age:.0f} from {age_source}")
 
@@ -347,7 +391,7 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
     p = landmarks.__getitem__
     rows, cols = int(image_shape[0]), int(image_shape[1])
     if not np.all(np.isfinite(landmarks.points)) or not np.all(np.isfinite(landmarks.confidence)):
-        return Decision(False, "landmarks_not_finite", "the landmark detector returned non-finite points or confidence")
+        return Decision(False, ReasonCode.LANDMARKS_NOT_FINITE, "the landmark detector returned non-finite points or confidence")
 
     # The median, not the minimum: the two derived points (cervical spine, T12) sit on no edge
     # and are always the least certain, while a non-chest image leaves most heatmaps diffuse.
@@ -356,7 +400,7 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
         worst = int(np.argmin(landmarks.confidence))
         return Decision(
             False,
-            "low_landmark_confidence",
+            ReasonCode.LOW_LANDMARK_CONFIDENCE,
             f"median landmark confidence {median:.3f} is below the minimum of {rules.min_landmark_confidence:.3f} "
             f"(least sure: {LANDMARK_NAMES[worst]} at {landmarks.confidence[worst]:.3f}): not a recognisable frontal chest film",
         )
@@ -365,7 +409,7 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
     if span[0] < 0.1 * cols or span[1] < 0.1 * rows:
         return Decision(
             False,
-            "landmarks_collapsed",
+            ReasonCode.LANDMARKS_COLLAPSED,
             f"the 16 landmarks span only {span[0]:.0f} x {span[1]:.0f} px of a {cols} x {rows} image: no thorax was found",
         )
 
@@ -374,13 +418,13 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
     if tilt > 135.0:  # the cervical point is nearer the bottom than the sides: upside down
         return Decision(
             False,
-            "spine_upside_down",
+            ReasonCode.SPINE_UPSIDE_DOWN,
             f"the cervical spine landmark (row {p('cervical_spine')[1]:.0f}) is below T12 (row {p('t12')[1]:.0f}): the film is upside down",
         )
     if tilt > rules.max_spine_tilt_deg:
         return Decision(
             False,
-            "spine_tilted",
+            ReasonCode.SPINE_TILTED,
             f"the spine axis (cervical to T12) is {tilt:.0f} degrees from vertical, more than {rules.max_spine_tilt_deg:g}: a rotated or lateral film",
         )
 
@@ -388,7 +432,7 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
         if p(right)[0] >= p(left)[0]:
             return Decision(
                 False,
-                "sides_swapped",
+                ReasonCode.SIDES_SWAPPED,
                 f"{right} (column {p(right)[0]:.0f}) is not left of {left} (column {p(left)[0]:.0f}) on the image: "
                 "the patient's right must be on the image's left (a mirrored film or a lateral)",
             )
@@ -398,7 +442,7 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
     if p(lowest_clavicle)[1] >= rib_floor:
         return Decision(
             False,
-            "clavicles_below_ribs",
+            ReasonCode.CLAVICLES_BELOW_RIBS,
             f"{lowest_clavicle} (row {p(lowest_clavicle)[1]:.0f}) is not above the 80 % rib-cage points (row {rib_floor:.0f})",
         )
 
@@ -407,7 +451,7 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
         if not all(a < b for a, b in zip(ys, ys[1:])):
             return Decision(
                 False,
-                "ribcage_order",
+                ReasonCode.RIBCAGE_ORDER,
                 f"the {side} rib-cage points (20/40/60/80 %) are not in order from top to bottom (rows {', '.join(f'{y:.0f}' for y in ys)})",
             )
 
@@ -415,7 +459,7 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
     if not rules.min_thorax_width <= width <= rules.max_thorax_width:
         return Decision(
             False,
-            "thorax_width",
+            ReasonCode.THORAX_WIDTH,
             f"the thorax (40 % rib-cage points) is {width:.2f} of the image width; expected {rules.min_thorax_width:g} to {rules.max_thorax_width:g}",
         )
 
@@ -425,7 +469,7 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
     if not rules.min_thorax_aspect <= aspect <= rules.max_thorax_aspect:
         return Decision(
             False,
-            "thorax_aspect",
+            ReasonCode.THORAX_ASPECT,
             f"the detected thorax is {aspect:.2f} times as tall (cervical spine to T12) as it is wide; expected "
             f"{rules.min_thorax_aspect:g} to {rules.max_thorax_aspect:g}: not a whole frontal chest",
         )
@@ -435,13 +479,13 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
     try:
         boxes = roi_boxes(landmarks, (rows, cols))
     except ValueError as exc:
-        return Decision(False, "roi_geometry", f"the ROIs cannot be placed from these landmarks: {exc}")
+        return Decision(False, ReasonCode.ROI_GEOMETRY, f"the ROIs cannot be placed from these landmarks: {exc}")
     for name in LOCAL_ROI_NAMES:
         inside = _roi_inside_fraction(boxes[name], (rows, cols))
         if inside < rules.min_roi_inside:
             return Decision(
                 False,
-                "roi_outside_image",
+                ReasonCode.ROI_OUTSIDE_IMAGE,
                 f"only {inside:.0%} of the {name} ROI lies inside the image (minimum {rules.min_roi_inside:.0%}): the film is cut off",
             )
     return Decision(
@@ -478,7 +522,7 @@ def check_image(pixels: np.ndarray, landmarks: Landmarks, rules: EligibilityRule
     bright bone, would read it upside down. Call after :func:`check_landmarks` has passed.
     """
     if pixels.ndim != 2:
-        return Decision(False, "image_shape", f"expected a 2-D grey image, got shape {pixels.shape}")
+        return Decision(False, ReasonCode.IMAGE_SHAPE, f"expected a 2-D grey image, got shape {pixels.shape}")
     width = float(np.hypot(*(landmarks["ribcage_left_40"] - landmarks["ribcage_right_40"])))
     fractions = np.linspace(0.25, 0.6, 8)  # of the way from the rib border to the midline
     lung_points = []
@@ -500,12 +544,12 @@ def check_image(pixels: np.ndarray, landmarks: Landmarks, rules: EligibilityRule
     lungs = _sample(pixels, np.concatenate(lung_points))
     centre = _sample(pixels, band)
     if lungs.size < 20 or centre.size < 20:
-        return Decision(False, "lung_fields_outside_image", "the lung fields or the mediastinum fall outside the image: cannot check the grey scale")
+        return Decision(False, ReasonCode.LUNG_FIELDS_OUTSIDE_IMAGE, "the lung fields or the mediastinum fall outside the image: cannot check the grey scale")
     lung_value, centre_value = float(np.median(lungs)), float(np.median(centre))
     if lung_value - centre_value > rules.inverted_margin:
         return Decision(
             False,
-            "inverted",
+            ReasonCode.INVERTED,
             f"the lung fields (median display value {lung_value:.2f}) are brighter than the mediastinum and spine ({centre_value:.2f}): "
             "the image displays inverted; check PhotometricInterpretation (0028,0004) and PresentationLUTShape (2050,0020)",
         )

@@ -8,6 +8,7 @@ waits for the lock instead of failing at once.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -79,3 +81,30 @@ def create_schema(engine: Engine) -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def write_probe(engine: Engine, timeout_s: float = 2.0) -> None:
+    """Raise (OperationalError) unless a write transaction can start within ``timeout_s``.
+
+    For the health endpoint: a database that answers reads but holds its write lock for
+    another process (a long migration, a stuck backup, an administrator's open shell) takes
+    no images, and a read-only check would call it healthy. Nothing is written.
+    """
+    if engine.dialect.name == "sqlite":
+        raw = engine.raw_connection()  # plain DBAPI: the pragma and BEGIN are ours, not SQLAlchemy's
+        try:
+            sqlite = raw.driver_connection
+            sqlite.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+            try:
+                sqlite.execute("BEGIN IMMEDIATE")
+                sqlite.execute("ROLLBACK")
+            except sqlite3.Error as error:
+                raise OperationalError("BEGIN IMMEDIATE", None, error) from error
+            finally:
+                sqlite.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        finally:
+            raw.close()
+        return
+    with engine.connect() as connection, connection.begin():
+        connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(timeout_s * 1000)}ms'")
+        connection.exec_driver_sql("LOCK TABLE events IN ROW EXCLUSIVE MODE")

@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from screener.result import ObjectKind
+
 UID = String(64)
 AE_TITLE = String(16)
 
@@ -50,13 +52,8 @@ class JobState(StrEnum):
     FAILED = "failed"
 
 
-class DeliveryKind(StrEnum):
-    """The result objects a destination can be sent (one outbox row each)."""
-
-    SR = "sr"
-    GSPS = "gsps"
-    IMAGE = "image"  # the Secondary Capture result image
-    PDF = "pdf"  # the Encapsulated PDF report
+#: The result objects a destination can be sent (one outbox row each).
+DeliveryKind = ObjectKind
 
 
 class DeliveryState(StrEnum):
@@ -67,6 +64,15 @@ class DeliveryState(StrEnum):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def as_utc(value: Any) -> Any:
+    """Aggregates (MIN/MAX) bypass the column type (and its UTC handling): SQLite hands back text, naive UTC."""
+    if value is None or not isinstance(value, (str, datetime)):
+        return value
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def hash_patient_id(patient_id: str | None, salt: bytes) -> str | None:

@@ -9,7 +9,7 @@ starts with BEGIN IMMEDIATE; on PostgreSQL claims use ``SELECT ... FOR UPDATE SK
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,6 +18,8 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, joinedload, sessionmaker
 
+from screener.codes import ReasonCode
+from screener.result import JobResult
 from screener.store.db import SQLITE_BEGIN
 from screener.store.models import (
     Delivery,
@@ -268,7 +270,7 @@ def _fail_exhausted_leases(session: Session, now: datetime) -> None:
         job.last_error = f"lease expired {job.attempts} times"
         holder = job.lease_owner
         _release(job, JobState.FAILED, now)
-        _job_event(session, job, "failed", "error", now, reason_code="lease-expired",
+        _job_event(session, job, "failed", "error", now, reason_code=ReasonCode.LEASE_EXPIRED.value,
                    message=f"{job.last_error}; last holder {holder}")
 
 
@@ -280,59 +282,74 @@ def complete_job(
     job_id: int,
     owner: str,
     state: JobState | str,
-    result: Mapping[str, Any],
+    result: JobResult,
     destinations: Sequence[tuple[str, Iterable[DeliveryKind | str]]],
     *,
-    object_uids: Mapping[str, str] | None = None,
     now: datetime | None = None,
 ) -> Job:
     """Finish a job as done or ineligible, store its result and queue one delivery per
-    destination and object kind. ``object_uids`` maps kind -> SOP Instance UID of that object.
-    Raises LeaseLost if ``owner`` no longer holds the job."""
+    destination and object kind (each with the SOP Instance UID of its object, from the
+    result's outputs). Raises LeaseLost if ``owner`` no longer holds the job."""
     state = JobState(state)
     if state not in (JobState.DONE, JobState.INELIGIBLE):
         raise InvalidTransition(f"state: a job completes as done or ineligible, not {state}")
-    uids = dict(object_uids or {})
+    if not isinstance(result, JobResult):
+        raise TypeError(f"result: a screener.result.JobResult, got {type(result).__name__}")
     now = _now(now)
     with _write_transaction(session):
         job = _held_job(session, job_id, owner)
         _release(job, state, now)
-        job.result_json = dict(result)
+        job.result_json = result.to_json()
         job.last_error = None
         for destination, kinds in destinations:
             for kind in kinds:
                 kind = DeliveryKind(kind)
+                output = result.output(kind)
+                if output is None:
+                    raise ValueError(f"destinations: {destination} takes the {kind}, which the result does not have")
                 session.add(Delivery(job=job, destination=destination, kind=kind,
-                                     sop_instance_uid=uids.get(kind), state=DeliveryState.PENDING,
+                                     sop_instance_uid=output.sop_instance_uid, state=DeliveryState.PENDING,
                                      attempts=0, next_attempt_at=now))
         session.flush()
-        _job_event(session, job, str(state), "ok", now, result_json=job.result_json)
+        _job_event(session, job, str(state), "ok", now, result_json=job.result_json,
+                   reason_code=None if state is JobState.DONE else result.code.value)
     return job
+
+
+def job_result(job: Job) -> JobResult | None:
+    """The job's stored result document, typed (None while it has none)."""
+    return JobResult.from_json(job.result_json) if job.result_json else None
 
 
 def fail_job(
     session: Session,
     job_id: int,
     owner: str,
+    reason_code: ReasonCode | str,
     error: str,
     retry: bool,
     *,
+    result: JobResult | None = None,
     now: datetime | None = None,
 ) -> Job:
-    """Record a failed attempt: back to queued if ``retry`` and attempts remain, else failed.
-    Raises LeaseLost if ``owner`` no longer holds the job."""
+    """Record a failed attempt with its stable ``reason_code``: back to queued if ``retry`` and
+    attempts remain, else failed. Raises LeaseLost if ``owner`` no longer holds the job."""
+    code = ReasonCode(reason_code)
     now = _now(now)
     with _write_transaction(session):
         job = _held_job(session, job_id, owner)
-        job.last_error = error
+        job.last_error = f"{code}: {error}"
+        if result is not None:
+            job.result_json = result.to_json()
         if retry and job.attempts < job.max_attempts:
             _release(job, JobState.QUEUED, now)
-            _job_event(session, job, "retry", "error", now,
+            _job_event(session, job, "retry", "error", now, reason_code=code.value,
                        message=f"attempt {job.attempts} of {job.max_attempts} failed: {error}")
         else:
             _release(job, JobState.FAILED, now)
             why = "not retryable" if not retry else f"attempts exhausted ({job.attempts})"
-            _job_event(session, job, "failed", "error", now, message=f"{why}: {error}")
+            _job_event(session, job, "failed", "error", now, reason_code=code.value, message=f"{why}: {error}",
+                       result_json=job.result_json if result is not None else None)
     return job
 
 
@@ -372,8 +389,8 @@ def _pending_delivery(session: Session, delivery_id: int) -> Delivery:
 
 
 def _delivery_event(session: Session, delivery: Delivery, kind: str, outcome: str, now: datetime,
-                    message: str) -> None:
-    _job_event(session, delivery.job, kind, outcome, now, delivery_id=delivery.id,
+                    message: str, reason_code: str | None = None) -> None:
+    _job_event(session, delivery.job, kind, outcome, now, delivery_id=delivery.id, reason_code=reason_code,
                message=f"{delivery.kind} to {delivery.destination}: {message}")
 
 
@@ -404,9 +421,11 @@ def mark_failed(
     backoff_base_s: float,
     backoff_cap_s: float,
     max_attempts: int,
+    reason_code: ReasonCode | str = ReasonCode.DELIVERY_FAILED,
     now: datetime | None = None,
 ) -> Delivery:
     """A send failed: retry later with capped exponential backoff, or dead after max_attempts."""
+    code = ReasonCode(reason_code).value
     now = _now(now)
     with _write_transaction(session):
         delivery = _pending_delivery(session, delivery_id)
@@ -416,12 +435,12 @@ def mark_failed(
             delivery.state = DeliveryState.DEAD
             delivery.next_attempt_at = None
             _delivery_event(session, delivery, "dead", "error", now,
-                            f"gave up after {delivery.attempts} attempts: {error}")
+                            f"gave up after {delivery.attempts} attempts: {error}", reason_code=code)
         else:
             delay = backoff_seconds(delivery.attempts, backoff_base_s, backoff_cap_s)
             delivery.next_attempt_at = now + timedelta(seconds=delay)
             _delivery_event(session, delivery, "delivery_retry", "error", now,
-                            f"attempt {delivery.attempts} failed, next in {delay:g} s: {error}")
+                            f"attempt {delivery.attempts} failed, next in {delay:g} s: {error}", reason_code=code)
     return delivery
 
 

@@ -16,7 +16,8 @@ from screener.store.queue import (
     mark_sent,
     record_received,
 )
-from tests.support.store import MODEL, SALT, T0
+from screener.result import JobResult, Measurement
+from tests.support.store import MODEL, SALT, T0, job_result
 
 VIEWS = ("v_instance_history", "v_failures", "v_delivery_backlog", "v_positive_screens")
 
@@ -25,24 +26,18 @@ def minutes(m: float) -> datetime:
     return T0 + timedelta(minutes=m)
 
 
-def outcome(bmd: float, tscore: float | None, category: str | None) -> dict:
-    """The document ``Outcome.to_json()`` writes for a reported image."""
+def outcome(bmd: float, tscore: float | None, category: str | None, objects: dict[str, str] | None = None) -> JobResult:
+    """The result the worker stores for a reported image."""
     sites = ("L1", "L2", "L3", "L4")
-    return {
-        "file": "/spool/x.dcm", "status": "reported", "code": "eligible", "reason": "eligible",
-        "sop_instance_uid": "x", "outputs": [], "seconds": {"total": 1.0},
-        "result": {
-            "model_id": MODEL, "demo": True,
-            "bmd_g_cm2": {**{s: bmd + 0.01 * i for i, s in enumerate(sites)}, "L1-L4": bmd},
-            "tscore": None if tscore is None else {**{s: tscore for s in sites}, "L1-L4": tscore},
-            "who_category": category, "tscore_note": None,
-        },
-    }
+    measurement = Measurement(
+        model_id=MODEL, demo=True, bmd_g_cm2={**{s: bmd + 0.01 * i for i, s in enumerate(sites)}, "L1-L4": bmd},
+        tscore=None if tscore is None else {**{s: tscore for s in sites}, "L1-L4": tscore},
+        who_category=category, tscore_note="")
+    return job_result(objects, measurement=measurement, reason="eligible")
 
 
-def ineligible(code: str, reason: str) -> dict:
-    return {"file": "/spool/y.dcm", "status": "ineligible", "code": code, "reason": reason,
-            "sop_instance_uid": "y", "outputs": [], "seconds": {}}
+def ineligible(code: str, reason: str) -> JobResult:
+    return job_result(status="ineligible", code=code, reason=reason)
 
 
 def received(n: int, accession: str, study: str) -> ReceivedInstance:
@@ -74,7 +69,7 @@ def populate(factory: sessionmaker[Session]) -> sessionmaker[Session]:
     failed; next day a second positive screen. Shared with tests/test_postgres.py."""
     j1 = receive_and_claim(factory, 1, "ACC1", "1.2.3.100", minutes(0))
     with factory() as s:
-        complete_job(s, j1, "w1", "done", outcome(0.62, -3.1, "osteoporosis"),
+        complete_job(s, j1, "w1", "done", outcome(0.62, -3.1, "osteoporosis", {"sr": "2.25.11", "gsps": "2.25.12"}),
                      [("PACS", ("sr", "gsps")), ("ARCHIVE", ("sr",))], now=minutes(2))
     d1 = deliveries_of(factory, j1)
     with factory() as s:
@@ -87,21 +82,21 @@ def populate(factory: sessionmaker[Session]) -> sessionmaker[Session]:
 
     j2 = receive_and_claim(factory, 2, "ACC2", "1.2.3.200", minutes(10))
     with factory() as s:
-        complete_job(s, j2, "w1", "done", outcome(1.05, 0.2, "normal"), [("PACS", ("sr",))], now=minutes(14))
+        complete_job(s, j2, "w1", "done", outcome(1.05, 0.2, "normal", {"sr": "2.25.21"}), [("PACS", ("sr",))], now=minutes(14))
 
     j3 = receive_and_claim(factory, 3, "ACC3", "1.2.3.300", minutes(20))
     with factory() as s:
-        complete_job(s, j3, "w1", "ineligible", ineligible("not-chest", "BodyPartExamined is KNEE"), [],
+        complete_job(s, j3, "w1", "ineligible", ineligible("body-part", "BodyPartExamined is KNEE"), [],
                      now=minutes(21))
 
     j4 = receive_and_claim(factory, 4, "ACC4", "1.2.3.400", minutes(30))
     with factory() as s:
-        fail_job(s, j4, "w1", "decoder crashed", retry=False, now=minutes(31))
+        fail_job(s, j4, "w1", "corrupt-pixel-data", "decoder crashed", retry=False, now=minutes(31))
 
     day2 = T0 + timedelta(days=1)
     j5 = receive_and_claim(factory, 5, "ACC5", "1.2.3.500", day2)
     with factory() as s:
-        complete_job(s, j5, "w1", "done", outcome(0.70, -2.6, "osteoporosis"), [("PACS", ("sr",))],
+        complete_job(s, j5, "w1", "done", outcome(0.70, -2.6, "osteoporosis", {"sr": "2.25.51"}), [("PACS", ("sr",))],
                      now=day2 + timedelta(minutes=1))
     with factory() as s:
         mark_sent(s, deliveries_of(factory, j5)[("PACS", "sr")], now=day2 + timedelta(minutes=2))

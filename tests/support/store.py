@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from screener.codes import ReasonCode
+from screener.result import JobResult, JobStatus, OutputObject
 from screener.store.queue import ReceivedInstance
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -21,3 +23,16 @@ def received(n: int = 1, **changes: object) -> ReceivedInstance:
     )
     fields.update(changes)
     return ReceivedInstance(**fields)  # type: ignore[arg-type]
+
+
+def job_result(objects: dict[str, str] | None = None, *, status: str = "reported", code: str = "eligible",
+               reason: str = "estimated", measurement: object = None) -> JobResult:
+    """A job result document with one output per kind in ``objects`` (kind -> SOP Instance UID)."""
+    outputs = {kind: OutputObject(f"/outbox/{uid}.{kind}.dcm", uid) for kind, uid in (objects or {}).items()}
+    return JobResult(JobStatus(status), ReasonCode(code), reason, outputs=outputs,
+                     measurement=measurement)  # type: ignore[arg-type]
+
+
+#: A reported result with the objects DESTS take, and an ineligible one.
+REPORTED = job_result({"sr": "2.25.1", "gsps": "2.25.2"})
+INELIGIBLE = job_result(status="ineligible", code="view-not-frontal", reason="ViewPosition is 'LL'")
