@@ -24,7 +24,6 @@ import struct
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 
@@ -40,11 +39,11 @@ def main() -> int:
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1],
                         help="checkout whose screener package is attacked (default: this one)")
     args = parser.parse_args()
-    sys.path.insert(0, str(args.repo.resolve()))
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset, write_file_meta_info
-    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.support.attacks import deflate_bomb  # this checkout's, before the other's path comes first
+
+    sys.path.insert(0, str(args.repo.resolve()))  # the screener package attacked
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
     from pynetdicom import AE, _config
     from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
@@ -61,8 +60,16 @@ def main() -> int:
     known = {f.name for f in dataclasses.fields(ReceiveSettings)}
     wanted = dict(spool_root=work / "spool", model_id="bench", patient_salt=b"bench", port=0, min_free_bytes=0,
                   max_dataset_bytes=64 << 20, acse_timeout_s=2.0, network_timeout_s=2.0)
-    server = start_scp(ReceiveSettings(**{k: v for k, v in wanted.items() if k in known}), session_factory(engine))
+    receive = ReceiveSettings(**{k: v for k, v in wanted.items() if k in known})
+    # A fresh SCP per attack: what one attack leaves held must not decide the next one's result.
+    server = start_scp(receive, session_factory(engine))
     port = bound_port(server)
+
+    def restart() -> None:
+        nonlocal server, port
+        stop(server)
+        server = start_scp(receive, session_factory(engine))
+        port = bound_port(server)
 
     def echo(source: str = "127.0.0.2") -> str:
         ae = AE(ae_title="HONEST")
@@ -84,6 +91,8 @@ def main() -> int:
                 while sock.recv(65536):
                     pass
             except (TimeoutError, socket.timeout):
+                for other in sockets:  # let the node go, so it can be stopped
+                    other.close()
                 return f"held ({limit_s:g} s and counting)"
             except OSError:
                 pass
@@ -95,10 +104,12 @@ def main() -> int:
     time.sleep(0.3)
     print(f"1. 20 partial PDUs:    honest caller: {echo()}; attack connections: {released(partial)}")
 
+    restart()
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
     time.sleep(0.3)
     print(f"2. 50 idle connects:   honest caller: {echo()}; attack connections: {released(idle)}")
 
+    restart()
     ae = AE(ae_title="SLOW")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port, ae_title="CXRBMD")
@@ -114,29 +125,11 @@ def main() -> int:
     state = "held (15 s and counting)" if assoc.is_alive() else f"closed by the node after {time.monotonic() - started:.1f} s"
     print(f"3. 1 byte per 150 ms:  {state}")
     if assoc.is_alive():
-        assoc.abort()
+        raw.close()
+    restart()
 
-    ds = Dataset()
-    ds.SOPClassUID = ComputedRadiographyImageStorage
-    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
-    ds.Modality, ds.PatientID = "CR", "BOMB"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    head, file_meta = DicomBytesIO(), DicomBytesIO()
-    for buffer in (head, file_meta):
-        buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_dataset(head, ds)
-    write_file_meta_info(file_meta, meta, enforce_standard=True)
     bomb = work / "bomb.dcm"
-    deflate = zlib.compressobj(1, zlib.DEFLATED, -15)
-    with bomb.open("wb") as out:
-        out.write(b"\0" * 128 + b"DICM" + file_meta.getvalue())
-        out.write(deflate.compress(head.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 1 << 30)))
-        zeros = bytes(1 << 20)
-        for _ in range(1 << 10):
-            out.write(deflate.compress(zeros))
-        out.write(deflate.flush())
+    deflate_bomb(bomb, 1 << 30)
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the file as it is
     ae = AE(ae_title="BOMBER")
     ae.add_requested_context(ComputedRadiographyImageStorage, DeflatedExplicitVRLittleEndian)

@@ -7,6 +7,7 @@ the fixtures pytest must find are defined or imported here.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,29 @@ def factory(engine):
 @pytest.fixture
 def contours() -> dict[str, np.ndarray]:
     return synthetic_contours()
+
+
+@pytest.fixture
+def scp(factory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., int]]:
+    """Start an SCP with the given settings; returns its port. Stopped after the test.
+
+    Arriving datasets go to the spool's .incoming folder, as in a receive process.
+    """
+    import tempfile
+
+    from screener.node.receive import bound_port, start_scp, stop
+    from screener.node.spool import INCOMING
+
+    servers = []
+
+    def start(settings) -> int:  # a screener.node.receive.ReceiveSettings
+        incoming = settings.spool_root / INCOMING
+        incoming.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setattr(tempfile, "tempdir", str(incoming))
+        server = start_scp(settings, factory)
+        servers.append(server)
+        return bound_port(server)
+
+    yield start
+    for server in servers:
+        stop(server)

@@ -267,6 +267,31 @@ def test_the_import_graph_has_no_cycle() -> None:
             visit(name, [name])
 
 
+def test_one_ae_title_rule_for_receive_and_dispatch() -> None:
+    from screener.node.dispatch import DispatchSettings
+
+    for bad in ("", " " * 4, "A" * 17, "BACK\\SLASH", "CAF\u00c9", "TAB\t"):
+        with pytest.raises(ValueError):
+            ReceiveSettings(spool_root=Path("."), model_id="m", patient_salt=b"s", ae_title=bad)
+        with pytest.raises(ValueError):
+            DispatchSettings(calling_ae=bad)
+    assert ReceiveSettings(spool_root=Path("."), model_id="m", patient_salt=b"s", ae_title=" CXR ").ae_title == "CXR"
+
+
+def test_config_defaults_come_from_the_stage_that_owns_them() -> None:
+    from screener.config import DispatchConfig, NodeSettings
+    from screener.node.dispatch import DispatchSettings
+
+    node, receive = NodeSettings(), ReceiveSettings(spool_root=Path("."), model_id="m", patient_salt=b"s")
+    for key in ("ae_title", "port", "max_dataset_bytes", "acse_timeout_s", "network_timeout_s", "max_associations",
+                "max_associations_per_peer"):
+        assert getattr(node, key) == getattr(receive, key), key
+    assert node.min_free_mb * 1024 * 1024 == receive.min_free_bytes
+    dispatch, settings = DispatchConfig(), DispatchSettings()
+    assert [getattr(dispatch, k) for k in ("calling_ae", "max_attempts", "backoff_base_s", "backoff_cap_s")] == [
+        getattr(settings, k) for k in ("calling_ae", "max_attempts", "backoff_base_s", "backoff_cap_s")]
+
+
 def test_pynetdicom_internals_stay_in_the_compat_module() -> None:
     private = ("_create_association", "__class__ =", "ae._servers", "_config.")
     for path in (ROOT / "screener").rglob("*.py"):

@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import socket
 import struct
-import tempfile
 import time
-import zlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pydicom.filewriter import write_dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from screener.node.receive import ReceiveSettings, bound_port, start_scp, stop
+from screener.node.receive import ReceiveSettings
 from screener.node.receivers import ReceiverPool
 from screener.node.spool import INCOMING
 from screener.store.models import Event
+from tests.support.attacks import deflate_bomb
 from tests.support.common import rg1_file, wait_for
 
 ACSE_S = 2.0
@@ -41,23 +39,6 @@ def settings(tmp_path: Path, **changes: object) -> ReceiveSettings:
                                      port=0, min_free_bytes=0, acse_timeout_s=ACSE_S, network_timeout_s=NETWORK_S)
     values.update(changes)
     return ReceiveSettings(**values)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def scp(factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., int]]:
-    servers = []
-
-    def start(receive: ReceiveSettings) -> int:
-        incoming = receive.spool_root / INCOMING
-        incoming.mkdir(parents=True, exist_ok=True)
-        monkeypatch.setattr(tempfile, "tempdir", str(incoming))
-        server = start_scp(receive, factory)
-        servers.append(server)
-        return bound_port(server)
-
-    yield start
-    for server in servers:
-        stop(server)
 
 
 def echo(port: int, source: str = HONEST, timeout_s: float = 5.0) -> tuple[bool, float, object]:
@@ -253,35 +234,6 @@ def test_undecodable_pdu_abort_is_audited(tmp_path: Path, scp, factory) -> None:
 
 
 # ---------------------------------------------------------------- deflate bomb
-
-
-def deflate_bomb(path: Path, inflated_bytes: int) -> str:
-    """A valid Deflated Explicit VR Little Endian CR file whose Pixel Data inflates to
-    ``inflated_bytes`` of zeros; the file is about a thousandth of that."""
-    ds = Dataset()
-    ds.SOPClassUID = ComputedRadiographyImageStorage
-    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
-    ds.Modality, ds.PatientID = "CR", "BOMB"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    head = DicomBytesIO()
-    head.is_little_endian, head.is_implicit_VR = True, False
-    write_dataset(head, ds)
-    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, inflated_bytes)
-    deflate = zlib.compressobj(1, zlib.DEFLATED, -15)
-    with path.open("wb") as out:
-        out.write(b"\0" * 128 + b"DICM")
-        file_meta = DicomBytesIO()
-        file_meta.is_little_endian, file_meta.is_implicit_VR = True, False
-        write_file_meta_info(file_meta, meta, enforce_standard=True)
-        out.write(file_meta.getvalue())
-        out.write(deflate.compress(head.getvalue() + pixel_header))
-        zeros = bytes(1 << 20)
-        for _ in range(inflated_bytes >> 20):
-            out.write(deflate.compress(zeros))
-        out.write(deflate.flush())
-    return str(ds.SOPInstanceUID)
 
 
 def peak_rss_bytes(pid: int) -> int:

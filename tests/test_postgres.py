@@ -31,7 +31,7 @@ from screener.store.queue import (
     record_received,
 )
 from tests.support.audit import VIEWS, minutes, outcome, populate
-from tests.support.store import DESTS, MODEL, SALT, T0, received
+from tests.support.store import DESTS, MODEL, REPORTED, SALT, T0, received
 
 pytestmark = [pytest.mark.postgres]
 
@@ -124,22 +124,23 @@ def test_queue_round_trip(factory: sessionmaker[Session]) -> None:
     assert claim_jobs(factory, "w2", 10, 60, now=T0) == []
 
     with factory() as s:
-        done = complete_job(s, job.id, "w1", "done", outcome(0.62, -3.1, "osteoporosis"), DESTS,
-                            object_uids={"sr": "2.25.1", "gsps": "2.25.2"}, now=T0 + timedelta(seconds=5))
+        done = complete_job(s, job.id, "w1", "done",
+                            outcome(0.62, -3.1, "osteoporosis", {"sr": "2.25.1", "gsps": "2.25.2"}), DESTS,
+                            now=T0 + timedelta(seconds=5))
     assert done.state == JobState.DONE and done.lease_owner is None
     with factory() as s:
         with pytest.raises(LeaseLost):
-            complete_job(s, job.id, "w1", "done", {}, [], now=T0)
+            complete_job(s, job.id, "w1", "done", REPORTED, [], now=T0)
         with pytest.raises(InvalidTransition):
-            complete_job(s, other.id, "w1", "failed", {}, [], now=T0)
+            complete_job(s, other.id, "w1", "failed", REPORTED, [], now=T0)
 
     with factory() as s:
-        retried = fail_job(s, other.id, "w1", "timeout", retry=True, now=T0 + timedelta(seconds=6))
+        retried = fail_job(s, other.id, "w1", "internal-error", "timeout", retry=True, now=T0 + timedelta(seconds=6))
     assert retried.state == JobState.QUEUED and retried.attempts == 1
     assert [j.id for j in claim_jobs(factory, "w2", 10, 60, now=T0 + timedelta(seconds=7))] == [other.id]
     with factory() as s:
-        failed = fail_job(s, other.id, "w2", "timeout", retry=True, now=T0 + timedelta(seconds=8))
-    assert failed.state == JobState.FAILED and failed.attempts == 2 and failed.last_error == "timeout"
+        failed = fail_job(s, other.id, "w2", "internal-error", "timeout", retry=True, now=T0 + timedelta(seconds=8))
+    assert failed.state == JobState.FAILED and failed.attempts == 2 and failed.last_error == "internal-error: timeout"
 
     with factory() as s:
         due = due_deliveries(s, T0 + timedelta(seconds=5))
@@ -233,9 +234,9 @@ def test_expired_lease_is_reclaimed_by_another_node(factory: sessionmaker[Sessio
     reclaimed = claim_jobs(factory, "node-b", 1, 60, now=T0 + timedelta(seconds=60))
     assert [j.id for j in reclaimed] == [job.id] and reclaimed[0].attempts == 2
     with factory() as s, pytest.raises(LeaseLost):
-        complete_job(s, job.id, "node-a", "done", {}, [], now=T0 + timedelta(seconds=61))
+        complete_job(s, job.id, "node-a", "done", REPORTED, [], now=T0 + timedelta(seconds=61))
     with factory() as s:
-        complete_job(s, job.id, "node-b", "done", {}, [], now=T0 + timedelta(seconds=62))
+        complete_job(s, job.id, "node-b", "done", REPORTED, [], now=T0 + timedelta(seconds=62))
     with factory() as s:
         message = s.scalars(select(Event.message).where(Event.kind == "claimed").order_by(Event.id)).all()[-1]
     assert "reclaimed after the lease of node-a expired" in message

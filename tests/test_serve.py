@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +139,33 @@ def test_kill_9_then_restart_loses_and_duplicates_nothing(node: Node, pacs: tupl
     assert node.query("select count(*) from deliveries where state != 'sent'")[0][0] == 0
     per_object = node.query("select destination, kind, sop_instance_uid, count(*) from deliveries group by 1, 2, 3")
     assert len(per_object) == 12 and all(row[3] == 1 for row in per_object)  # 3 images x 4 objects
+
+
+def test_health_answers_as_soon_as_the_dicom_port_does(tmp_path: Path, pacs: tuple[int, Path]) -> None:
+    # Before: the health endpoint started after the receive processes, so a monitor probing
+    # once the DICOM port answered could find /health refusing connections.
+    node = Node(tmp_path, pacs[0])
+    log = node.log_path.open("ab")
+    node.proc = subprocess.Popen([sys.executable, "-m", "screener.cli", "serve", "--config", str(node.config)],
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                 env=dict(__import__("os").environ, PYTHONPATH=str(ROOT)))
+    try:
+        def dicom_port_open() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", node.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for("the DICOM port to accept connections", dicom_port_open, 90, 0.05)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{node.health_port}/health", timeout=10) as response:
+                status = response.status
+        except urllib.error.HTTPError as error:  # 503 while a receive process is still starting is fine
+            status = error.code
+        assert status in (200, 503)
+    finally:
+        node.stop()
 
 
 def test_sigterm_exits_zero(node: Node) -> None:
