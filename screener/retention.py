@@ -73,7 +73,7 @@ def purge_outbox(sessions: sessionmaker[Session], outbox: Path, retention_days: 
     if not outbox.is_dir():
         return 0
     cutoff = time.time() - retention_days * 86400.0
-    old = [p for p in outbox.iterdir() if p.is_file() and p.stat().st_mtime < cutoff]
+    old = [p for p in outbox.iterdir() if _older_file(p, cutoff)]
     if not old:
         return 0
     with sessions() as session:
@@ -94,31 +94,49 @@ def purge_outbox(sessions: sessionmaker[Session], outbox: Path, retention_days: 
 
 
 def sweep_orphans(sessions: sessionmaker[Session], spool_root: Path, grace_s: float = ORPHAN_GRACE_S) -> int:
-    """Delete spool files that no instance row points at (see the module docstring)."""
+    """Delete spool files that no instance row points at (see the module docstring).
+
+    A file belongs to a row when the row has its SOP Instance UID (the file's name) and the
+    row's path ends in the same study/series/file: compared below the spool folder, so a data
+    folder that was moved or mounted elsewhere still matches. If most files look orphaned,
+    something is wrong with the comparison, not the files: nothing is deleted and it is logged.
+    """
     if not spool_root.is_dir():
         return 0
     cutoff = time.time() - grace_s
-    files = [p for p in spool_root.rglob("*") if p.is_file() and INCOMING not in p.relative_to(spool_root).parts
-             and p.stat().st_mtime < cutoff]
-    removed: list[Path] = []
+    files = [p for p in spool_root.rglob("*") if INCOMING not in p.relative_to(spool_root).parts
+             and _older_file(p, cutoff)]
+    orphans: list[Path] = []
     for start in range(0, len(files), _CHUNK):
         chunk = files[start:start + _CHUNK]
+        uids = {p: _uid_of(p) for p in chunk}
         with sessions() as session:
-            known = set(session.scalars(select(Instance.spool_path)
-                                        .where(Instance.spool_path.in_([str(p) for p in chunk]))).all())
+            rows = session.execute(select(Instance.sop_instance_uid, Instance.spool_path)
+                                   .where(Instance.sop_instance_uid.in_({u for u in uids.values() if u}))).all()
             session.commit()
-        for path in chunk:
-            if str(path) not in known:
-                path.unlink(missing_ok=True)
-                removed.append(path)
+        known = {(uid, Path(path).parts[-3:]) for uid, path in rows}
+        orphans += [p for p in chunk if (uids[p], p.relative_to(spool_root).parts[-3:]) not in known]
+    if len(orphans) > max(20, len(files) // 2):
+        log.error("spool_sweep_refused", orphans=len(orphans), files=len(files),
+                  why="most spool files match no instance row; check storage.data_dir and the database")
+        return 0
+    for path in orphans:
+        path.unlink(missing_ok=True)
     _audit(sessions, [Event(time=utcnow(), kind="purged", outcome="ok", reason_code=ReasonCode.ORPHAN_FILE.value,
                             sop_instance_uid=_uid_of(p), study_uid=_study_of(p, spool_root),
                             message="spool file without an instance row deleted (never acknowledged as "
-                                    "stored, or a second copy)") for p in removed])
-    if removed:
-        log.warning("spool_orphans_removed", files=len(removed))
-    _remove_empty_folders(p.parent for p in removed)
-    return len(removed)
+                                    "stored, or a second copy)") for p in orphans])
+    if orphans:
+        log.warning("spool_orphans_removed", files=len(orphans))
+    _remove_empty_folders(p.parent for p in orphans)
+    return len(orphans)
+
+
+def _older_file(path: Path, cutoff: float) -> bool:
+    try:  # a temporary file may be renamed between listing and looking
+        return path.is_file() and path.stat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
 
 
 _SUFFIXES = (".sr.dcm", ".gsps.dcm", ".sc.dcm", ".pdf.dcm", ".gsps.png", ".dcm", ".json")

@@ -103,6 +103,76 @@ def test_database_unavailable_answers_a700_and_the_orphan_is_swept(tmp_path: Pat
         ("orphan-file", ds.SOPInstanceUID, ds.StudyInstanceUID)]
 
 
+def test_sweep_matches_rows_below_the_spool_folder_so_a_moved_data_folder_loses_nothing(tmp_path, engine) -> None:
+    # Rows keep absolute paths; after the data folder moves they no longer match the files'
+    # own paths, and the sweep must not take that for orphans.
+    from screener.store.db import session_factory
+
+    sessions = session_factory(engine)
+    ds = pydicom.dcmread(rg1_file())
+    r = Receiver(ReceiveSettings(spool_root=tmp_path / "old" / "spool", model_id="m", patient_salt=b"s", port=0,
+                                 min_free_bytes=0), sessions)
+    assert r.store(request(tmp_path, ds)) == SUCCESS
+    (tmp_path / "old").rename(tmp_path / "new")
+    (stored,) = (tmp_path / "new" / "spool").rglob("*.dcm")
+    os.utime(stored, (0, 0))
+    assert sweep_orphans(sessions, tmp_path / "new" / "spool") == 0 and stored.is_file()
+
+
+def test_when_most_files_look_orphaned_nothing_is_deleted(tmp_path: Path, factory) -> None:
+    spool = tmp_path / "spool"
+    for n in range(30):
+        path = spool / "1.2" / "1.2.3" / f"1.2.3.{n}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (0, 0))
+    assert sweep_orphans(factory, spool) == 0 and len(list(spool.rglob("*.dcm"))) == 30
+
+
+def test_a_resend_after_retention_takes_the_place_of_the_removed_copy(tmp_path: Path, factory) -> None:
+    ds = pydicom.dcmread(rg1_file())
+    first = Receiver(ReceiveSettings(spool_root=tmp_path / "spool", model_id="model-1", patient_salt=b"salt",
+                                     port=0, min_free_bytes=0), factory)
+    assert first.store(request(tmp_path, ds)) == SUCCESS
+    (stored,) = (tmp_path / "spool").rglob("*.dcm")
+    stored.unlink()  # retention removed it
+    moved = edit_dataset(ds, StudyInstanceUID="1.2.826.0.1.3680043.10.1.999")
+    second = Receiver(ReceiveSettings(spool_root=tmp_path / "spool", model_id="model-2", patient_salt=b"salt",
+                                      port=0, min_free_bytes=0), factory)
+    assert second.store(request(tmp_path, moved, "again.dcm")) == SUCCESS
+    with factory() as session:
+        instance = session.scalars(select(Instance)).one()
+    assert Path(instance.spool_path).is_file() and "1.2.826.0.1.3680043.10.1.999" in instance.spool_path
+    assert [e.kind for e in events(factory)] == ["received", "received", "relocated"]
+
+
+@pytest.mark.parametrize("rows", range(2048, 2054))
+def test_an_honest_deflated_image_header_is_read_to_the_end_of_its_stream(tmp_path: Path, rows: int) -> None:
+    # A deflate stream followed by a pad byte, whose last chunk inflates to more than a chunk
+    # (black rows compress well), kept the header read spinning for ever.
+    import threading
+
+    import numpy as np
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from screener.node.receive import read_header
+
+    ds = pydicom.dcmread(rg1_file())
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = rows, 2048, 16, 12, 11
+    ds.PixelData = np.zeros((rows, 2048), np.uint16).tobytes()
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, implicit_vr=False, little_endian=True)
+    deflated = pydicom.dcmread(path)
+    deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated.save_as(path, enforce_file_format=True)
+    found: list[object] = []
+    reader = threading.Thread(target=lambda: found.append(read_header(path, 512 << 20)), daemon=True)
+    reader.start()
+    reader.join(20)
+    assert not reader.is_alive(), "read_header did not finish"
+    assert found and found[0].SOPInstanceUID == ds.SOPInstanceUID
+
+
 def test_sweep_keeps_every_file_a_row_points_at(tmp_path: Path, factory) -> None:
     ds = pydicom.dcmread(rg1_file())
     assert receiver(tmp_path, factory).store(request(tmp_path, ds)) == SUCCESS

@@ -285,3 +285,37 @@ def test_a_valid_image_still_arrives_beside_the_attacks(tmp_path: Path, scp, fac
     assert [e.kind for e in events(factory, "received")] == ["received"]
     for sock in attack:
         sock.close()
+
+
+def test_a_pdu_header_without_its_body_cannot_smuggle_an_oversized_pdu(tmp_path: Path, scp) -> None:
+    # An unknown PDU type makes pynetdicom skip the body read; the next header must still be
+    # taken as a header, so the 4 GiB PDU it announces is refused at once, not buffered.
+    port = scp(settings(tmp_path))
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"\x09\x00\x00\x00\x00\x00" + b"\x04\x00\xff\xff\xff\x00")
+    sent, started = 0, time.monotonic()
+    try:
+        while time.monotonic() - started < ACSE_S + 3:
+            sock.sendall(bytes(1 << 20))
+            sent += 1 << 20
+    except OSError:
+        pass
+    assert closed_within(sock, 2.0)
+    assert sent < 256 << 20  # the node stopped reading long before it could fill its memory
+
+
+def test_a_locked_database_does_not_stop_the_node_accepting(tmp_path: Path, scp, engine) -> None:
+    # The refusal audit of a connection over the cap is written in the background: the
+    # accepting thread never waits for the database's write lock.
+    port = scp(settings(tmp_path, max_associations=2, max_associations_per_peer=1))
+    raw = engine.raw_connection()
+    raw.driver_connection.execute("BEGIN IMMEDIATE")
+    try:
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]  # the third is over the cap
+        ok, seconds, _ = echo(port, source="127.0.0.3")
+        assert ok and seconds < 3.0
+    finally:
+        raw.driver_connection.execute("ROLLBACK")
+        raw.close()
+    for sock in held:
+        sock.close()

@@ -10,6 +10,7 @@ pynetdicom is checked (and, if needed, fixed) in this one module. ``pyproject.to
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,9 @@ if int(pynetdicom.__version__.split(".")[0]) != SUPPORTED_MAJOR:
 # presentation contexts) may exceed a small negotiated maximum up to this size.
 _READ_SIZE = 1 << 20
 LARGEST_OTHER_PDU = 1 << 20
+# A PDU's deadline grows by its length at this rate (a 256 KiB PDU gets 4 s more), so an
+# honest sender on a slow link is not cut off; a trickle of a few bytes a second still is.
+MIN_BYTES_PER_S = 64 * 1024
 
 
 def enable_chunked_receive() -> None:
@@ -64,7 +68,8 @@ class DeadlineSocket(AssociationSocket):
     of a PDU and then nothing, or one byte at a time, holds the connection (and its thread and
     association slot) for as long as it likes, and pynetdicom's ARTIM and idle timers, which
     the same thread checks between PDUs, never fire. Here every PDU must arrive completely
-    within ``pdu_timeout_s`` of its first byte being read, and before the association is
+    within ``pdu_timeout_s`` of its first byte being read (plus its length at
+    :data:`MIN_BYTES_PER_S`), and before the association is
     established everything must arrive within ``acse_timeout_s`` of the connection (the ARTIM
     rule, applied to the bytes as well). A read past its deadline closes the connection and
     returns short, which pynetdicom treats as the peer having closed it (Evt17).
@@ -73,7 +78,8 @@ class DeadlineSocket(AssociationSocket):
     1,800 calls for a 7 MB radiograph, each giving up and retaking the GIL). The buffer grows
     only as bytes arrive: a PDU header announcing 4 GiB allocates nothing up front. A PDU
     longer than the maximum we negotiated (and than any association request needs) closes the
-    connection at once.
+    connection at once; the length is read from each header, so no sequence of PDUs can slip
+    a long one past the check.
     """
 
     # Set by DeadlineRequestHandler right after the base class built the socket.
@@ -82,45 +88,53 @@ class DeadlineSocket(AssociationSocket):
     _pdu_timeout_s: float
     _on_timeout: Callable[[Any, str], None]
     _deadline: float = 0.0
-    _in_pdu: bool = False
+    _expect: int | None = None  # the length the last header announced: the next read's size
     _was_established: bool = False
 
     def recv(self, nr_bytes: int) -> bytearray:
-        limit = self._assoc.acceptor.maximum_length  # our max PDU; 0 = no limit
-        if self._in_pdu and limit and nr_bytes > max(limit, LARGEST_OTHER_PDU):
-            self._in_pdu = False
-            self._on_timeout(self._assoc, f"peer announced a PDU of {nr_bytes} bytes; the maximum is {limit}")
+        # Which read this is comes from the bytes themselves, not from counting calls: after a
+        # header pynetdicom may stop without reading the body (an unknown PDU type).
+        body = self._expect is not None and nr_bytes == self._expect
+        self._expect = None
+        limit = max(self._assoc.acceptor.maximum_length, LARGEST_OTHER_PDU)
+        if nr_bytes > limit:
+            self._on_timeout(self._assoc, f"peer announced a PDU of {nr_bytes} bytes; at most {limit} are accepted")
             self.close()
             return bytearray()
         now = time.monotonic()
-        if not self._in_pdu:  # a PDU's type and length: its deadline starts now
+        if not body:  # a PDU's type and length: its deadline starts now
             self._deadline = now + self._pdu_timeout_s
-        deadline = self._deadline
+        # and grows with the length announced, so a large PDU on a slow link still arrives
+        deadline = self._deadline + (nr_bytes / MIN_BYTES_PER_S if body else 0.0)
         if self._assoc.is_established:
             self._was_established = True
         else:  # before the association (ARTIM), or after its release or abort
             deadline = min(deadline, (now if self._was_established else self._opened) + self._acse_timeout_s)
-        self._in_pdu = not self._in_pdu
         sock = self.socket
         buffer = bytearray()
-        while sock is not None and len(buffer) < nr_bytes:
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining <= 0:
-                    raise TimeoutError
-                sock.settimeout(remaining)
-                chunk = sock.recv(min(nr_bytes - len(buffer), _READ_SIZE))
-            except (TimeoutError, socket.timeout):
-                stage = ("PDU" if self._assoc.is_established else "closing PDU" if self._was_established
-                         else "association request")
-                self._on_timeout(self._assoc, f"{stage} not received in time ({len(buffer)} of {nr_bytes} "
-                                              "bytes); connection closed")
-                self._in_pdu = False
-                self.close()
-                break
-            if not chunk:
-                break
-            buffer += chunk
+        try:
+            while sock is not None and len(buffer) < nr_bytes:
+                remaining = deadline - time.monotonic()
+                try:
+                    if remaining <= 0:
+                        raise TimeoutError
+                    sock.settimeout(remaining)
+                    chunk = sock.recv(min(nr_bytes - len(buffer), _READ_SIZE))
+                except (TimeoutError, socket.timeout):
+                    stage = ("PDU" if self._assoc.is_established else "closing PDU" if self._was_established
+                             else "association request")
+                    self._on_timeout(self._assoc, f"{stage} not received in time ({len(buffer)} of {nr_bytes} "
+                                                  "bytes); connection closed")
+                    self.close()
+                    return buffer
+                if not chunk:
+                    break
+                buffer += chunk
+        finally:
+            if self.socket is not None:
+                self.socket.settimeout(None)  # sends use the socket too: no leftover deadline
+        if not body and nr_bytes == 6 and len(buffer) == 6:
+            self._expect = struct.unpack(">L", bytes(buffer[2:6]))[0]
         return buffer
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import queue
 import socket
 import threading
 import time
@@ -78,7 +79,7 @@ from screener.pipeline.decode import SUPPORTED_TRANSFER_SYNTAXES
 from screener.safe_text import quote, scrub
 from screener.store.db import SQLITE_BEGIN
 from screener.store.models import Event, utcnow
-from screener.store.queue import ReceivedInstance, record_received
+from screener.store.queue import ReceivedInstance, record_received, repoint_instance
 
 LOGGER = logging.getLogger(__name__)
 
@@ -232,9 +233,10 @@ class ReceiveSettings:
             except ValueError:
                 raise ValueError(f"allowed_peers: {peer!r} is not an IP address") from None
         set_(self, "allowed_peers", tuple(self.allowed_peers))
-        # pynetdicom: 0 means no limit; DICOM's smallest sensible PDU is 4096 bytes (PS3.8 D.1).
-        if not isinstance(self.max_pdu, int) or not (self.max_pdu == 0 or 4096 <= self.max_pdu < 2**32):
-            raise ValueError(f"max_pdu: must be 0 (no limit) or 4096 to 2**32-1, got {self.max_pdu!r}")
+        # DICOM's smallest sensible PDU is 4096 bytes (PS3.8 D.1). No "0 = no limit": every PDU
+        # is buffered whole before pynetdicom decodes it, so the limit bounds memory per peer.
+        if isinstance(self.max_pdu, bool) or not isinstance(self.max_pdu, int) or not 4096 <= self.max_pdu <= 16 << 20:
+            raise ValueError(f"max_pdu: must be 4096 to {16 << 20} bytes, got {self.max_pdu!r}")
         if isinstance(self.max_dataset_bytes, bool) or not isinstance(self.max_dataset_bytes, int) \
                 or self.max_dataset_bytes <= 0:
             raise ValueError(f"max_dataset_bytes: must be a positive integer, got {self.max_dataset_bytes!r}")
@@ -284,25 +286,44 @@ def record_event(session_factory: sessionmaker[Session], kind: str, outcome: str
         return False
 
 
+def _peer_key(peer_address: str | None) -> str:
+    """The address a refusal is counted under: the IPv4 address, or the IPv6 /64 (one host
+    has a whole /64 to pick addresses from)."""
+    host = (peer_address or "").rsplit(":", 1)[0].strip("[]")
+    try:
+        address = _ip(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class RefusalAudit:
-    """Audit of refused connections and associations, at most one row per peer address and
-    reason per ``window_s``; the next row says how many were not written one by one.
+    """Audit of refused connections and associations, at most one row (and one log line) per
+    peer address and reason per ``window_s``; the next row says how many were counted only.
 
     A peer opening thousands of connections a minute must not grow the events table (or
     hold the database's write lock) at that rate; an administrator still sees who, why and
-    how often.
+    how often. ``wait=False`` hands the row to a background writer (bounded queue): the
+    accepting thread must never wait for the database, or a locked database would stop
+    the node accepting anyone.
     """
+
+    _QUEUE = 1000
 
     def __init__(self, session_factory: sessionmaker[Session], window_s: float = 60.0) -> None:
         self.session_factory = session_factory
         self.window_s = window_s
         self._lock = threading.Lock()
         self._seen: dict[tuple[str, str, str], tuple[float, int]] = {}  # key -> (window start, suppressed)
+        self._pending: queue.Queue[dict[str, Any]] = queue.Queue(self._QUEUE)
+        self._writer: threading.Thread | None = None
 
     def __call__(self, kind: str, outcome: str, reason_code: ReasonCode, message: str,
-                 peer_ae: str | None, peer_address: str | None) -> bool:
-        """Record (or count) one refusal; True when a row was written."""
-        ip = (peer_address or "").rsplit(":", 1)[0]
+                 peer_ae: str | None, peer_address: str | None, *, wait: bool = True) -> bool:
+        """Record (or count) one refusal; True when a row was written (or queued)."""
+        ip = _peer_key(peer_address)
         key = (kind, str(reason_code), ip)
         now = time.monotonic()
         with self._lock:
@@ -315,8 +336,25 @@ class RefusalAudit:
                 self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window_s}
         if suppressed:
             message += f" ({suppressed} more from {ip} in the {self.window_s:g} s before were counted, not recorded)"
-        return record_event(self.session_factory, kind, outcome, reason_code=reason_code.value,
-                            message=message[:1000], peer_ae=peer_ae, peer_address=peer_address)
+        LOGGER.warning("%s from %s: %s", kind.replace("_", " "), peer_address, message)
+        row = dict(kind=kind, outcome=outcome, reason_code=reason_code.value, message=message[:1000],
+                   peer_ae=peer_ae, peer_address=peer_address)
+        if wait:
+            return record_event(self.session_factory, **row)
+        try:
+            self._pending.put_nowait(row)
+        except queue.Full:
+            return False
+        with self._lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write, name="refusal-audit", daemon=True)
+                self._writer.start()
+        return True
+
+    def _write(self) -> None:
+        while True:
+            row = self._pending.get()
+            record_event(self.session_factory, **row)
 
 
 def _peer(assoc: Any) -> dict[str, str | None]:
@@ -412,9 +450,10 @@ def _inflate_header(fp: Any, limit: int) -> Any:
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     kept = bytearray()
     total = 0
-    while chunk := fp.read(_INFLATE_CHUNK):
+    while not inflater.eof and (chunk := fp.read(_INFLATE_CHUNK)):
         data = chunk
-        while data:
+        # After the end of the stream a pad byte stays in unconsumed_tail for ever: stop at eof.
+        while data and not inflater.eof:
             out = inflater.decompress(data, _INFLATE_CHUNK)
             total += len(out)
             if len(kept) < _HEADER_BYTES:
@@ -515,17 +554,28 @@ class Receiver:
         )
         try:
             with self.session_factory() as session:
-                instance, _, duplicate = record_received(session, received, self.settings.model_id,
+                instance, _, _ = record_received(session, received, self.settings.model_id,
                                                          self.settings.patient_salt)
         except OperationalError as error:
             # Without a row nothing reads the file; retention's orphan sweep removes it (it may
             # also be the very file an earlier row points at, re-sent: so not deleted here).
             raise StoreRefused(OUT_OF_RESOURCES, ReasonCode.DATABASE_UNAVAILABLE,
                                f"database unavailable: {scrub(error.orig)}") from error
-        if duplicate and instance.spool_path != str(path):
-            # The same SOP instance under another study or series: the first copy is the one
-            # on record, this second one would be an unreferenced copy of a patient's image.
+        if instance.spool_path == str(path):
+            return
+        # The same SOP instance again under another study or series (or a data folder that
+        # moved): one copy is on record, and the other would be an unreferenced copy of a
+        # patient's image. Keep the one on record while it is there; once retention removed
+        # it, this copy takes its place (a job for a new model version will read it).
+        if Path(instance.spool_path).is_file():
             path.unlink(missing_ok=True)
+            return
+        try:
+            with self.session_factory() as session:
+                repoint_instance(session, instance.id, str(path), size)
+        except OperationalError as error:
+            raise StoreRefused(OUT_OF_RESOURCES, ReasonCode.DATABASE_UNAVAILABLE,
+                               f"database unavailable: {scrub(error.orig)}") from error
 
 
 def _valid_uid_or_none(value: str) -> str | None:
@@ -681,7 +731,6 @@ def _handle_store(event: NetEvent, receiver: Receiver) -> int:
 def _reject(event: NetEvent, audit: RefusalAudit, result: int, source: int, diagnostic: int,
             code: ReasonCode, message: str) -> None:
     assoc = event.assoc
-    LOGGER.warning("association rejected: %s", message)
     # Audit first: once the peer has the A-ASSOCIATE-RJ, the refusal must already be on record.
     audit("association_rejected", "rejected", code, message, **_peer(assoc))
     assoc.acse.send_reject(result, source, diagnostic)
@@ -783,13 +832,11 @@ class _Server(ThreadedAssociationServer):
             why = f"{from_peer} connections open from {address} (at most {self.max_connections_per_peer})"
         else:
             return True
-        LOGGER.warning("connection from %s refused: %s", address, why)
         self.audit("connection_refused", "rejected", ReasonCode.CONNECTION_LIMIT_EXCEEDED, f"connection closed: {why}",
-                   None, f"{client_address[0]}:{client_address[1]}")
+                   None, f"{client_address[0]}:{client_address[1]}", wait=False)
         return False
 
     def on_timeout(self, assoc: Any, message: str) -> None:
-        LOGGER.warning("closing connection from %s:%s: %s", assoc.requestor.address, assoc.requestor.port, message)
         self.audit("connection_timeout", "rejected", ReasonCode.ASSOCIATION_TIMEOUT, message, **_peer(assoc))
 
 

@@ -184,6 +184,21 @@ def record_received(
     return instance, job, False
 
 
+def repoint_instance(session: Session, instance_id: int, spool_path: str, size_bytes: int,
+                     *, now: datetime | None = None) -> None:
+    """Point an instance row at a new copy of its file (the one on record is gone), audited."""
+    now = _now(now)
+    with _write_transaction(session):
+        instance = session.get(Instance, instance_id, with_for_update=True)
+        if instance is None:
+            raise KeyError(f"instance_id: no instance {instance_id}")
+        instance.spool_path, instance.size_bytes = spool_path, size_bytes
+        session.add(Event(time=now, kind="relocated", outcome="ok", sop_instance_uid=instance.sop_instance_uid,
+                          study_uid=instance.study_instance_uid, accession_number=instance.accession_number,
+                          message="received again after the spooled copy was removed; the new copy is used"))
+        session.flush()
+
+
 def _new_instance(received: ReceivedInstance, salt: bytes, now: datetime) -> Instance:
     return Instance(
         sop_instance_uid=received.sop_instance_uid,
