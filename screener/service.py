@@ -116,14 +116,15 @@ class Service:
         self._scheduler.add_job(housekeeping, "interval", hours=1,
                                 args=[self.sessions, data / "spool", data / "outbox", s.storage.retention_days],
                                 id="retention", max_instances=1, coalesce=True)
-        # Partial files of aborted transfers: once at start (a previous run's), then every 5 minutes.
-        sweep_incoming(data / "spool", receive.STALE_INCOMING_S)
-        self._scheduler.add_job(sweep_incoming, "interval", minutes=5, args=[data / "spool", receive.STALE_INCOMING_S],
-                                id="incoming", max_instances=1, coalesce=True)
         self._scheduler.start()
         node = s.node
         self.receive_settings = node.receive_settings(spool_root=data / "spool", model_id=bundle.model_id,
                                                       patient_salt=patient_salt(s))
+        # Partial files of aborted transfers: once at start (a previous run's), then every 5 minutes.
+        stale_s = receive.stale_incoming_s(self.receive_settings)
+        sweep_incoming(data / "spool", stale_s)
+        self._scheduler.add_job(sweep_incoming, "interval", minutes=5, args=[data / "spool", stale_s],
+                                id="incoming", max_instances=1, coalesce=True)
         pool = self._receivers = receivers.ReceiverPool(self.receive_settings, s.database_url, node.receive_processes,
                                                         logging.getLogger().level)
         if node.health_port:

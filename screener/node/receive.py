@@ -151,8 +151,13 @@ _UID_ATTRIBUTE_CODES = {
     "SeriesInstanceUID": ReasonCode.INVALID_SERIES_INSTANCE_UID,
 }
 # A file in .incoming not written for this long belongs to no live transfer: a transfer writes
-# every PDU, and a PDU must arrive within network_timeout_s (at most an hour).
-STALE_INCOMING_S = 3600.0 + 600.0
+# every PDU, and a PDU must arrive within network_timeout_s (plus its length at 64 KiB/s).
+STALE_INCOMING_S = 600.0
+
+
+def stale_incoming_s(settings: ReceiveSettings) -> float:
+    """How old a partial file in .incoming must be before it is swept, for these settings."""
+    return max(STALE_INCOMING_S, 2 * settings.network_timeout_s + settings.max_pdu / compat.MIN_BYTES_PER_S)
 # While a dataset streams in, the free-space watermark is checked again every this many bytes.
 _WATERMARK_EVERY = 16 << 20
 # Connections that have not (yet) sent an association request, per receive process: this many
