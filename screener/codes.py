@@ -102,6 +102,7 @@ class ReasonCode(StrEnum):
     PEER_LIMIT_EXCEEDED = "peer-limit-exceeded"
     CONNECTION_LIMIT_EXCEEDED = "connection-limit-exceeded"
     ASSOCIATION_TIMEOUT = "association-timeout"
+    TLS_HANDSHAKE_FAILED = "tls-handshake-failed"
 
     # -- housekeeping (retention)
     RETENTION = "retention"

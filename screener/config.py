@@ -145,6 +145,10 @@ class NodeSettings:
     network_timeout_s: float = _default(ReceiveSettings, "network_timeout_s")
     max_associations: int = _default(ReceiveSettings, "max_associations")
     max_associations_per_peer: int = _default(ReceiveSettings, "max_associations_per_peer")
+    tls_port: int = _default(ReceiveSettings, "tls_port")
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
     receive_processes: int = 2
     health_port: int = 0
     health_bind_address: str = "127.0.0.1"
@@ -176,7 +180,8 @@ class NodeSettings:
             allowed_peers=self.allowed_peers, max_dataset_bytes=self.max_dataset_bytes,
             min_free_bytes=self.min_free_mb * _MIB, acse_timeout_s=self.acse_timeout_s,
             network_timeout_s=self.network_timeout_s, max_associations=self.max_associations,
-            max_associations_per_peer=self.max_associations_per_peer)
+            max_associations_per_peer=self.max_associations_per_peer, tls_port=self.tls_port,
+            tls_cert_file=self.tls_cert_file, tls_key_file=self.tls_key_file, tls_ca_file=self.tls_ca_file)
 
 
 @dataclass(frozen=True)
@@ -390,9 +395,26 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = "") -> Settings:
     for key in data:
         if key not in known:
             raise ConfigError(f"[{key}]: unknown section; known sections are {', '.join(known)}")
-    return Settings(**{name: _section(cls, name, data.get(name, {})) for name, cls in _SECTIONS.items()},
-                    destinations=_destinations(data.get("destinations", []), Path(base_dir or ".").resolve()),
+    sections = {name: _section(cls, name, data.get(name, {})) for name, cls in _SECTIONS.items()}
+    base = Path(base_dir or ".").resolve()
+    sections["node"] = _resolve_files(sections["node"], "node", ("tls_cert_file", "tls_key_file", "tls_ca_file"), base)
+    return Settings(**sections, destinations=_destinations(data.get("destinations", []), base),
                     base_dir=str(base_dir))
+
+
+def _resolve_files(section: Any, where: str, keys: tuple[str, ...], base_dir: Path) -> Any:
+    """File keys made absolute (relative to the config file's folder) and checked to exist."""
+    resolved = {}
+    for key in keys:
+        value = getattr(section, key)
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else (base_dir / path).resolve()
+        if not path.is_file():
+            raise ConfigError(f"{where}.{key}: file not found ({path})")
+        resolved[key] = str(path)
+    return replace(section, **resolved) if resolved else section
 
 
 def load_config(path: str | Path) -> Settings:

@@ -37,6 +37,7 @@ from screener.store.models import Delivery, Event
 from screener.store.queue import ReceivedInstance, claim_jobs, complete_job, record_received
 from tests.support.common import free_port
 from tests.support.store import job_result
+from tests.support.tls import make_ca, make_server_cert
 from tests.support.dcmtk import dcmtk_tool
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -436,39 +437,6 @@ def test_scheduler_job_runs_due_deliveries(storescp: Callable[..., StoreSCP], fa
 
 
 # ---------------------------------------------------------------- TLS against a real DCMTK peer
-
-OPENSSL_TIMEOUT_S = 30
-
-
-def openssl(*args: object, cwd: Path) -> None:
-    try:
-        done = subprocess.run(["openssl", *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=OPENSSL_TIMEOUT_S)
-    except FileNotFoundError:
-        pytest.fail("the openssl command-line tool is needed for the TLS tests: install the openssl package")
-    assert done.returncode == 0, f"openssl {' '.join(map(str, args))} failed:\n{done.stdout}"
-
-
-def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed CA: (certificate, key)."""
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "2",
-            "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
-    return cert, key
-
-
-def make_server_cert(directory: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
-    """A server certificate for 127.0.0.1 signed by ``ca``: (certificate, key)."""
-    cert, key, csr, ext = (directory / n for n in ("server.pem", "server.key", "server.csr", "server.ext"))
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
-                   "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1",
-            cwd=directory)
-    openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial", "-out", cert,
-            "-days", "2", "-extfile", ext, cwd=directory)
-    return cert, key
-
 
 @pytest.fixture
 def tls_storescp(tmp_path: Path) -> Iterator[tuple[StoreSCP, Path]]:

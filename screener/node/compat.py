@@ -10,6 +10,7 @@ pynetdicom is checked (and, if needed, fixed) in this one module. ``pyproject.to
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -87,6 +88,7 @@ class DeadlineSocket(AssociationSocket):
     _acse_timeout_s: float
     _pdu_timeout_s: float
     _on_timeout: Callable[[Any, str], None]
+    _on_tls_failure: Callable[[Any, str], None]
     _deadline: float = 0.0
     _expect: int | None = None  # the length the last header announced: the next read's size
     _was_established: bool = False
@@ -120,6 +122,11 @@ class DeadlineSocket(AssociationSocket):
                         raise TimeoutError
                     sock.settimeout(remaining)
                     chunk = sock.recv(min(nr_bytes - len(buffer), _READ_SIZE))
+                except ssl.SSLError as error:  # the DICOM TLS handshake, done on the first read
+                    self._on_tls_failure(self._assoc, f"TLS handshake failed: {error.reason or error}; "
+                                                      "connection closed")
+                    self.close()
+                    return buffer
                 except (TimeoutError, socket.timeout):
                     stage = ("PDU" if self._assoc.is_established else "closing PDU" if self._was_established
                              else "association request")
@@ -141,7 +148,8 @@ class DeadlineSocket(AssociationSocket):
 class DeadlineRequestHandler(RequestHandler):
     """pynetdicom's acceptor request handler, building associations on a DeadlineSocket.
 
-    The server class sets ``acse_timeout_s``, ``pdu_timeout_s`` and ``on_timeout`` on itself;
+    The server class sets ``acse_timeout_s``, ``pdu_timeout_s``, ``on_timeout`` and
+    ``on_tls_failure`` on itself;
     the handler reads them from ``self.server``.
     """
 
@@ -155,6 +163,7 @@ class DeadlineRequestHandler(RequestHandler):
         sock._acse_timeout_s = self.server.acse_timeout_s
         sock._pdu_timeout_s = self.server.pdu_timeout_s
         sock._on_timeout = self.server.on_timeout
+        sock._on_tls_failure = self.server.on_tls_failure
         return assoc
 
 

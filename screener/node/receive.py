@@ -30,6 +30,7 @@ import ipaddress
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -216,6 +217,13 @@ class ReceiveSettings:
     network_timeout_s: float = 60.0
     max_associations: int = 16
     max_associations_per_peer: int = 8
+    #: DICOM TLS (PS3.15 B.1, TLS 1.2 or later) on a port of its own, next to the plain one;
+    #: 0 = off. The certificate and key (PEM) are the node's; ``tls_ca_file`` set = mutual TLS:
+    #: a client must present a certificate signed by that CA.
+    tls_port: int = 0
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once, at construction
@@ -254,6 +262,13 @@ class ReceiveSettings:
         if self.max_associations_per_peer > self.max_associations:
             raise ValueError(f"max_associations_per_peer: {self.max_associations_per_peer} is more than "
                              f"max_associations {self.max_associations}; one peer could take every slot")
+        if isinstance(self.tls_port, bool) or not isinstance(self.tls_port, int) or not 0 <= self.tls_port <= 65535:
+            raise ValueError(f"tls_port: must be an integer 0-65535 (0 = no TLS), got {self.tls_port!r}")
+        if self.tls_port and (self.tls_port == self.port):
+            raise ValueError(f"tls_port: {self.tls_port} is the plain port too; give TLS its own port")
+        if self.tls_port and not (self.tls_cert_file and self.tls_key_file):
+            raise ValueError("tls_cert_file: a TLS port needs the node's certificate and key (tls_cert_file, "
+                             "tls_key_file, PEM)")
         if not isinstance(self.spool_root, (str, Path)) or str(self.spool_root) == "":
             raise ValueError(f"spool_root: must be a directory path, got {self.spool_root!r}")
         set_(self, "spool_root", Path(self.spool_root))
@@ -261,6 +276,17 @@ class ReceiveSettings:
             raise ValueError("model_id: must be a non-empty string (jobs are queued per model id)")
         if not isinstance(self.patient_salt, bytes) or not self.patient_salt:
             raise ValueError("patient_salt: must be non-empty bytes (PatientID is stored hashed)")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The server side of DICOM TLS: TLS 1.2+, our certificate, the client's verified
+        against ``tls_ca_file`` when one is given (else no client certificate is asked for)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        if self.tls_ca_file:
+            context.load_verify_locations(self.tls_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
     def peer_allowed(self, address: str) -> bool:
         if not self.allowed_peers:
@@ -825,6 +851,15 @@ class _Server(ThreadedAssociationServer):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept; a TLS connection is wrapped without its handshake, which the association's
+        own thread then does under the acse_timeout_s deadline (pynetdicom would handshake
+        here, in the one accepting thread, for as long as a silent client likes)."""
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Refuse (close at once) a connection over the caps: such a connection would only
         wait for a slot, and enough of them would keep every caller out."""
@@ -843,6 +878,9 @@ class _Server(ThreadedAssociationServer):
 
     def on_timeout(self, assoc: Any, message: str) -> None:
         self.audit("connection_timeout", "rejected", ReasonCode.ASSOCIATION_TIMEOUT, message, **_peer(assoc))
+
+    def on_tls_failure(self, assoc: Any, message: str) -> None:
+        self.audit("connection_refused", "rejected", ReasonCode.TLS_HANDSHAKE_FAILED, message, **_peer(assoc))
 
 
 def build_ae(settings: ReceiveSettings) -> AE:
@@ -882,11 +920,13 @@ def event_handlers(settings: ReceiveSettings, session_factory: sessionmaker[Sess
 
 
 def start_scp(settings: ReceiveSettings, session_factory: sessionmaker[Session],
-              receiver: Receiver | None = None, *, reuse_port: bool = False) -> ThreadedAssociationServer:
+              receiver: Receiver | None = None, *, reuse_port: bool = False,
+              tls: bool = False) -> ThreadedAssociationServer:
     """Start listening in background threads; returns the server (``stop`` it when done).
 
     ``reuse_port``: bind with SO_REUSEPORT, to share the port with other processes' SCPs
     (see screener.node.receivers, which also checks that nothing else holds the port).
+    ``tls``: listen on ``settings.tls_port`` with DICOM TLS instead of on ``settings.port``.
 
     Switches on pynetdicom's chunked receive, a process-wide option (pynetdicom has no
     per-server one): datasets stream to files in the process's temporary directory, never
@@ -899,11 +939,12 @@ def start_scp(settings: ReceiveSettings, session_factory: sessionmaker[Session],
     settings.spool_root.mkdir(parents=True, exist_ok=True)
     ae = build_ae(settings)
     audit = RefusalAudit(session_factory)
-    server = ae.make_server((settings.bind_address, settings.port),
+    server = ae.make_server((settings.bind_address, settings.tls_port if tls else settings.port),
+                            ssl_context=settings.ssl_context() if tls else None,
                             evt_handlers=event_handlers(settings, session_factory, audit, receiver),
                             server_class=_Server, request_handler=compat.DeadlineRequestHandler,
                             settings=settings, audit=audit, reuse_port=reuse_port)
-    compat.start_in_background(ae, server, f"scp-{settings.ae_title}")
+    compat.start_in_background(ae, server, f"scp-{settings.ae_title}{'-tls' if tls else ''}")
     return server
 
 

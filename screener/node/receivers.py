@@ -112,16 +112,21 @@ def _child_main(settings: receive.ReceiveSettings, database_url: str, log_level:
     incoming.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(incoming)  # this process only receives: where arriving datasets go
     engine = make_engine(database_url)
-    server = receive.start_scp(settings, session_factory(engine), reuse_port=True)
+    sessions = session_factory(engine)
+    server = receive.start_scp(settings, sessions, reuse_port=True)
+    secure = receive.start_scp(settings, sessions, reuse_port=True, tls=True) if settings.tls_port else None
     try:
         lifeline.send(receive.bound_port(server))
         # The parent's health endpoint reads how many association slots this process uses.
         while not stopping.wait(SLOTS_EVERY_S):
-            in_use.value = receive.associations_in_use(server)
+            in_use.value = receive.associations_in_use(server) + (
+                receive.associations_in_use(secure) if secure is not None else 0)
     except OSError:
         pass  # the parent is gone already
     finally:
         receive.stop(server)
+        if secure is not None:
+            receive.stop(secure)
         engine.dispose()
 
 
@@ -160,6 +165,8 @@ class ReceiverPool:
         """Claim the port, start the first process, then the others on its port; returns it."""
         s = self.settings
         claim_port(s.bind_address, s.port)
+        if s.tls_port:
+            claim_port(s.bind_address, s.tls_port)
         try:
             first = self._spawn(0, s.port)
             self._children = [first]
