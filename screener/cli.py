@@ -103,6 +103,16 @@ def _cmd_check_config(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_conformance(a: argparse.Namespace) -> int:
+    from screener.conformance import statement
+
+    settings = _settings(a)
+    # the patient salt and model id do not show in the statement: placeholders, nothing generated
+    receive = settings.node.receive_settings(spool_root=settings.data_dir / "spool", model_id="-", patient_salt=b"-")
+    print(statement(receive, settings.dispatch.calling_ae))
+    return 0
+
+
 def _settings(a: argparse.Namespace):  # type: ignore[no-untyped-def]
     from screener.config import Settings, load_config
 
@@ -244,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--config", **cfg)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
+    cf = sub.add_parser("conformance", help="print the DICOM Conformance Statement for this configuration",
+                        description="The DICOM Conformance Statement (Markdown), generated from the code and the "
+                        "configuration: AE titles, accepted and proposed presentation contexts, statuses, limits "
+                        "and timeouts, TLS, the objects sent, character sets.")
+    cf.add_argument("--config", **cfg)
+    cf.set_defaults(func=_cmd_conformance)
     ec = sub.add_parser("echo", help="C-ECHO a configured destination; non-zero exit when it fails")
     ec.add_argument("destination", help="the destination's name in [[destinations]]")
     ec.add_argument("--config", **cfg)

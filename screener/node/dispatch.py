@@ -141,6 +141,16 @@ class DispatchSettings:
 # ---------------------------------------------------------------- one C-STORE
 
 
+def proposed_syntaxes(stored_as: str) -> list[list[str]]:
+    """The presentation contexts (their transfer syntaxes) proposed for an object stored in
+    ``stored_as``: that syntax first, and uncompressed ones. A compressed object gets two
+    contexts: an SCP picks one syntax per context and may well pick uncompressed, or refuse the
+    compressed one (DCMTK storescp by default): then the object is decompressed."""
+    if stored_as in _UNCOMPRESSED:
+        return [list(dict.fromkeys([stored_as, *map(str, _UNCOMPRESSED)]))]
+    return [[stored_as], [str(ts) for ts in _UNCOMPRESSED]]
+
+
 def send_file(destination: Destination, path: Path | str, settings: DispatchSettings) -> int:
     """C-STORE the DICOM file at ``path`` over one association; returns the response status.
 
@@ -152,13 +162,8 @@ def send_file(destination: Destination, path: Path | str, settings: DispatchSett
     sop_class = dataset.SOPClassUID
     ae = AE(ae_title=settings.calling_ae)
     stored_as = dataset.file_meta.TransferSyntaxUID
-    if stored_as in _UNCOMPRESSED:
-        ae.add_requested_context(sop_class, list(dict.fromkeys([stored_as, *_UNCOMPRESSED])))
-    else:
-        # Two contexts: an SCP picks one syntax per context and may well pick uncompressed, or
-        # refuse the compressed one (DCMTK storescp by default): then the object is decompressed.
-        ae.add_requested_context(sop_class, [stored_as])
-        ae.add_requested_context(sop_class, list(_UNCOMPRESSED))
+    for syntaxes in proposed_syntaxes(str(stored_as)):
+        ae.add_requested_context(sop_class, syntaxes)
     for attribute in ("connection_timeout", "acse_timeout", "dimse_timeout", "network_timeout"):
         setattr(ae, attribute, destination.timeout_s)
     where = f"destination {destination.name} ({destination.label})"
