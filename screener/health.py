@@ -7,7 +7,8 @@ the spool has more free space than its watermark. It carries what ``screener sta
 association slots and spool space. It answers 503 with the same document and a ``problems``
 list naming each fault otherwise, so a probe that only reads the status code still sees an
 outage. The service starts it before the DICOM port opens: it answers (503, starting) as soon
-as the port does. Other paths get 404, other methods 405. There is
+as the port does. ``GET /metrics`` serves the Prometheus metrics (screener/metrics.py). Other paths
+get 404, other methods 405. There is
 no authentication: it binds to loopback by default, and says nothing a log line does not.
 """
 
@@ -24,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -46,6 +48,7 @@ class HealthChecks:
     spool_root: Path
     min_free_bytes: int
     write_timeout_s: float = 2.0
+    metrics: CollectorRegistry | None = None  # GET /metrics, when given
 
 
 def health_document(checks: HealthChecks) -> tuple[int, dict[str, Any]]:
@@ -95,8 +98,18 @@ def start_health_server(address: str, port: int, checks: HealthChecks) -> Thread
         server_version = "screener-health"
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path.split("?", 1)[0] != "/health":
-                self._send(HTTPStatus.NOT_FOUND, {"error": "not found; GET /health"})
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics" and checks.metrics is not None:
+                body = generate_latest(checks.metrics)
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+                return
+            if path != "/health":
+                self._send(HTTPStatus.NOT_FOUND, {"error": "not found; GET /health or /metrics"})
                 return
             self._send(*health_document(checks))
 

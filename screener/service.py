@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from screener.config import Settings, build_decode_limits, build_eligibility_rules
 from screener.health import HealthChecks, start_health_server
+from screener.metrics import NodeMetrics
 from screener.node import dispatch, receive, receivers
 from screener.node.spool import sweep_incoming
 from screener.retention import purge_outbox, purge_spool, sweep_orphans
@@ -95,6 +96,8 @@ class Service:
         create_schema(self.engine)
         self.sessions = session_factory(self.engine)
         bundle = ModelBundle.load(s.model.bundle or None)
+        metrics = NodeMetrics(bundle.model_id, bundle.demo)
+        metrics.watch_database(self.sessions)
         destinations = [d.destination() for d in s.destinations]
         # Build what some destination takes; with none configured, everything (kept in the outbox).
         kinds = tuple({k for d in destinations for k in d.kinds()}) if destinations else tuple(OUTPUT_SUFFIXES)
@@ -104,14 +107,14 @@ class Service:
                                   limits=build_decode_limits(s.decode), kinds=kinds, write_json=False)
             # Owner names are unique per process and thread: the lease is checked by name.
             worker = Worker(f"{os.uname().nodename}:{os.getpid()}:{n}", self.sessions, processor, destinations,
-                            s.worker.lease_seconds, s.worker.poll_seconds)
+                            s.worker.lease_seconds, s.worker.poll_seconds, metrics=metrics)
             thread = threading.Thread(target=worker.run_forever, args=(self.stop_event,), name=f"worker-{n}")
             thread.start()
             self._threads.append(thread)
         self._scheduler = BackgroundScheduler(timezone="UTC")
         dispatcher = dispatch.Dispatcher(
             self.sessions, {d.name: d for d in destinations},
-            s.dispatch.dispatch_settings(), delivery_object_path)
+            s.dispatch.dispatch_settings(), delivery_object_path, metrics=metrics)
         dispatch.schedule(self._scheduler, dispatcher, s.dispatch.interval_s)
         self._scheduler.add_job(housekeeping, "interval", hours=1,
                                 args=[self.sessions, data / "spool", data / "outbox", s.storage.retention_days],
@@ -131,7 +134,8 @@ class Service:
             # Before the DICOM port: a monitor probing once the port answers finds /health up.
             self._health = start_health_server(node.health_bind_address, node.health_port, HealthChecks(
                 engine=self.engine, receive_processes=pool.running, slots=pool.slots,
-                spool_root=data / "spool", min_free_bytes=self.receive_settings.min_free_bytes))
+                spool_root=data / "spool", min_free_bytes=self.receive_settings.min_free_bytes,
+                metrics=metrics.registry))
         port = pool.start()
         # A receive process that dies is started again; the others and this one keep serving.
         self._scheduler.add_job(pool.check, "interval", seconds=5, id="receivers",

@@ -16,6 +16,7 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.codes import ReasonCode
+from screener.metrics import NodeMetrics
 from screener.node.dispatch import Destination
 from screener.process import Outcome, Processor
 from screener.result import JobResult, JobStatus
@@ -30,8 +31,10 @@ log = structlog.get_logger(__name__)
 
 class Worker:
     def __init__(self, owner: str, session_factory: sessionmaker[Session], processor: Processor,
-                 destinations: Sequence[Destination], lease_seconds: float, poll_seconds: float = 1.0) -> None:
+                 destinations: Sequence[Destination], lease_seconds: float, poll_seconds: float = 1.0,
+                 metrics: NodeMetrics | None = None) -> None:
         self.owner = owner
+        self._metrics = metrics
         self._sessions = session_factory
         self._processor = processor
         self._destinations = [(d.name, d.kinds()) for d in destinations]
@@ -79,6 +82,8 @@ class Worker:
         else:
             self._finish(job, lambda s: fail_job(s, job.id, self.owner, result.code, result.reason, result.retryable,
                                                  result=result))
+        if self._metrics is not None:
+            self._metrics.observe_stages(result.seconds, job.model_id)
         log.info("job_finished", **fields)
 
     def _finish(self, job: Job, write) -> None:  # type: ignore[no-untyped-def]

@@ -97,6 +97,7 @@ def test_image_in_sr_out_with_audit_trail(node: Node, pacs: tuple[int, Path]) ->
         health = json.loads(response.read())
     assert response.status == 200 and health["jobs"]["done"] == 1
     assert health["receive_processes"] == {"configured": 2, "running": 2}
+    assert_metrics_after_one_round_trip(node)
     echo = subprocess.run([sys.executable, "-m", "screener.cli", "echo", "pacs", "--config", str(node.config)],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert echo.returncode == 0, echo.stderr
@@ -139,6 +140,33 @@ def test_kill_9_then_restart_loses_and_duplicates_nothing(node: Node, pacs: tupl
     assert node.query("select count(*) from deliveries where state != 'sent'")[0][0] == 0
     per_object = node.query("select destination, kind, sop_instance_uid, count(*) from deliveries group by 1, 2, 3")
     assert len(per_object) == 12 and all(row[3] == 1 for row in per_object)  # 3 images x 4 objects
+
+
+def assert_metrics_after_one_round_trip(node: Node) -> None:
+    """GET /metrics, parsed with prometheus-client's own parser, after one image went through."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.health_port}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+
+    def value(family: str, name: str | None = None, **labels: str) -> float:
+        return sum(s.value for s in families[family].samples
+                   if (name is None or s.name == name) and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    (info,) = families["screener_model_info"].samples
+    model_id = info.labels["model_id"]
+    assert model_id.startswith("cxr-bmd-demo") and info.labels["demo"] == "true"
+    assert value("screener_images_received", "screener_images_received_total", model_id=model_id) == 1
+    assert value("screener_jobs", "screener_jobs_total", outcome="done", reason_code="eligible") == 1
+    assert value("screener_received_bytes", "screener_received_bytes_total") > 1_000_000
+    assert value("screener_jobs_in_state", state="done") == 1 and value("screener_jobs_in_state", state="queued") == 0
+    for stage in ("decode", "landmarks", "model", "report", "total"):
+        assert value("screener_stage_seconds", "screener_stage_seconds_count", stage=stage, model_id=model_id) == 1
+    assert value("screener_received_to_sr_acknowledged_seconds",
+                 "screener_received_to_sr_acknowledged_seconds_count", destination="pacs") == 1
+    assert value("screener_deliveries", destination="pacs", state="sent") == 4
+    assert value("screener_database_up") == 1
 
 
 def test_health_answers_as_soon_as_the_dicom_port_does(tmp_path: Path, pacs: tuple[int, Path]) -> None:

@@ -25,6 +25,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.codes import ReasonCode
+from screener.metrics import NodeMetrics
 from screener.node.aetitle import validate_ae_title
 from screener.store.models import Delivery, DeliveryKind, DeliveryState
 from screener.store.queue import InvalidTransition, due_deliveries, mark_failed, mark_sent
@@ -259,6 +260,7 @@ class Dispatcher:
         settings: DispatchSettings,
         object_path: Callable[[Delivery], Path],
         send: Callable[[Destination, Path, DispatchSettings], int] = send_file,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         for key, destination in destinations.items():
             if key != destination.name:
@@ -268,6 +270,7 @@ class Dispatcher:
         self._settings = settings
         self._object_path = object_path
         self._send = send
+        self._metrics = metrics
 
     def run_due(self, now: datetime | None = None) -> DispatchReport:
         """Send every due delivery (up to the batch limit) once."""
@@ -326,6 +329,9 @@ class Dispatcher:
                 if failure is None:
                     mark_sent(session, delivery.id, now=now)
                     log.info("delivery_sent", **fields)
+                    if self._metrics is not None and delivery.kind == DeliveryKind.SR:
+                        self._metrics.observe_sr_acknowledged(delivery.destination, delivery.job.instance.received_at,
+                                                              now)
                     return "sent"
                 code, error = failure
                 row = mark_failed(session, delivery.id, error, now=now, reason_code=code,
