@@ -11,6 +11,8 @@ Commands available in this release:
                               the DICOM node: receive, queue, process, deliver, audit
   screener status [--config FILE]
                               queue depth, delivery backlog, last errors
+  screener conformance [--config FILE]
+                              the DICOM Conformance Statement for this configuration
   screener echo DEST [--config FILE]
                               C-ECHO a configured destination
   screener requeue (--job ID | --failed-since TIME) [--config FILE]
@@ -116,7 +118,9 @@ def _cmd_conformance(a: argparse.Namespace) -> int:
 def _settings(a: argparse.Namespace):  # type: ignore[no-untyped-def]
     from screener.config import Settings, load_config
 
-    return load_config(a.config) if a.config else Settings(base_dir=str(Path.cwd()))
+    # --config, else $SCREENER_CONFIG (the container image sets it), else the embedded defaults
+    path = a.config or os.environ.get("SCREENER_CONFIG")
+    return load_config(path) if path else Settings(base_dir=str(Path.cwd()))
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
@@ -246,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a TOML configuration file")
     c.add_argument("path", type=Path)
     c.set_defaults(func=_cmd_check_config)
-    cfg = dict(type=Path, default=None, help="TOML configuration (default: the embedded defaults, data in ./screener-data)")
+    cfg = dict(type=Path, default=None, help="TOML configuration (default: $SCREENER_CONFIG if set, else the embedded "
+               "defaults, data in ./screener-data)")
     sv = sub.add_parser("serve", help="run the DICOM node until SIGTERM / Ctrl-C")
     sv.add_argument("--config", **cfg)
     sv.set_defaults(func=_cmd_serve)
