@@ -5,6 +5,7 @@ Two sources, one registry per node:
 - measured here, in the service process: per-stage latency histograms of every finished job
   (decode, landmarks, model, report, total; from the job result's ``seconds``) and the time
   from an image's arrival to its SR being acknowledged by a destination;
+- counted by the receive processes (shared memory, read at scrape time): associations accepted;
 - counted in the database at scrape time (:class:`DatabaseCollector`): what the receive
   processes and workers recorded in the audit trail (associations and connections refused by
   reason, images and bytes received, jobs by outcome and reason code), queue depth, deliveries
@@ -17,7 +18,7 @@ Every series carries the model id where it has one; ``screener_model_info`` name
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -63,6 +64,23 @@ class NodeMetrics:
 
     def watch_database(self, sessions: sessionmaker[Session]) -> None:
         self.registry.register(DatabaseCollector(sessions, self.model_id, self.demo))
+
+    def watch_associations(self, accepted: Callable[[], int]) -> None:
+        """``accepted()``: associations accepted so far (the receive processes count them)."""
+        self.registry.register(_AcceptedCollector(accepted))
+
+
+class _AcceptedCollector(Collector):
+    def __init__(self, accepted: Callable[[], int]) -> None:
+        self.accepted = accepted
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("screener_associations_accepted", "Associations accepted by the receive processes")
+        family.add_metric([], float(self.accepted()))
+        yield family
 
 
 class DatabaseCollector(Collector):

@@ -130,6 +130,7 @@ class Service:
                                 id="incoming", max_instances=1, coalesce=True)
         pool = self._receivers = receivers.ReceiverPool(self.receive_settings, s.database_url, node.receive_processes,
                                                         logging.getLogger().level)
+        metrics.watch_associations(pool.accepted)
         if node.health_port:
             # Before the DICOM port: a monitor probing once the port answers finds /health up.
             self._health = start_health_server(node.health_bind_address, node.health_port, HealthChecks(

@@ -167,6 +167,7 @@ def assert_metrics_after_one_round_trip(node: Node) -> None:
                  "screener_received_to_sr_acknowledged_seconds_count", destination="pacs") == 1
     assert value("screener_deliveries", destination="pacs", state="sent") == 4
     assert value("screener_database_up") == 1
+    assert value("screener_associations_accepted", "screener_associations_accepted_total") >= 1
 
 
 def test_health_answers_as_soon_as_the_dicom_port_does(tmp_path: Path, pacs: tuple[int, Path]) -> None:

@@ -820,9 +820,30 @@ def _handle_pdu_sent(event: NetEvent, audit: RefusalAudit, guard: TransferGuard)
               **_peer(event.assoc))
 
 
+class _Tally:
+    """A thread-safe running count (this process's accepted associations, for /metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self.value += 1
+
+
+_ACCEPTED = _Tally()
+
+
+def accepted_associations() -> int:
+    """Associations this process has accepted since it started."""
+    return _ACCEPTED.value
+
+
 def _handle_accepted(event: NetEvent, audit: RefusalAudit) -> None:
-    """pynetdicom accepts an association even when no presentation context was: audited, as
-    the peer can send nothing on it."""
+    """Count the association; pynetdicom accepts one even when no presentation context was:
+    audited, as the peer can send nothing on it."""
+    _ACCEPTED.add()
     if not event.assoc.accepted_contexts:
         audit("association_rejected", "rejected", ReasonCode.NO_PRESENTATION_CONTEXT,
               "association accepted without any presentation context (none of the SOP classes or transfer "

@@ -86,7 +86,7 @@ def claim_port(address: str, port: int, wait_s: float = PORT_WAIT_S) -> None:
 
 
 def _child_main(settings: receive.ReceiveSettings, database_url: str, log_level: int,
-                lifeline: Connection, in_use: Any) -> None:
+                lifeline: Connection, in_use: Any, accepted: Any) -> None:
     """One receive process: an SCP until the parent closes the lifeline or sends SIGTERM.
 
     The lifeline is a socket pair, not a multiprocessing Event or Condition: those deadlock
@@ -121,6 +121,7 @@ def _child_main(settings: receive.ReceiveSettings, database_url: str, log_level:
         while not stopping.wait(SLOTS_EVERY_S):
             in_use.value = receive.associations_in_use(server) + (
                 receive.associations_in_use(secure) if secure is not None else 0)
+            accepted.value = receive.accepted_associations()
     except OSError:
         pass  # the parent is gone already
     finally:
@@ -136,6 +137,7 @@ class _Child:
     lifeline: Connection  # our end: the child sends its port on it; closing it stops the child
     started: float  # time.monotonic() at start
     in_use: Any  # multiprocessing.Value: the child's associations open now
+    accepted: Any  # multiprocessing.Value: associations the child accepted since it started
 
 
 class ReceiverPool:
@@ -159,6 +161,7 @@ class ReceiverPool:
         self._not_before = [0.0] * processes  # monotonic time before which a slot is not restarted
         self._lock = threading.Lock()  # check() runs in the scheduler's thread, stop() in ours
         self._stopping = False
+        self._accepted_before = 0  # counted by processes that have since been replaced
         self.port: int | None = None
 
     def start(self) -> int:
@@ -184,8 +187,10 @@ class ReceiverPool:
         ours, theirs = self._context.Pipe(duplex=True)
         settings = dataclasses.replace(self.settings, port=port)
         in_use = self._context.Value("i", 0, lock=False)  # one writer (the child), one int
+        accepted = self._context.Value("q", 0, lock=False)
         process = self._context.Process(target=_child_main, name=f"receiver-{n}", daemon=True,
-                                        args=(settings, self.database_url, self.log_level, theirs, in_use))
+                                        args=(settings, self.database_url, self.log_level, theirs, in_use,
+                                              accepted))
         # The child inherits this signal mask: no Ctrl-C reaches it before it ignores SIGINT.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
@@ -193,7 +198,7 @@ class ReceiverPool:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()  # only the child may hold it, or the child would never see our end close
-        return _Child(process, ours, time.monotonic(), in_use)
+        return _Child(process, ours, time.monotonic(), in_use, accepted)
 
     @staticmethod
     def _wait_listening(child: _Child) -> int:
@@ -223,6 +228,12 @@ class ReceiverPool:
             children = [c for c in self._children if c.process.is_alive()]
         return sum(c.in_use.value for c in children), len(children) * self.settings.max_associations
 
+    def accepted(self) -> int:
+        """Associations accepted by the receive processes since the pool started (a process
+        that died keeps its count here)."""
+        with self._lock:
+            return self._accepted_before + sum(c.accepted.value for c in self._children)
+
     def check(self) -> int:
         """Start again any process that died (after its pause); returns how many were started."""
         restarted = 0
@@ -243,6 +254,7 @@ class ReceiverPool:
                 if now < self._not_before[i]:
                     continue
                 child.lifeline.close()
+                self._accepted_before += child.accepted.value
                 self._children[i] = self._spawn(i, self.port)
                 self._not_before[i] = 0.0
                 restarted += 1
