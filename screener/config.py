@@ -279,17 +279,7 @@ _TLS_KEYS = ("tls_ca_file", "tls_cert_file", "tls_key_file")
 
 def _resolve_tls(config: DestinationConfig, where: str, base_dir: Path) -> DestinationConfig:
     """TLS file paths made absolute (relative to ``base_dir``) and checked; errors name the key."""
-    resolved = {}
-    for key in _TLS_KEYS:
-        value = getattr(config, key)
-        if not value:
-            continue
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = (base_dir / path).resolve()
-        if not path.is_file():
-            raise ConfigError(f"{where}.{key}: file not found ({path})")
-        resolved[key] = str(path)
+    resolved = _resolve_files(config, where, _TLS_KEYS, base_dir)
     if (config.tls_cert_file or config.tls_key_file) and not config.tls_ca_file:
         raise ConfigError(f"{where}.tls_ca_file: required when tls_cert_file/tls_key_file are set "
                           "(the CA bundle that verifies the destination)")
@@ -297,7 +287,7 @@ def _resolve_tls(config: DestinationConfig, where: str, base_dir: Path) -> Desti
         missing = "tls_key_file" if config.tls_cert_file else "tls_cert_file"
         raise ConfigError(f"{where}.{missing}: tls_cert_file and tls_key_file go together "
                           "(client certificate and its key)")
-    return replace(config, **resolved)
+    return resolved
 
 
 def build_decode_limits(settings: DecodeSettings) -> DecodeLimits:

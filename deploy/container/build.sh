@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the node's container image with buildah (as root; `--isolation chroot`).
+# Build the node's container image with buildah (as root; `--isolation chroot`; Docker format,
+# which keeps the HEALTHCHECK: the OCI format has no place for it).
 #
 #   deploy/container/build.sh [--base IMAGE] [--tag NAME] [--torch "torch==X torchvision==Y"]
 #                             [--ca-cert FILE]...
@@ -55,7 +56,7 @@ if [ -z "$base" ]; then
 fi
 echo "base image: $base" >&2
 start=$(date +%s)
-buildah bud --isolation chroot --layers=false -f "$here/Containerfile" \
+buildah bud --isolation chroot --format docker --layers=false -f "$here/Containerfile" \
     --build-arg BASE_IMAGE="$base" --build-arg TORCH_SPEC="$torch" -t "$tag" "$repo" >&2
 echo "built $tag in $(( $(date +%s) - start )) s; size $(buildah images --format '{{.Size}}' "$tag" | head -1)" >&2
 echo "$tag"

@@ -31,11 +31,12 @@ if [ -z "$tag" ]; then
     echo "build: $(( $(date +%s) - start )) s"
 fi
 echo "image: $tag, $(buildah images --format '{{.Size}}' "$tag" | head -1)"
+echo "healthcheck: $(buildah inspect --type image --format '{{.Docker.Config.Healthcheck.Test}}' "$tag")"
 
 # DCMTK's tools by absolute path: pyenv puts pynetdicom's apps of the same names first on PATH.
 dcmtk=/usr/bin
 for tool in storescp storescu echoscu dsrdump; do
-    "$dcmtk/$tool" --version 2>/dev/null | grep -q dcmtk || { echo "FAIL: DCMTK $tool not in $dcmtk (apt-get install dcmtk)"; exit 1; }
+    "$dcmtk/$tool" --version 2>&1 | grep dcmtk >/dev/null || { echo "FAIL: DCMTK $tool not in $dcmtk (apt-get install dcmtk)"; exit 1; }
 done
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
