@@ -149,6 +149,7 @@ class NodeSettings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""
+    plain: bool = _default(ReceiveSettings, "plain")
     receive_processes: int = 2
     health_port: int = 0
     health_bind_address: str = "127.0.0.1"
@@ -181,7 +182,8 @@ class NodeSettings:
             min_free_bytes=self.min_free_mb * _MIB, acse_timeout_s=self.acse_timeout_s,
             network_timeout_s=self.network_timeout_s, max_associations=self.max_associations,
             max_associations_per_peer=self.max_associations_per_peer, tls_port=self.tls_port,
-            tls_cert_file=self.tls_cert_file, tls_key_file=self.tls_key_file, tls_ca_file=self.tls_ca_file)
+            tls_cert_file=self.tls_cert_file, tls_key_file=self.tls_key_file, tls_ca_file=self.tls_ca_file,
+            plain=self.plain)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,8 @@ def statement(settings: ReceiveSettings, calling_ae: str = "CXRBMD") -> str:
         "## 1. Application entities",
         "",
         f"- **{s.ae_title}** (SCP): Verification and Storage of chest radiographs, on "
-        f"{s.bind_address}:{s.port}; DICOM TLS {tls}. Called AE title must be {s.ae_title!r}; "
+        + (f"{s.bind_address}:{s.port} (plain); " if s.plain else "no plain port; ")
+        + f"DICOM TLS {tls}. Called AE title must be {s.ae_title!r}; "
         + (f"calling AE titles allowed: {', '.join(s.allowed_calling_aes)}; " if s.allowed_calling_aes
            else "any calling AE title; ")
         + (f"peer addresses allowed: {', '.join(s.allowed_peers)}." if s.allowed_peers else "any peer address."),

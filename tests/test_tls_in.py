@@ -106,3 +106,29 @@ def test_a_client_that_never_handshakes_does_not_hold_up_the_others(tls_scp: int
         assert echo.returncode == 0 and time.monotonic() - started < 3, echo.stdout
     finally:
         silent.close()
+
+
+def test_a_tls_only_node_has_no_plain_listener(tmp_path: Path, pki, engine) -> None:
+    # Receive processes as `screener serve` runs them, with [node] plain = false.
+    import socket
+
+    from screener.node.receivers import ReceiverPool
+    from tests.support.common import free_port
+
+    plain_port, tls_port = free_port(), free_port()
+    settings = ReceiveSettings(spool_root=tmp_path / "spool", model_id="demo-1.0", patient_salt=b"salt",
+                               port=plain_port, min_free_bytes=0, tls_port=tls_port, plain=False,
+                               tls_cert_file=str(pki["server_cert"]), tls_key_file=str(pki["server_key"]),
+                               tls_ca_file=str(pki["ca"]))
+    pool = ReceiverPool(settings, str(engine.url), processes=2)
+    assert pool.start() == tls_port
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", plain_port), timeout=2).close()
+        for _ in range(3):  # each receive process answers on the TLS port
+            echo = run_tool("echoscu", *tls_args(pki), "-aec", "CXRBMD", "127.0.0.1", tls_port)
+            assert echo.returncode == 0, echo.stdout
+    finally:
+        pool.stop()
+    with pytest.raises(ValueError, match="plain"):
+        ReceiveSettings(spool_root=tmp_path, model_id="m", patient_salt=b"s", plain=False)

@@ -224,6 +224,8 @@ class ReceiveSettings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""
+    #: False: no plain (unencrypted) listener, DICOM TLS on ``tls_port`` only.
+    plain: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once, at construction
@@ -264,8 +266,10 @@ class ReceiveSettings:
                              f"max_associations {self.max_associations}; one peer could take every slot")
         if isinstance(self.tls_port, bool) or not isinstance(self.tls_port, int) or not 0 <= self.tls_port <= 65535:
             raise ValueError(f"tls_port: must be an integer 0-65535 (0 = no TLS), got {self.tls_port!r}")
-        if self.tls_port and (self.tls_port == self.port):
+        if self.plain and self.tls_port and self.tls_port == self.port:
             raise ValueError(f"tls_port: {self.tls_port} is the plain port too; give TLS its own port")
+        if not self.plain and not self.tls_port:
+            raise ValueError("plain: false needs a tls_port (the node would listen nowhere)")
         if self.tls_port and not (self.tls_cert_file and self.tls_key_file):
             raise ValueError("tls_cert_file: a TLS port needs the node's certificate and key (tls_cert_file, "
                              "tls_key_file, PEM)")

@@ -113,21 +113,21 @@ def _child_main(settings: receive.ReceiveSettings, database_url: str, log_level:
     tempfile.tempdir = str(incoming)  # this process only receives: where arriving datasets go
     engine = make_engine(database_url)
     sessions = session_factory(engine)
-    server = receive.start_scp(settings, sessions, reuse_port=True)
-    secure = receive.start_scp(settings, sessions, reuse_port=True, tls=True) if settings.tls_port else None
+    servers = [receive.start_scp(settings, sessions, reuse_port=True)] if settings.plain else []
+    if settings.tls_port:
+        servers.append(receive.start_scp(settings, sessions, reuse_port=True, tls=True))
     try:
-        lifeline.send(receive.bound_port(server))
+        # the pool's port: the plain one, or the TLS one where there is no plain listener
+        lifeline.send(receive.bound_port(servers[0]))
         # The parent's health endpoint reads how many association slots this process uses.
         while not stopping.wait(SLOTS_EVERY_S):
-            in_use.value = receive.associations_in_use(server) + (
-                receive.associations_in_use(secure) if secure is not None else 0)
+            in_use.value = sum(receive.associations_in_use(s) for s in servers)
             accepted.value = receive.accepted_associations()
     except OSError:
         pass  # the parent is gone already
     finally:
-        receive.stop(server)
-        if secure is not None:
-            receive.stop(secure)
+        for server in servers:
+            receive.stop(server)
         engine.dispose()
 
 
@@ -167,11 +167,12 @@ class ReceiverPool:
     def start(self) -> int:
         """Claim the port, start the first process, then the others on its port; returns it."""
         s = self.settings
-        claim_port(s.bind_address, s.port)
+        if s.plain:
+            claim_port(s.bind_address, s.port)
         if s.tls_port:
             claim_port(s.bind_address, s.tls_port)
         try:
-            first = self._spawn(0, s.port)
+            first = self._spawn(0, s.port if s.plain else s.tls_port)
             self._children = [first]
             # Port 0 is resolved by the first process's bind; the others join that port.
             self.port = self._wait_listening(first)
@@ -185,7 +186,8 @@ class ReceiverPool:
 
     def _spawn(self, n: int, port: int) -> _Child:
         ours, theirs = self._context.Pipe(duplex=True)
-        settings = dataclasses.replace(self.settings, port=port)
+        # the port resolved by the first process: the plain one, or the TLS one without it
+        settings = dataclasses.replace(self.settings, **{"port" if self.settings.plain else "tls_port": port})
         in_use = self._context.Value("i", 0, lock=False)  # one writer (the child), one int
         accepted = self._context.Value("q", 0, lock=False)
         process = self._context.Process(target=_child_main, name=f"receiver-{n}", daemon=True,
