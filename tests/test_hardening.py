@@ -171,6 +171,14 @@ def test_an_honest_deflated_image_header_is_read_to_the_end_of_its_stream(tmp_pa
     reader.join(20)
     assert not reader.is_alive(), "read_header did not finish"
     assert found and found[0].SOPInstanceUID == ds.SOPInstanceUID
+    # the worker's own guard (one bounded inflate serves both) finishes too
+    from screener.pipeline.decode import read_dataset
+
+    checker = threading.Thread(target=lambda: found.append(read_dataset(path)), daemon=True)
+    checker.start()
+    checker.join(60)
+    assert not checker.is_alive(), "read_dataset did not finish"
+    assert found[1].SOPInstanceUID == ds.SOPInstanceUID
 
 
 def test_sweep_keeps_every_file_a_row_points_at(tmp_path: Path, factory) -> None:

@@ -26,6 +26,7 @@ a flood cannot grow the events table without bound.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import queue
@@ -34,15 +35,14 @@ import ssl
 import threading
 import time
 import weakref
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom import uid as tsuid
+from pydicom.filereader import _read_file_meta_info, read_preamble  # the file meta, leaving fp after it
 from pydicom.filereader import read_dataset as read_pydicom_dataset
-from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, evt
 from pynetdicom.events import Event as NetEvent
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
@@ -76,7 +76,7 @@ from screener.node.spool import (
     spool_path,
     validate_uid,
 )
-from screener.pipeline.decode import SUPPORTED_TRANSFER_SYNTAXES
+from screener.pipeline.decode import SUPPORTED_TRANSFER_SYNTAXES, inflated_prefix
 from screener.safe_text import quote, scrub
 from screener.store.db import SQLITE_BEGIN
 from screener.store.models import Event, utcnow
@@ -145,7 +145,6 @@ _LAST_HEADER_TAG = 0x0020000E  # SeriesInstanceUID: the highest of _HEADER_TAGS
 # Inflated bytes kept for the header read of a deflated dataset: the attributes above come
 # before any pixel data and, in every real header, within the first few kilobytes.
 _HEADER_BYTES = 4 << 20
-_INFLATE_CHUNK = 1 << 20
 _UID_ATTRIBUTE_CODES = {
     "SOPInstanceUID": ReasonCode.INVALID_SOP_INSTANCE_UID,
     "StudyInstanceUID": ReasonCode.INVALID_STUDY_INSTANCE_UID,
@@ -458,46 +457,21 @@ def read_header(path: Path, max_dataset_bytes: int) -> pydicom.Dataset:
     inflates past ``max_dataset_bytes``, StoreRefused (0xA700, inflates-too-large), the same
     limit a plain dataset is held to while it arrives.
     """
-    meta = read_file_meta_info(path)
-    syntax = meta.get("TransferSyntaxUID")
     with path.open("rb") as fp:
-        fp.seek(_dataset_offset(fp))
-        source = _inflate_header(fp, max_dataset_bytes) if syntax == tsuid.DeflatedExplicitVRLittleEndian else fp
+        read_preamble(fp, False)
+        syntax = _read_file_meta_info(fp).get("TransferSyntaxUID")  # leaves fp at the dataset
+        source: Any = fp
+        if syntax == tsuid.DeflatedExplicitVRLittleEndian:
+            prefix = inflated_prefix(fp, max_dataset_bytes, _HEADER_BYTES)
+            if prefix is None:
+                raise StoreRefused(OUT_OF_RESOURCES, ReasonCode.INFLATES_TOO_LARGE,
+                                   f"the deflated dataset inflates to more than max_dataset_bytes {max_dataset_bytes}")
+            source = io.BytesIO(prefix)
         implicit = syntax == tsuid.ImplicitVRLittleEndian
         little = syntax != tsuid.ExplicitVRBigEndian
         # defer_size: a large value before the last tag we need is skipped, not read
         return read_pydicom_dataset(source, implicit, little, defer_size=65536,
                                     stop_when=lambda tag, vr, length: tag > _LAST_HEADER_TAG)
-
-
-def _dataset_offset(fp: Any) -> int:
-    """Where the dataset starts: after the preamble, 'DICM' and the group-2 file meta."""
-    from pydicom.filereader import _read_file_meta_info, read_preamble  # noqa: PLC0415 (pydicom internals)
-
-    read_preamble(fp, False)
-    _read_file_meta_info(fp)
-    return fp.tell()
-
-
-def _inflate_header(fp: Any, limit: int) -> Any:
-    import io
-
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    kept = bytearray()
-    total = 0
-    while not inflater.eof and (chunk := fp.read(_INFLATE_CHUNK)):
-        data = chunk
-        # After the end of the stream a pad byte stays in unconsumed_tail for ever: stop at eof.
-        while data and not inflater.eof:
-            out = inflater.decompress(data, _INFLATE_CHUNK)
-            total += len(out)
-            if len(kept) < _HEADER_BYTES:
-                kept += out[: _HEADER_BYTES - len(kept)]
-            if total > limit:
-                raise StoreRefused(OUT_OF_RESOURCES, ReasonCode.INFLATES_TOO_LARGE,
-                                   f"the deflated dataset inflates to more than max_dataset_bytes {limit}")
-            data = inflater.unconsumed_tail
-    return io.BytesIO(bytes(kept))
 
 
 class Receiver:
@@ -628,8 +602,6 @@ _LARGEST_COMMAND = 64 * 1024  # a C-STORE-RQ command set is about 200 bytes
 
 def check_command(command: bytes) -> tuple[ReasonCode, str] | None:
     """The refusal for a complete DIMSE command set (Implicit VR Little Endian), or None."""
-    import io
-
     try:
         ds = read_pydicom_dataset(io.BytesIO(command), True, True)
         field_ = int(ds.get((0x0000, 0x0100)).value)

@@ -39,7 +39,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import pydicom
@@ -143,6 +143,8 @@ class DecodeLimits:
 
 
 DEFAULT_LIMITS = DecodeLimits()
+# Compressed bytes read, and inflated bytes produced, per step of a bounded inflate.
+_INFLATE_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -582,24 +584,42 @@ def decode_dataset(ds: Dataset, limits: DecodeLimits = DEFAULT_LIMITS) -> Decode
 # files
 
 
+def inflated_prefix(fp: BinaryIO, limit: int, keep: int = 0) -> bytes | None:
+    """Inflate the raw deflate stream at ``fp`` in bounded chunks: its first ``keep`` bytes, or
+    None once it inflates past ``limit`` (pydicom would inflate it whole in memory, and a few
+    megabytes can inflate to gigabytes). Memory stays at a chunk plus ``keep``.
+
+    The receiver reads a deflated header with it and the decoder checks a deflated file.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    kept = bytearray()
+    total = 0
+    while not inflater.eof and (chunk := fp.read(_INFLATE_CHUNK)):
+        data = chunk
+        # After the end of the stream a pad byte stays in unconsumed_tail for ever: stop at eof.
+        while data and not inflater.eof:
+            out = inflater.decompress(data, _INFLATE_CHUNK)
+            total += len(out)
+            if len(kept) < keep:
+                kept += out[: keep - len(kept)]
+            if total > limit:
+                return None
+            data = inflater.unconsumed_tail
+    return bytes(kept)
+
+
 def _check_deflated_size(path: Path, limits: DecodeLimits) -> None:
     """Inflate a deflated dataset in bounded chunks first: pydicom inflates it all at once."""
     try:
         from pydicom.filereader import _read_file_meta_info, read_preamble
     except ImportError:  # private helper moved: pydicom still reads the file, just unguarded
         return
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total = 0
     with path.open("rb") as fp:
         read_preamble(fp, False)
         _read_file_meta_info(fp)
-        while chunk := fp.read(1 << 20):
-            data = chunk
-            while data:
-                total += len(inflater.decompress(data, 1 << 24))
-                if total > limits.max_file_bytes:
-                    raise DecodeError(ReasonCode.BAD_SIZE, f"{path}: the deflated dataset inflates to more than {limits.max_file_bytes} bytes")
-                data = inflater.unconsumed_tail
+        if inflated_prefix(fp, limits.max_file_bytes) is None:
+            raise DecodeError(ReasonCode.BAD_SIZE,
+                              f"{path}: the deflated dataset inflates to more than {limits.max_file_bytes} bytes")
 
 
 def _decode_png(path: Path, limits: DecodeLimits) -> DecodedImage:
