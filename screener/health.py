@@ -100,13 +100,7 @@ def start_health_server(address: str, port: int, checks: HealthChecks) -> Thread
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("?", 1)[0]
             if path == "/metrics" and checks.metrics is not None:
-                body = generate_latest(checks.metrics)
-                self.send_response(HTTPStatus.OK)
-                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
+                self._write(HTTPStatus.OK, generate_latest(checks.metrics), CONTENT_TYPE_LATEST)
                 return
             if path != "/health":
                 self._send(HTTPStatus.NOT_FOUND, {"error": "not found; GET /health or /metrics"})
@@ -122,9 +116,11 @@ def start_health_server(address: str, port: int, checks: HealthChecks) -> Thread
         do_POST = do_PUT = do_DELETE = do_PATCH = _refuse  # noqa: N815
 
         def _send(self, status: int, document: dict[str, Any]) -> None:
-            body = json.dumps(document, indent=2).encode()
+            self._write(status, json.dumps(document, indent=2).encode(), "application/json")
+
+        def _write(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
