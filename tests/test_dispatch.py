@@ -376,6 +376,24 @@ def test_dead_after_max_attempts(factory: sessionmaker[Session], objects: dict[s
     assert run.run_due(now=now + timedelta(days=1)).attempted == 0
 
 
+def test_a_missing_object_file_is_dead_at_once(factory: sessionmaker[Session], objects: dict[str, Path],
+                                              tmp_path: Path) -> None:
+    """An outbox file that is gone (purged, or a restore without the outbox) cannot come back:
+    the delivery is dead on the first attempt with object-missing, not retried for days."""
+    completed(factory, objects, tmp_path, 1, [("pacs", ("sr",))])
+
+    def gone(delivery: Delivery) -> Path:
+        raise FileNotFoundError(f"the sr file for {delivery.sop_instance_uid} is gone")
+
+    run = Dispatcher(factory, {"pacs": destination("pacs", free_port())}, SETTINGS, gone)
+    report = run.run_due(now=T0 + timedelta(minutes=1))
+    assert (report.failed, report.dead) == (0, 1)
+    [row] = deliveries(factory)
+    assert (row.state, row.attempts) == ("dead", 1)
+    [event] = events(factory, "dead")
+    assert event.reason_code == "object-missing" and (event.message or "").startswith("not retried: ")
+
+
 @pytest.mark.dcmtk
 def test_one_destination_down_does_not_block_the_other(
     storescp: Callable[..., StoreSCP], factory: sessionmaker[Session], objects: dict[str, Path], tmp_path: Path,

@@ -17,7 +17,7 @@ import pytest
 
 from tests.support import validators
 from tests.support.common import ROOT, free_port, process_running, rg1_file, wait_for
-from tests.support.dcmtk import dcmtk_tool, run_tool
+from tests.support.dcmtk import dcmtk_tool, storescp
 from tests.support.serve import Node
 
 pytestmark = [pytest.mark.dcmtk]
@@ -25,15 +25,8 @@ pytestmark = [pytest.mark.dcmtk]
 
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    port, out = free_port(), tmp_path / "pacs"
-    out.mkdir()
-    log = (tmp_path / "storescp.log").open("wb")
-    proc = subprocess.Popen([dcmtk_tool("storescp"), "--aetitle", "PACS", "--output-directory", str(out), "+xa",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT)
-    wait_for("storescp", lambda: run_tool("echoscu", "-aec", "PACS", "127.0.0.1", port).returncode == 0, 15)
-    yield port, out
-    proc.terminate()
-    proc.wait(10)
+    with storescp(tmp_path) as found:
+        yield found
 
 
 def child_pids(pid: int) -> list[int]:

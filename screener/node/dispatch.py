@@ -337,7 +337,11 @@ class Dispatcher:
                 row = mark_failed(session, delivery.id, error, now=now, reason_code=code,
                                   backoff_base_s=self._settings.backoff_base_s,
                                   backoff_cap_s=self._settings.backoff_cap_s,
-                                  max_attempts=self._settings.max_attempts)
+                                  max_attempts=self._settings.max_attempts,
+                                  # the object file is written before its delivery row, so a
+                                  # missing one was purged or lost (a restore without the
+                                  # outbox): retrying cannot bring it back
+                                  retry=code != ReasonCode.OBJECT_MISSING)
         except (InvalidTransition, KeyError) as gone:
             log.warning("delivery_not_pending", error=str(gone), **fields)
             return "skipped"

@@ -438,19 +438,22 @@ def mark_failed(
     max_attempts: int,
     reason_code: ReasonCode | str = ReasonCode.DELIVERY_FAILED,
     now: datetime | None = None,
+    retry: bool = True,
 ) -> Delivery:
-    """A send failed: retry later with capped exponential backoff, or dead after max_attempts."""
+    """A send failed: retry later with capped exponential backoff, or dead after max_attempts
+    (at once when ``retry`` is False: a failure that another attempt cannot cure)."""
     code = ReasonCode(reason_code).value
     now = _now(now)
     with _write_transaction(session):
         delivery = _pending_delivery(session, delivery_id)
         delivery.attempts += 1
         delivery.last_error = error
-        if delivery.attempts >= max_attempts:
+        if delivery.attempts >= max_attempts or not retry:
             delivery.state = DeliveryState.DEAD
             delivery.next_attempt_at = None
             _delivery_event(session, delivery, "dead", "error", now,
-                            f"gave up after {delivery.attempts} attempts: {error}", reason_code=code)
+                            f"gave up after {delivery.attempts} attempts: {error}" if retry
+                            else f"not retried: {error}", reason_code=code)
         else:
             delay = backoff_seconds(delivery.attempts, backoff_base_s, backoff_cap_s)
             delivery.next_attempt_at = now + timedelta(seconds=delay)
