@@ -17,6 +17,7 @@ from screener.node.dispatch import DispatchSettings
 from screener.node.receive import ReceiveSettings
 from screener.pipeline.decode import DecodeLimits
 from screener.pipeline.eligibility import EligibilityRules
+from screener.supervise import default_processes
 
 __all__ = [
     "ConfigError",
@@ -206,20 +207,27 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """[worker]: threads that claim queued jobs and run the pipeline on them."""
+    """[worker]: processes that claim queued jobs and run the pipeline on them."""
 
-    workers: int = 1
+    workers: int = 0  # 0: one per CPU core
     lease_seconds: float = 300.0
     max_attempts: int = 3
     poll_seconds: float = 1.0
     decode_workers: int = 2
 
     def __post_init__(self) -> None:
-        for key in ("workers", "max_attempts", "decode_workers"):
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 0 <= self.workers <= 64:
+            raise ConfigError(f"worker.workers = {self.workers!r}: use a whole number from 1 to 64 worker "
+                              "processes, or 0 for one per CPU core")
+        for key in ("max_attempts", "decode_workers"):
             if not 1 <= getattr(self, key) <= 64:
                 raise ConfigError(f"worker.{key} = {getattr(self, key)}: use a whole number from 1 to 64")
         _positive("worker.lease_seconds", self.lease_seconds)
         _positive("worker.poll_seconds", self.poll_seconds)
+
+    def processes(self) -> int:
+        """Worker processes to run: ``workers``, or one per CPU core for 0."""
+        return self.workers or default_processes()
 
 
 @dataclass(frozen=True)

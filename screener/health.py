@@ -39,8 +39,8 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HealthChecks:
-    """What the endpoint looks at. ``receive_processes()`` returns (configured, running);
-    ``slots()`` (association slots in use, slots in all)."""
+    """What the endpoint looks at. ``receive_processes()`` and ``worker_processes()`` return
+    (configured, running); ``slots()`` (association slots in use, slots in all)."""
 
     engine: Engine
     receive_processes: Callable[[], tuple[int, int]]
@@ -49,6 +49,7 @@ class HealthChecks:
     min_free_bytes: int
     write_timeout_s: float = 2.0
     metrics: CollectorRegistry | None = None  # GET /metrics, when given
+    worker_processes: Callable[[], tuple[int, int]] | None = None
 
 
 def health_document(checks: HealthChecks) -> tuple[int, dict[str, Any]]:
@@ -65,6 +66,12 @@ def health_document(checks: HealthChecks) -> tuple[int, dict[str, Any]]:
     document["receive_processes"] = {"configured": configured, "running": running}
     if running < configured:
         problems.append(f"receive processes: {running} of {configured} running")
+    if checks.worker_processes is not None:
+        configured, running = checks.worker_processes()
+        document["worker_processes"] = {"configured": configured, "running": running}
+        if running < configured:
+            problems.append(f"worker processes: {running} of {configured} running (images queue but are not "
+                            "screened until one is back)")
     in_use, capacity = checks.slots()
     document["associations"] = {"in_use": in_use, "capacity": capacity}
     if capacity and in_use >= capacity:

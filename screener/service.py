@@ -19,7 +19,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
-from screener.config import Settings, build_decode_limits, build_eligibility_rules
+from screener.config import Settings
 from screener.health import HealthChecks, start_health_server
 from screener.metrics import NodeMetrics
 from screener.node import dispatch, receive, receivers
@@ -28,6 +28,7 @@ from screener.retention import purge_outbox, purge_spool, sweep_orphans
 from screener.store.db import create_schema, make_engine, session_factory
 from screener.store.models import Delivery
 from screener.store.queue import job_result
+from screener.workers import StageTail, WorkerPool
 
 __all__ = ["Service", "delivery_object_path", "housekeeping", "patient_salt"]
 
@@ -77,7 +78,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stop_event = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._workers: WorkerPool | None = None
         self._receivers: receivers.ReceiverPool | None = None
         self.engine: Any = None
         self._health: Any = None
@@ -85,8 +86,7 @@ class Service:
 
     def start(self) -> None:
         from screener.pipeline.bundle import ModelBundle
-        from screener.process import OUTPUT_SUFFIXES, Processor
-        from screener.worker import Worker
+        from screener.process import OUTPUT_SUFFIXES
 
         s = self.settings
         data = s.data_dir
@@ -101,21 +101,18 @@ class Service:
         destinations = [d.destination() for d in s.destinations]
         # Build what some destination takes; with none configured, everything (kept in the outbox).
         kinds = tuple({k for d in destinations for k in d.kinds()}) if destinations else tuple(OUTPUT_SUFFIXES)
-        for n in range(s.worker.workers):
-            processor = Processor(bundle, data / "outbox", device=s.model.device, batch_size=s.model.batch_size,
-                                  decode_workers=s.worker.decode_workers, rules=build_eligibility_rules(s.eligibility),
-                                  limits=build_decode_limits(s.decode), kinds=kinds, write_json=False)
-            # Owner names are unique per process and thread: the lease is checked by name.
-            worker = Worker(f"{os.uname().nodename}:{os.getpid()}:{n}", self.sessions, processor, destinations,
-                            s.worker.lease_seconds, s.worker.poll_seconds, metrics=metrics)
-            thread = threading.Thread(target=worker.run_forever, args=(self.stop_event,), name=f"worker-{n}")
-            thread.start()
-            self._threads.append(thread)
+        workers = self._workers = WorkerPool(s, s.worker.processes(), kinds, logging.getLogger().level)
+        workers.start()
         self._scheduler = BackgroundScheduler(timezone="UTC")
         dispatcher = dispatch.Dispatcher(
             self.sessions, {d.name: d for d in destinations},
             s.dispatch.dispatch_settings(), delivery_object_path, metrics=metrics)
         dispatch.schedule(self._scheduler, dispatcher, s.dispatch.interval_s)
+        # the worker processes' stage times, from the events they write, into /metrics
+        self._scheduler.add_job(StageTail(self.sessions, metrics.observe_stages).run, "interval", seconds=5,
+                                id="stages", max_instances=1, coalesce=True)
+        # a worker process that dies is started again, like a receive process
+        self._scheduler.add_job(workers.check, "interval", seconds=5, id="workers", max_instances=1, coalesce=True)
         self._scheduler.add_job(housekeeping, "interval", hours=1,
                                 args=[self.sessions, data / "spool", data / "outbox", s.storage.retention_days],
                                 id="retention", max_instances=1, coalesce=True)
@@ -134,7 +131,7 @@ class Service:
         if node.health_port:
             # Before the DICOM port: a monitor probing once the port answers finds /health up.
             self._health = start_health_server(node.health_bind_address, node.health_port, HealthChecks(
-                engine=self.engine, receive_processes=pool.running, slots=pool.slots,
+                engine=self.engine, receive_processes=pool.running, worker_processes=workers.running, slots=pool.slots,
                 spool_root=data / "spool", min_free_bytes=self.receive_settings.min_free_bytes,
                 metrics=metrics.registry))
         port = pool.start()
@@ -144,7 +141,8 @@ class Service:
         log.info("serving", ae_title=node.ae_title, address=node.bind_address, port=port,
                  health=f"http://{node.health_bind_address}:{node.health_port}/health" if node.health_port else None,
                  receive_processes=node.receive_processes,
-                 model_id=bundle.model_id, demo=bundle.demo, workers=s.worker.workers,
+                 model_id=bundle.model_id, demo=bundle.demo, worker_processes=workers.processes,
+                 torch_threads=workers.threads,
                  destinations=[d.name for d in destinations], data_dir=str(data))
 
     def stop(self, timeout_s: float = 60.0) -> None:
@@ -157,9 +155,10 @@ class Service:
             self._receivers.stop()
             self._receivers = None
         self.stop_event.set()
-        for thread in self._threads:
+        if self._workers is not None:
             # A batch still running after this keeps its lease; it expires and is claimed again.
-            thread.join(timeout_s)
+            self._workers.stop(timeout_s)
+            self._workers = None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None

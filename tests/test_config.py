@@ -81,7 +81,7 @@ def test_values_reach_the_pipeline(tmp_path: Path) -> None:
         ("storage", "database_url", "screener.db"),
         ("storage", "retention_days", 0),
         ("storage", "patient_id_salt", 42),
-        ("worker", "workers", 0),
+        ("worker", "workers", 65),
         ("worker", "lease_seconds", -1),
         ("worker", "max_attempts", 0),
         ("worker", "poll_seconds", 0),

@@ -109,9 +109,9 @@ def test_a_process_that_keeps_dying_is_restarted_after_growing_pauses(pool: Rece
         os.kill(pid, signal.SIGKILL)
         wait_for("the death to be seen", lambda: pool.running()[1] == 1, 10, 0.05)
         started = pool.check()
-        pauses.append(pool._not_before[0] and round(pool._not_before[0] - time.monotonic()))
+        pauses.append(pool._restarts._not_before[0] and round(pool._restarts._not_before[0] - time.monotonic()))
         if not started:
-            pool._not_before[0] = time.monotonic()  # skip the pause in this test
+            pool._restarts._not_before[0] = time.monotonic()  # skip the pause in this test
             assert pool.check() == 1
     assert pauses[0] == 0 and 4 <= pauses[1] <= 5 and 9 <= pauses[2] <= 10
 

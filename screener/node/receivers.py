@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import multiprocessing
 import signal
 import socket
 import tempfile
@@ -41,6 +40,7 @@ from screener.logs import configure_logging
 from screener.node import receive
 from screener.node.spool import INCOMING
 from screener.store.db import make_engine, session_factory
+from screener.supervise import CONTEXT, RestartPolicy, spawn
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,10 +48,6 @@ LOGGER = logging.getLogger(__name__)
 # (they stop within a second of the parent's death), and for a process to be listening.
 PORT_WAIT_S = 10.0
 CHILD_START_S = 60.0
-# A process that dies within STABLE_S of its start is restarted after 5 s, 10 s, 20 s, ... up to
-# MAX_BACKOFF_S (a database or disk that is down would otherwise be retried in a tight loop).
-STABLE_S = 60.0
-MAX_BACKOFF_S = 300.0
 # How often a receive process reports its open associations to the parent (for /health).
 SLOTS_EVERY_S = 0.5
 
@@ -155,10 +151,8 @@ class ReceiverPool:
         self.database_url = database_url
         self.processes = processes
         self.log_level = log_level
-        self._context = multiprocessing.get_context("spawn")  # no fork of a threaded process
         self._children: list[_Child] = []
-        self._failures = [0] * processes  # consecutive early deaths per slot
-        self._not_before = [0.0] * processes  # monotonic time before which a slot is not restarted
+        self._restarts = RestartPolicy(processes, "receive process")
         self._lock = threading.Lock()  # check() runs in the scheduler's thread, stop() in ours
         self._stopping = False
         self._accepted_before = 0  # counted by processes that have since been replaced
@@ -185,20 +179,13 @@ class ReceiverPool:
         return self.port
 
     def _spawn(self, n: int, port: int) -> _Child:
-        ours, theirs = self._context.Pipe(duplex=True)
+        ours, theirs = CONTEXT.Pipe(duplex=True)
         # the port resolved by the first process: the plain one, or the TLS one without it
         settings = dataclasses.replace(self.settings, **{"port" if self.settings.plain else "tls_port": port})
-        in_use = self._context.Value("i", 0, lock=False)  # one writer (the child), one int
-        accepted = self._context.Value("q", 0, lock=False)
-        process = self._context.Process(target=_child_main, name=f"receiver-{n}", daemon=True,
-                                        args=(settings, self.database_url, self.log_level, theirs, in_use,
-                                              accepted))
-        # The child inherits this signal mask: no Ctrl-C reaches it before it ignores SIGINT.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        in_use = CONTEXT.Value("i", 0, lock=False)  # one writer (the child), one int
+        accepted = CONTEXT.Value("q", 0, lock=False)
+        process = spawn(_child_main, (settings, self.database_url, self.log_level, theirs, in_use, accepted),
+                        f"receiver-{n}")
         theirs.close()  # only the child may hold it, or the child would never see our end close
         return _Child(process, ours, time.monotonic(), in_use, accepted)
 
@@ -244,21 +231,11 @@ class ReceiverPool:
                 return 0
             now = time.monotonic()
             for i, child in enumerate(self._children):
-                if child.process.is_alive():
-                    continue
-                if self._not_before[i] == 0.0:  # first seen dead: log it and decide the pause
-                    early = now - child.started < STABLE_S
-                    self._failures[i] = self._failures[i] + 1 if early else 1
-                    pause = 0.0 if self._failures[i] == 1 else min(MAX_BACKOFF_S, 5.0 * 2 ** (self._failures[i] - 2))
-                    self._not_before[i] = now + pause
-                    LOGGER.error("receive process %s exited with code %s; starting it again in %.0f s",
-                                 child.process.name, child.process.exitcode, pause)
-                if now < self._not_before[i]:
+                if child.process.is_alive() or not self._restarts.due(i, child.process, child.started, now):
                     continue
                 child.lifeline.close()
                 self._accepted_before += child.accepted.value
                 self._children[i] = self._spawn(i, self.port)
-                self._not_before[i] = 0.0
                 restarted += 1
         return restarted
 

@@ -35,6 +35,7 @@ min_free_mb = 0
 [storage]
 data_dir = "data"
 [worker]
+workers = 1  # one worker process: each loads torch and the model (tests/test_workers.py runs two)
 lease_seconds = 5
 poll_seconds = 0.2
 [dispatch]
