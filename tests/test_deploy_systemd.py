@@ -168,12 +168,16 @@ def test_sysusers_and_tmpfiles_fields() -> None:
 
 def test_sysusers_and_tmpfiles_apply_with_systemds_own_tools(tmp_path: Path) -> None:
     sysusers, tmpfiles = systemd_tool("systemd-sysusers"), systemd_tool("systemd-tmpfiles")
+    # Dry runs against an empty scratch root: on the host the user may exist already (a machine
+    # where install.sh ran), and then sysusers has nothing to say.
+    empty = tmp_path / "empty"
+    (empty / "etc").mkdir(parents=True)
     if "--dry-run" in run(sysusers, "--help").stdout:
-        result = run(sysusers, "--dry-run", str(SYSUSERS))
+        result = run(sysusers, "--dry-run", f"--root={empty}", str(SYSUSERS))
         assert result.returncode == 0, result.stderr
         assert "screener" in result.stdout + result.stderr
     if "--dry-run" in run(tmpfiles, "--help").stdout:  # systemd >= 256
-        result = run(tmpfiles, "--dry-run", "--create", str(TMPFILES))
+        result = run(tmpfiles, "--dry-run", f"--root={empty}", "--create", str(TMPFILES))
         assert result.returncode == 0, result.stderr
     if os.geteuid() != 0:
         return  # applying them chowns to the new user: only root can; the field check above stands

@@ -72,7 +72,7 @@ def test_a_film_stored_in_orthanc_is_screened_and_its_sr_shows_in_ohif(
     assert node.query("select calling_ae from instances") == [("ORTHANC",)]
     out = ARTIFACTS / "philips_cr"
     shutil.rmtree(out, ignore_errors=True)
-    result = open_study(viewer.study_url(study_uid), [{"name": "sr", "open": "BMD estimate (DEMO)"}], out)
+    result = open_study(viewer.study_url(study_uid), [{"name": "sr", "open": "BMD estimate (DEMO)", "waitText": "L1-L4 (WHO: "}], out)
     [sr] = result["steps"]
     assert sr["found"], "no 'BMD estimate (DEMO)' series in OHIF's study browser"
     assert not sr["errorBoundary"] and [t for t in sr["toasts"] if t["type"] == "error"] == [], sr["toasts"]

@@ -90,7 +90,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OhifServer,
 
 def _steps(case: Case) -> list[dict[str, str]]:
     demo = " (DEMO)" if case.outcome.estimate and case.outcome.estimate.demo else ""
-    return [{"name": "sr", "open": f"BMD estimate{demo}"},
+    return [{"name": "sr", "open": f"BMD estimate{demo}", "waitText": "Lumbar spine BMD: "},
             {"name": "result-image", "open": f"BMD result image{demo}"},
             {"name": "pdf", "open": f"BMD report PDF{demo}"}]
 

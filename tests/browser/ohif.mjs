@@ -3,9 +3,11 @@
 //   node tests/browser/ohif.mjs SPEC.json
 //
 // SPEC: {"url": viewer URL of the study, "chromium": path, "out_dir": folder for screenshots,
-//        "width": 1920, "height": 1080, "steps": [{"name": "sr", "open": "<series description>"}]}
+//        "width": 1920, "height": 1080,
+//        "steps": [{"name": "sr", "open": "<series description>", "waitText": "<optional>"}]}
 // For each step the series whose thumbnail carries that description is double-clicked into the
-// viewport, and once the network is quiet a screenshot <out_dir>/<name>.png is taken. Printed
+// viewport, and once the network is quiet (and, with waitText, once an annotation containing
+// that text is drawn, or 90 s have passed) a screenshot <out_dir>/<name>.png is taken. Printed
 // on stdout, one JSON document: per step the texts drawn over the image (SVG annotation
 // layer), the counts of drawn shapes, the viewport's text, the PDF object's data URL, whether
 // an error boundary or an error toast showed, and the console errors.
@@ -75,6 +77,15 @@ try {
   for (const step of spec.steps) {
     const found = await clickText(step.open, 2);
     await settle();
+    if (found && step.waitText) {
+      // On a loaded machine the SR's annotations can come well after the network is quiet
+      // (the referenced image is decoded and drawn in software first): wait for them, bounded.
+      const deadline = Date.now() + (step.waitMs ?? 90000);
+      while (Date.now() < deadline && !(await snapshot()).svgTexts.some((t) => t.includes(step.waitText))) {
+        await sleep(1000);
+      }
+      await sleep(1000);
+    }
     const shot = path.join(spec.out_dir, `${step.name}.png`);
     await page.screenshot({ path: shot });
     result.steps.push({ name: step.name, open: step.open, found, screenshot: shot, ...(await snapshot()), consoleErrors });
