@@ -66,8 +66,13 @@ def run(processes: int, images: int, work: Path) -> dict[str, float]:
             for sender in senders:
                 out, _ = sender.communicate(timeout=600)
                 assert sender.returncode == 0, out
+            wait_for("every job finished", lambda: node.query(
+                "select count(*) from jobs where state in ('done', 'ineligible', 'failed')") == [(images,)], 1800, 0.5)
+            failed = node.query("select state, count(*) from jobs where state != 'done' group by state")
+            if failed:
+                raise SystemExit(f"{processes} process(es): not every film was screened: {failed}")
             wait_for("every SR acknowledged", lambda: node.query(
-                "select count(*) from deliveries where kind = 'sr' and state = 'sent'") == [(images,)], 1800, 0.5)
+                "select count(*) from deliveries where kind = 'sr' and state = 'sent'") == [(images,)], 600, 0.5)
             wall = time.monotonic() - t0
             [(first, last)] = node.query(
                 "select (select min(time) from events where kind = 'received'), "

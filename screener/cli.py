@@ -17,6 +17,9 @@ Commands available in this release:
                               C-ECHO a configured destination
   screener requeue (--job ID | --failed-since TIME) [--config FILE]
                               queue finished jobs again
+  screener backfill run --from DATE --to DATE [--config FILE]
+                              screen a PACS archive: C-FIND chest studies, C-MOVE them to
+                              this node, throttled, resumable; `backfill status` shows progress
 """
 
 from __future__ import annotations
@@ -216,6 +219,104 @@ def _cmd_requeue(a: argparse.Namespace) -> int:
     return 0 if done or not ids else 1
 
 
+def _cmd_backfill_run(a: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from datetime import date
+
+    from tqdm import tqdm
+
+    from screener.backfill import AgeBand, Backfill, Plan
+    from screener.config import ConfigError
+    from screener.logs import configure_logging
+    from screener.node.retrieve import Peer, QueryError
+    from screener.pipeline.bundle import ModelBundle
+
+    settings = _settings(a)
+    config = settings.backfill
+    for key in ("source_ae_title", "source_host"):
+        if not getattr(config, key):
+            raise ConfigError(f"backfill.{key}: required for `screener backfill run`: the PACS to query and "
+                              "retrieve from ([backfill] source_ae_title, source_host, source_port)")
+    first, last = date.fromisoformat(a.first), date.fromisoformat(a.last)
+    if last < first:
+        raise ValueError(f"--to {last} is before --from {first}")
+    rules = settings.eligibility
+    bundle = ModelBundle.load(settings.model.bundle or None)
+    plan = Plan(
+        peer=Peer(ae_title=config.source_ae_title, host=config.source_host, port=config.source_port,
+                  calling_ae=config.calling_ae or settings.node.ae_title),
+        destination_ae=config.move_destination or settings.node.ae_title, first=first, last=last,
+        band=AgeBand(a.min_age if a.min_age is not None else rules.min_age, a.max_age,
+                     include_unknown=rules.missing_age == "accept"),
+        modalities=tuple(m.upper() for m in rules.modalities), body_parts=tuple(b.upper() for b in rules.body_parts),
+        model_id=bundle.model_id)
+    configure_logging()
+    backfill = Backfill(plan, config, _sessions(settings))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"backfill run {backfill.run_id} ({'new' if backfill.created else 'resumed'}): {plan.peer.label}, "
+          f"studies {first}..{last}, age {plan.band.min_age}..{plan.band.max_age or ''}, into {plan.destination_ae}, "
+          f"model {plan.model_id}", file=sys.stderr)
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            backfill.query(stop)
+            backfill.retrieve(stop)
+        except (QueryError, OSError) as error:
+            errors.append(error)
+            stop.set()
+
+    worker = threading.Thread(target=body, name="backfill", daemon=True)
+    worker.start()
+    with tqdm(desc="studies", unit="study", disable=a.quiet, file=sys.stderr) as bar:
+        while worker.is_alive():
+            worker.join(1.0)
+            now = backfill.progress()
+            bar.total = now.total
+            bar.n = now.total - now.left
+            bar.set_postfix(images=now.images, screened=now.screened, failed=now.counts.get("failed", 0))
+            bar.refresh()
+    final = backfill.progress()
+    print(_progress_line(final))
+    if errors:
+        print(f"error: {errors[0]}; run the same command again to resume", file=sys.stderr)
+        return 1
+    if final.left:
+        print("stopped; run the same command again to resume", file=sys.stderr)
+        return 0
+    return 1 if final.counts.get("failed") else 0
+
+
+def _progress_line(p) -> str:  # type: ignore[no-untyped-def]
+    counts = "  ".join(f"{k} {p.counts.get(k, 0)}" for k in ("pending", "running", "done", "skipped", "failed"))
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(p.skipped.items()))
+    state = f"finished {p.finished_at:%Y-%m-%d %H:%M}" if p.finished_at else (
+        f"queried through {p.queried_through}" if p.queried_through else "not queried yet")
+    return (f"run {p.run_id}  {p.source}  {p.first_date}..{p.last_date}  {state}\n"
+            f"  studies {p.total}: {counts}" + (f" ({skipped})" if skipped else "") +
+            f"\n  images retrieved {p.images}, screened {p.screened}  model {p.model_id}")
+
+
+def _cmd_backfill_status(a: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from screener.store.backfill import progress, runs
+
+    with _sessions(_settings(a))() as session:
+        found = [progress(session, run_id) for run_id in runs(session)]
+    if a.json:
+        print(json.dumps([asdict(p) for p in found], indent=2, default=str))
+        return 0
+    if not found:
+        print("no backfill has run")
+    for p in found:
+        print(_progress_line(p))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -276,6 +377,26 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--failed-since", default=None, help="ISO time, e.g. 2025-01-31T08:00 (UTC unless an offset is given)")
     rq.add_argument("--config", **cfg)
     rq.set_defaults(func=_cmd_requeue)
+    bf = sub.add_parser("backfill", help="screen a PACS archive: query, retrieve, throttled and resumable",
+                        description="Screen the chest radiographs a PACS already holds. `run` queries the [backfill] "
+                        "source by C-FIND for CR/DX studies in the date range, keeps patients in the age band and "
+                        "retrieves their chest series by C-MOVE to this node's SCP (`screener serve` must be "
+                        "running), throttled by [backfill] associations, images_per_minute, quiet_hours and "
+                        "max_queued_jobs. Progress is in the database: the same command again resumes, and nodes "
+                        "sharing a PostgreSQL database share the work. Ctrl-C stops after the retrievals in hand.")
+    bsub = bf.add_subparsers(dest="backfill_command", required=True)
+    br = bsub.add_parser("run", help="query and retrieve a date range (resumes a run with the same range)")
+    br.add_argument("--from", dest="first", required=True, help="first study date, YYYY-MM-DD")
+    br.add_argument("--to", dest="last", required=True, help="last study date, YYYY-MM-DD (inclusive)")
+    br.add_argument("--min-age", type=float, default=None, help="youngest patient, years (default: eligibility.min_age)")
+    br.add_argument("--max-age", type=float, default=None, help="oldest patient, years (default: none)")
+    br.add_argument("--config", **cfg)
+    br.add_argument("--quiet", action="store_true", help="no progress bar")
+    br.set_defaults(func=_cmd_backfill_run)
+    bs = bsub.add_parser("status", help="every backfill run: studies by state, images retrieved and screened")
+    bs.add_argument("--config", **cfg)
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=_cmd_backfill_status)
     return p
 
 

@@ -112,3 +112,10 @@ class ReasonCode(StrEnum):
     DESTINATION_UNREACHABLE = "destination-unreachable"
     DELIVERY_FAILED = "delivery-failed"
     OBJECT_MISSING = "object-missing"
+
+    # -- backfill (screener.backfill): why a study of the archive was not retrieved, or failed
+    BACKFILL_OUT_OF_AGE_BAND = "out-of-age-band"
+    BACKFILL_NO_CHEST_SERIES = "no-chest-series"
+    BACKFILL_ALREADY_SCREENED = "already-screened"
+    BACKFILL_QUERY_FAILED = "query-failed"
+    BACKFILL_MOVE_FAILED = "move-failed"

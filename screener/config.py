@@ -20,6 +20,7 @@ from screener.pipeline.eligibility import EligibilityRules
 from screener.supervise import default_processes
 
 __all__ = [
+    "BackfillConfig",
     "ConfigError",
     "DecodeSettings",
     "DestinationConfig",
@@ -253,6 +254,53 @@ class DispatchConfig:
 
 
 @dataclass(frozen=True)
+class BackfillConfig:
+    """[backfill]: screening a PACS archive (`screener backfill`): the PACS to query and
+    retrieve from, and the throttle that keeps the backfill from hurting it."""
+
+    source_ae_title: str = ""  # the PACS's AE title (answers C-FIND and C-MOVE)
+    source_host: str = ""
+    source_port: int = 104
+    calling_ae: str = ""  # empty: node.ae_title (the PACS must know it, and where to send to it)
+    move_destination: str = ""  # empty: node.ae_title, this node's own SCP
+    associations: int = 1  # C-MOVEs at once
+    images_per_minute: float = 60.0  # retrieval rate limit; 0: none
+    quiet_hours: str = ""  # "07:00-19:00": no retrieval in these local hours (the PACS's busy day)
+    max_queued_jobs: int = 50  # wait while more jobs than this wait for a worker
+    query_days: int = 7  # C-FIND the date range this many days at a time
+    lease_seconds: float = 600.0
+    max_attempts: int = 3
+    retry_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        from screener.node.aetitle import validate_ae_title
+
+        for key in ("source_ae_title", "calling_ae", "move_destination"):
+            if getattr(self, key):
+                try:
+                    validate_ae_title(f"backfill.{key}", getattr(self, key))
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from exc
+        if not 1 <= self.source_port <= 65535:
+            raise ConfigError(f"backfill.source_port = {self.source_port}: use a TCP port 1-65535")
+        for key, top in (("associations", 16), ("max_attempts", 100), ("query_days", 366)):
+            if not 1 <= getattr(self, key) <= top:
+                raise ConfigError(f"backfill.{key} = {getattr(self, key)}: use a whole number from 1 to {top}")
+        if self.max_queued_jobs < 1:
+            raise ConfigError(f"backfill.max_queued_jobs = {self.max_queued_jobs}: use a whole number >= 1")
+        _positive("backfill.images_per_minute", self.images_per_minute, zero_ok=True)
+        _positive("backfill.lease_seconds", self.lease_seconds)
+        _positive("backfill.retry_after_s", self.retry_after_s, zero_ok=True)
+        if self.quiet_hours:
+            from screener.backfill import parse_quiet_hours
+
+            try:
+                parse_quiet_hours(self.quiet_hours)
+            except ValueError as exc:
+                raise ConfigError(f"backfill.quiet_hours = {self.quiet_hours!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
 class DestinationConfig:
     """One [[destinations]] entry: a PACS that receives the SR and/or the GSPS."""
 
@@ -317,6 +365,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    backfill: BackfillConfig = field(default_factory=BackfillConfig)
     destinations: tuple[DestinationConfig, ...] = ()
     # Folder that relative paths (storage.data_dir) are resolved against: the config file's
     # folder, or the working folder for the embedded defaults. Not a setting, so not compared.
@@ -370,7 +419,8 @@ def _typed(key: str, value: Any, default: Any) -> Any:
 
 
 _SECTIONS = {"model": ModelSettings, "decode": DecodeSettings, "eligibility": EligibilitySettings,
-             "node": NodeSettings, "storage": StorageSettings, "worker": WorkerSettings, "dispatch": DispatchConfig}
+             "node": NodeSettings, "storage": StorageSettings, "worker": WorkerSettings, "dispatch": DispatchConfig,
+             "backfill": BackfillConfig}
 
 
 def _destinations(raw: Any, base_dir: Path) -> tuple[DestinationConfig, ...]:

@@ -1,7 +1,7 @@
 """Worker: claim queued jobs, run the pipeline on their spooled files, record each outcome.
 
 One worker is one thread with its own :class:`~screener.process.Processor` (its own model copy).
-A batch is claimed under a lease; each job then ends in one transaction with its audit event
+A batch is claimed under a lease, renewed while it runs; each job then ends in one transaction with its audit event
 and, when reported, one outbox row per destination and object kind. A worker killed mid-batch
 leaves its leases to expire, and the jobs are claimed again (screener.store.queue.claim_jobs).
 """
@@ -9,7 +9,8 @@ leaves its leases to expire, and the jobs are claimed again (screener.store.queu
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import structlog
@@ -22,7 +23,7 @@ from screener.process import Outcome, Processor
 from screener.result import JobResult, JobStatus
 from screener.safe_text import scrub
 from screener.store.models import Job, JobState
-from screener.store.queue import LeaseLost, claim_jobs, complete_job, fail_job
+from screener.store.queue import LeaseLost, claim_jobs, complete_job, fail_job, renew_leases
 
 __all__ = ["Worker"]
 
@@ -47,7 +48,8 @@ class Worker:
         if not jobs:
             return 0
         try:
-            outcomes = list(self._processor.run([Path(job.instance.spool_path) for job in jobs]))
+            with self._renewing([job.id for job in jobs]):
+                outcomes = list(self._processor.run([Path(job.instance.spool_path) for job in jobs]))
         except Exception as error:  # the Processor handles per-file errors; this is a broken batch
             log.exception("batch_failed", owner=self.owner, jobs=[j.id for j in jobs])
             message = f"{type(error).__name__}: {scrub(error)}"  # `error` is unbound after the except block
@@ -57,6 +59,27 @@ class Worker:
         for job, outcome in zip(jobs, outcomes, strict=True):
             self._record(job, outcome)
         return len(jobs)
+
+    @contextmanager
+    def _renewing(self, job_ids: list[int]) -> Iterator[None]:
+        """Renew the batch's leases every third of a lease while the body runs: a batch that
+        takes longer than one lease (a slow CPU, the paper's VGG16) is still this worker's."""
+        done = threading.Event()
+
+        def heartbeat() -> None:
+            while not done.wait(self._lease_seconds / 3):
+                try:
+                    renew_leases(self._sessions, self.owner, job_ids, self._lease_seconds)
+                except Exception:  # database briefly unavailable: the next beat tries again
+                    log.warning("lease_renewal_failed", owner=self.owner, jobs=job_ids)
+
+        beat = threading.Thread(target=heartbeat, name=f"lease-{self.owner}", daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            done.set()
+            beat.join()
 
     def run_forever(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; the batch in hand is finished first."""

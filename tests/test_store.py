@@ -28,6 +28,7 @@ from screener.store.queue import (
     mark_failed,
     mark_sent,
     record_received,
+    renew_leases,
 )
 from tests.support.store import DESTS, INELIGIBLE, MODEL, REPORTED, SALT, T0, job_result, received
 
@@ -216,6 +217,18 @@ def test_expired_lease_is_reclaimed_and_old_owner_loses_it(factory: sessionmaker
     with factory() as s, pytest.raises(LeaseLost):
         fail_job(s, job.id, "w1", "internal-error", "boom", retry=True, now=T0 + timedelta(seconds=62))
     assert job_row(factory, job.id).lease_owner == "w2"
+
+
+def test_renewed_lease_is_not_reclaimed_and_only_the_holder_renews(factory: sessionmaker[Session]) -> None:
+    job = queue(factory)
+    claim_jobs(factory, "w1", 1, lease_seconds=60, now=T0)
+    assert renew_leases(factory, "w2", [job.id], 60, now=T0 + timedelta(seconds=50)) == 0  # not w2's
+    assert renew_leases(factory, "w1", [job.id], 60, now=T0 + timedelta(seconds=50)) == 1
+    assert claim_jobs(factory, "w2", 1, 60, now=T0 + timedelta(seconds=100)) == []  # held until T0+110
+    assert job_row(factory, job.id).lease_expires_at == T0 + timedelta(seconds=110)
+    with factory() as s:
+        complete_job(s, job.id, "w1", "done", REPORTED, DESTS, now=T0 + timedelta(seconds=105))
+    assert renew_leases(factory, "w1", [job.id], 60, now=T0 + timedelta(seconds=106)) == 0  # finished
 
 
 def test_lease_expiring_on_the_last_attempt_fails_the_job(factory: sessionmaker[Session]) -> None:

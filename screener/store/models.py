@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -16,7 +16,9 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     CheckConstraint,
+    Date,
     DateTime,
+    Float,
     Dialect,
     ForeignKey,
     Index,
@@ -54,6 +56,16 @@ class JobState(StrEnum):
 
 #: The result objects a destination can be sent (one outbox row each).
 DeliveryKind = ObjectKind
+
+
+class BackfillState(StrEnum):
+    """A study of a backfill: waiting, being retrieved, retrieved, left out (with a reason), failed."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
 
 
 class DeliveryState(StrEnum):
@@ -124,6 +136,7 @@ class Instance(Base):
         UniqueConstraint("sop_instance_uid"),
         Index(None, "study_instance_uid"),
         Index(None, "accession_number"),
+        Index(None, "series_instance_uid"),  # the backfill's "already screened?" per series
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -221,3 +234,51 @@ class Event(Base):
     # Plain columns, not foreign keys: the audit trail must outlive a purge of jobs/deliveries.
     job_id: Mapped[int | None] = mapped_column(Integer)
     delivery_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class BackfillRun(Base):
+    """One backfill: an archive query (source, date range, age band) for one model version.
+
+    Running the same command again, on this node or another sharing the database, joins the
+    same run (``key``): that is how it resumes and how several nodes share it.
+    """
+
+    __tablename__ = "backfill_runs"
+    __table_args__ = (UniqueConstraint("key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(255))
+    source: Mapped[str] = mapped_column(String(255))
+    first_date: Mapped[date] = mapped_column(Date)
+    last_date: Mapped[date] = mapped_column(Date)
+    min_age: Mapped[float | None] = mapped_column(Float)
+    max_age: Mapped[float | None] = mapped_column(Float)
+    model_id: Mapped[str] = mapped_column(String(128))
+    # The query walks the date range in windows; every study of the days up to here is listed.
+    queried_through: Mapped[date | None] = mapped_column(Date)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class BackfillStudy(Base):
+    """One study of a backfill run, claimed under a lease like a job."""
+
+    __tablename__ = "backfill_studies"
+    __table_args__ = (
+        UniqueConstraint("run_id", "study_uid"),
+        CheckConstraint(_in("state", BackfillState), name="state"),
+        Index(None, "run_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("backfill_runs.id"))
+    study_uid: Mapped[str] = mapped_column(UID)
+    study_date: Mapped[date | None] = mapped_column(Date)
+    state: Mapped[str] = mapped_column(String(16))
+    reason_code: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer)
+    images: Mapped[int] = mapped_column(Integer)  # instances the PACS sent us for it
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from screener.codes import ReasonCode
@@ -253,6 +253,24 @@ def claim_jobs(
                 message += f"; reclaimed after the lease of {reclaimed_from} expired"
             _job_event(session, job, "claimed", "ok", now, message=message)
     return jobs
+
+
+def renew_leases(session_factory: sessionmaker[Session], owner: str, job_ids: Sequence[int], lease_seconds: float,
+                 now: datetime | None = None) -> int:
+    """Extend ``owner``'s leases on ``job_ids`` (still running, still held) by ``lease_seconds``
+    from now; returns how many were renewed. A worker calls it while a long batch runs, so a
+    slow machine or a large model is not mistaken for a dead worker. No audit event: a renewal
+    changes no state an administrator acts on, and a batch renews every few seconds."""
+    now = _now(now)
+    if not job_ids:
+        return 0
+    with session_factory() as session, _write_transaction(session):
+        result = session.execute(
+            update(Job)
+            .where(Job.id.in_(list(job_ids)), Job.state == JobState.RUNNING, Job.lease_owner == owner)
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+            .execution_options(synchronize_session=False))
+    return int(result.rowcount or 0)
 
 
 def _expired(now: datetime) -> Any:

@@ -27,10 +27,11 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # De
 
 
 class Orthanc:
-    """A real Orthanc on loopback; with ``node_port`` it routes chest films to the node (the
-    shipped Lua script), with ``dicomweb`` it serves DICOMweb at /dicom-web/ (for OHIF)."""
+    """A real Orthanc on loopback; with ``node_port`` it knows the node (C-MOVE destination
+    CXRBMD) and routes chest films to it (the shipped Lua script) unless ``route`` is off, with
+    ``dicomweb`` it serves DICOMweb at /dicom-web/ (for OHIF)."""
 
-    def __init__(self, tmp_path: Path, node_port: int | None = None, dicomweb: bool = False) -> None:
+    def __init__(self, tmp_path: Path, node_port: int | None = None, dicomweb: bool = False, route: bool = True) -> None:
         self.http = free_port()
         self.dicom = free_port()
         folder = tmp_path / "orthanc"
@@ -43,7 +44,8 @@ class Orthanc:
         }
         if node_port is not None:
             config["DicomModalities"] = {"cxrbmd": ["CXRBMD", "127.0.0.1", node_port]}
-            config["LuaScripts"] = [str(LUA)]
+            if route:  # else the node only queries and retrieves (screener backfill)
+                config["LuaScripts"] = [str(LUA)]
         if dicomweb:
             if not DICOMWEB_PLUGIN.is_file():
                 pytest.fail(f"{DICOMWEB_PLUGIN} not found: run .ci/run, which installs orthanc-dicomweb")

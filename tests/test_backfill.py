@@ -1,0 +1,202 @@
+"""`screener backfill` against a real Orthanc holding generated chest films as the PACS: C-FIND,
+C-MOVE to the node's own SCP, screening through the normal queue, a kill -9 and a resume that
+does nothing twice, the throttle and the quiet hours, the deduplication by model, and several
+runners sharing one backfill on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, date, datetime
+from datetime import time as clock_time
+from pathlib import Path
+
+import pytest
+
+from screener.backfill import AgeBand, QuietHours, Throttle, parse_quiet_hours
+from tests.support.archive import Archive, make_archive
+from tests.support.common import ROOT, wait_for
+from tests.support.orthanc import Orthanc
+from tests.support.serve import Node
+
+pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk]
+
+
+# ---------------------------------------------------------------- the throttle's parts, alone
+
+
+def test_quiet_hours_wrap_midnight_and_say_how_long_is_left() -> None:
+    day = parse_quiet_hours("07:00-19:00")
+    assert day.contains(clock_time(7, 0)) and day.contains(clock_time(18, 59)) and not day.contains(clock_time(19, 0))
+    night = parse_quiet_hours("22:00-06:00")
+    assert night.contains(clock_time(23, 30)) and night.contains(clock_time(5, 0)) and not night.contains(clock_time(12))
+    assert night.seconds_left(datetime(2024, 1, 1, 23, 0, tzinfo=UTC)) == 7 * 3600
+    assert night.seconds_left(datetime(2024, 1, 1, 12, 0, tzinfo=UTC)) == 0
+    assert QuietHours(clock_time(1), clock_time(2)).seconds_left(datetime(2024, 1, 1, 1, 30, tzinfo=UTC)) == 1800
+    for bad in ("7-19", "07:00", "07:00-07:00", "25:00-26:00"):
+        with pytest.raises(ValueError):
+            parse_quiet_hours(bad)
+
+
+def test_throttle_gives_each_retrieval_its_slot() -> None:
+    now = [100.0]
+    throttle = Throttle(per_minute=60, clock=lambda: now[0])
+    assert throttle.delay(1) == 0  # the first at once
+    assert throttle.delay(3) == 1.0  # after the first image's second
+    assert throttle.delay(1) == 4.0  # after those three
+    now[0] = 200.0
+    assert throttle.delay(1) == 0  # idle time is not saved up as a burst
+    assert Throttle(per_minute=0).delay(1000) == 0  # no limit
+
+
+def test_age_band() -> None:
+    band = AgeBand(50, 80, include_unknown=False)
+    assert band.contains(50) and band.contains(80) and not band.contains(49.9) and not band.contains(81)
+    assert not band.contains(None) and AgeBand(50, None, include_unknown=True).contains(None)
+
+
+# ---------------------------------------------------------------- against a real Orthanc
+
+RANGE = ("--from", "2024-01-01", "--to", "2024-01-31")
+
+
+def _backfill_config(node: Node, orthanc: Orthanc, **extra: object) -> None:
+    values = {"source_ae_title": "ORTHANC", "source_host": "127.0.0.1", "source_port": orthanc.dicom,
+              "retry_after_s": 1.0, "query_days": 10, **extra}
+    lines = "\n".join(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}"
+                      for k, v in values.items())
+    node.config.write_text(node.config.read_text().replace("[[destinations]]", f"[backfill]\n{lines}\n[[destinations]]"))
+
+
+def _stack(tmp_path: Path, archive: Archive, workers: int = 1, **backfill: object) -> tuple[Orthanc, Node]:
+    node = Node(tmp_path, 0, calling="ORTHANC", pacs_ae="ORTHANC")
+    orthanc = Orthanc(tmp_path, node.port, route=False)
+    for path in archive.files:
+        orthanc.upload(path)
+    node.config.write_text(node.config.read_text().replace("port = 0\n", f"port = {orthanc.dicom}\n")
+                           .replace("workers = 1 ", f"workers = {workers} "))
+    _backfill_config(node, orthanc, **backfill)
+    return orthanc, node
+
+
+def _backfill(node: Node, *args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "screener.cli", "backfill", *args, "--config", str(node.config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Archive:
+    return make_archive(tmp_path / "films", 200, young=10, outside=10, knees=10)
+
+
+def test_backfill_screens_the_archive_resumes_after_kill_9_and_does_nothing_twice(
+        tmp_path: Path, archive: Archive) -> None:
+    orthanc, node = _stack(tmp_path, archive, workers=2, associations=2, images_per_minute=0.0, max_queued_jobs=20)
+    try:
+        node.start()
+        first = _backfill(node, "run", *RANGE, "--quiet")
+        wait_for("a third of the studies retrieved", lambda: first.poll() is None and node.query(
+            "select count(*) from backfill_studies where state = 'done'")[0][0] >= 70, 600, 0.5)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        in_hand = {uid for (uid,) in node.query("select study_uid from backfill_studies where state = 'running'")}
+        assert len(in_hand) <= 2  # associations = 2
+        out = _finish(_backfill(node, "run", *RANGE, "--quiet"), 900)
+        assert "resumed" in out
+        wait_for("every retrieved film screened", lambda: node.query(
+            "select count(*) from jobs where state in ('done', 'ineligible', 'failed')") == [(200,)], 600, 1.0)
+        received = {uid for (uid,) in node.query("select sop_instance_uid from instances")}
+        assert received == archive.chest_in_band  # no knee series, no young patient, no study outside the range
+        assert node.query("select state, count(*) from jobs group by state") == [("done", 200)]
+        assert node.query("select count(distinct instance_id) from jobs") == [(200,)]  # one job per film
+        # Sent twice at most: what was in hand when the backfill was killed, deduplicated on arrival.
+        again = node.query("select study_uid from events where kind = 'duplicate'")
+        assert {uid for (uid,) in again} <= in_hand
+        rows = node.query("select state, reason_code, count(*), max(attempts) from backfill_studies group by 1, 2")
+        assert sorted(rows) == [("done", None, 200, 1 if not in_hand else 2), ("skipped", "out-of-age-band", 10, 0)]
+        status = _finish(_backfill(node, "status"), 60)
+        assert "done 200" in status and "out-of-age-band 10" in status and "screened 200" in status, status
+        assert node.query("select count(*) from events where kind = 'backfill_finished'") == [(1,)]
+        # The same model again over part of the range (a new run): nothing is retrieved twice.
+        before = node.query("select count(*) from events where kind in ('received', 'duplicate')")
+        out = _finish(_backfill(node, "run", "--from", "2024-01-15", "--to", "2024-01-31", "--quiet"), 300)
+        assert node.query("select count(*) from events where kind in ('received', 'duplicate')") == before
+        [(skipped,)] = node.query("select count(*) from backfill_studies where run_id = 2 and reason_code = 'already-screened'")
+        assert skipped > 50 and "already-screened" in out, out
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def test_backfill_keeps_its_throttle_and_its_quiet_hours(tmp_path: Path) -> None:
+    archive = make_archive(tmp_path / "films", 12)
+    orthanc, node = _stack(tmp_path, archive, associations=2, images_per_minute=60.0, max_queued_jobs=100)
+    config = node.config.read_text()
+    try:
+        node.start()
+        # Quiet hours around now: nothing is retrieved; stopped with SIGTERM, it says how to resume.
+        now = datetime.now().astimezone()
+        quiet = f"{(now.hour - 1) % 24:02d}:00-{(now.hour + 2) % 24:02d}:00"
+        node.config.write_text(config.replace("[backfill]\n", f"[backfill]\nquiet_hours = \"{quiet}\"\n"))
+        proc = _backfill(node, "run", *RANGE, "--quiet")
+        wait_for("the studies listed", lambda: node.query("select count(*) from backfill_studies") == [(12,)], 60, 0.2)
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        out = _finish(proc, 60)
+        assert node.query("select count(*) from instances") == [(0,)] and "run the same command again" in out, out
+        # Outside quiet hours: 60 images a minute, at most 2 retrievals at once.
+        node.config.write_text(config)
+        proc = _backfill(node, "run", *RANGE, "--quiet")
+        most = 0
+        while proc.poll() is None:
+            most = max(most, node.query("select count(*) from backfill_studies where state = 'running'")[0][0])
+            time.sleep(0.1)
+        _finish(proc, 10)
+        assert 1 <= most <= 2
+        [(first, last)] = node.query("select min(time), max(time) from events where kind = 'received'")
+        span = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+        assert node.query("select count(*) from instances") == [(12,)]
+        assert span >= 11 * 1.0 * 0.9, span  # the 12th image's slot starts 11 s after the first
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+@pytest.mark.postgres
+def test_two_runners_share_one_backfill_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    archive = make_archive(tmp_path / "films", 24)
+    orthanc, node = _stack(tmp_path, archive, associations=2, images_per_minute=0.0, max_queued_jobs=100)
+    node.config.write_text(node.config.read_text().replace('data_dir = "data"\n',
+                                                            f'data_dir = "data"\ndatabase_url = "{postgres_url}"\n'))
+    try:
+        node.start()
+        # Two runners started together, as two nodes would be (each moves to the node's AE here).
+        procs = [_backfill(node, "run", *RANGE, "--quiet") for _ in range(2)]
+        outs = [_finish(proc, 600) for proc in procs]
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(postgres_url)
+        with engine.connect() as c:
+            assert c.execute(text("select count(*) from backfill_runs")).scalar() == 1
+            rows = c.execute(text("select state, attempts from backfill_studies")).all()
+            assert sorted(rows) == [("done", 1)] * 24, rows  # each study claimed once
+            assert c.execute(text("select count(*) from events where kind = 'duplicate'")).scalar() == 0
+            assert c.execute(text("select count(*) from instances")).scalar() == 24
+            owners = {m.split(" by ")[1].rsplit(":", 1)[0] for (m,) in c.execute(text(
+                "select message from events where kind = 'backfill_study' and outcome = 'ok'"))}
+        engine.dispose()
+        assert len(owners) == 2, (owners, outs)  # both runners retrieved studies
+    finally:
+        node.stop()
+        orthanc.stop()
