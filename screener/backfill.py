@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from datetime import time as clock_time
-from typing import TYPE_CHECKING
-
 import structlog
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,10 +49,7 @@ from screener.store.backfill import (
 )
 from screener.store.models import BackfillState, Job, JobState
 
-if TYPE_CHECKING:
-    from screener.config import BackfillConfig
-
-__all__ = ["AgeBand", "Backfill", "QuietHours", "Throttle", "parse_quiet_hours"]
+__all__ = ["AgeBand", "Backfill", "Limits", "Plan", "QuietHours", "Throttle", "parse_quiet_hours"]
 
 log = structlog.get_logger(__name__)
 
@@ -124,6 +119,20 @@ class Throttle:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """How hard the backfill may press on the PACS and the queue ([backfill] in the config)."""
+
+    associations: int = 1
+    images_per_minute: float = 60.0
+    quiet_hours: QuietHours | None = None
+    max_queued_jobs: int = 50
+    query_days: int = 7
+    lease_seconds: float = 600.0
+    max_attempts: int = 3
+    retry_after_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Plan:
     """What to retrieve: the source, the date range, the age band, the model that will screen."""
 
@@ -143,13 +152,13 @@ class Plan:
 
 
 class Backfill:
-    def __init__(self, plan: Plan, config: BackfillConfig, sessions: sessionmaker[Session],
+    def __init__(self, plan: Plan, config: Limits, sessions: sessionmaker[Session],
                  wall_clock: Callable[[], datetime] = lambda: datetime.now().astimezone()) -> None:
         self.plan = plan
         self.config = config
         self._sessions = sessions
         self._throttle = Throttle(config.images_per_minute)
-        self._quiet = parse_quiet_hours(config.quiet_hours) if config.quiet_hours else None
+        self._quiet = config.quiet_hours
         self._wall_clock = wall_clock
         # "<host>:<pid>:<token>": a claim of a process that died on this host is taken back at once
         # (screener.store.backfill._holder_is_gone); the token keeps two runners in one process apart.

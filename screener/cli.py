@@ -114,7 +114,7 @@ def _cmd_conformance(a: argparse.Namespace) -> int:
     settings = _settings(a)
     # the patient salt and model id do not show in the statement: placeholders, nothing generated
     receive = settings.node.receive_settings(spool_root=settings.data_dir / "spool", model_id="-", patient_salt=b"-")
-    print(statement(receive, settings.dispatch.calling_ae))
+    print(statement(receive, settings.dispatch.calling_ae, settings.backfill.calling_ae))
     return 0
 
 
@@ -252,7 +252,7 @@ def _cmd_backfill_run(a: argparse.Namespace) -> int:
         modalities=tuple(m.upper() for m in rules.modalities), body_parts=tuple(b.upper() for b in rules.body_parts),
         model_id=bundle.model_id)
     configure_logging()
-    backfill = Backfill(plan, config, _sessions(settings))
+    backfill = Backfill(plan, config.limits(), _sessions(settings))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from screener.backfill import Limits, parse_quiet_hours
 from screener.node.dispatch import DispatchSettings
 from screener.node.receive import ReceiveSettings
 from screener.pipeline.decode import DecodeLimits
@@ -291,13 +292,17 @@ class BackfillConfig:
         _positive("backfill.images_per_minute", self.images_per_minute, zero_ok=True)
         _positive("backfill.lease_seconds", self.lease_seconds)
         _positive("backfill.retry_after_s", self.retry_after_s, zero_ok=True)
-        if self.quiet_hours:
-            from screener.backfill import parse_quiet_hours
+        try:
+            self.limits()
+        except ValueError as exc:
+            raise ConfigError(f"backfill.quiet_hours = {self.quiet_hours!r}: {exc}") from exc
 
-            try:
-                parse_quiet_hours(self.quiet_hours)
-            except ValueError as exc:
-                raise ConfigError(f"backfill.quiet_hours = {self.quiet_hours!r}: {exc}") from exc
+    def limits(self) -> Limits:
+        return Limits(associations=self.associations, images_per_minute=self.images_per_minute,
+                      quiet_hours=parse_quiet_hours(self.quiet_hours) if self.quiet_hours else None,
+                      max_queued_jobs=self.max_queued_jobs, query_days=self.query_days,
+                      lease_seconds=self.lease_seconds, max_attempts=self.max_attempts,
+                      retry_after_s=self.retry_after_s)
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ def _table(contexts: list[Context]) -> list[str]:
     return lines
 
 
-def statement(settings: ReceiveSettings, calling_ae: str = "CXRBMD") -> str:
+def statement(settings: ReceiveSettings, calling_ae: str = "CXRBMD", backfill_calling_ae: str = "") -> str:
     """The conformance statement for a node with these settings, as Markdown."""
     s = settings
     tls = (f"port {s.tls_port}, TLS 1.2 or later (PS3.15 B.1 / BCP 195 profile), node certificate "
@@ -93,6 +93,12 @@ def statement(settings: ReceiveSettings, calling_ae: str = "CXRBMD") -> str:
         + (f"peer addresses allowed: {', '.join(s.allowed_peers)}." if s.allowed_peers else "any peer address."),
         f"- **{calling_ae}** (SCU): sends the results (Storage) to each configured destination; "
         "one association per run and destination, C-ECHO on request (`screener echo`).",
+        f"- **{backfill_calling_ae or s.ae_title}** (SCU, `screener backfill`): Study Root Query/Retrieve: C-FIND at "
+        "STUDY level (StudyDate range, ModalitiesInStudy CR\\DX; return keys PatientBirthDate, PatientAge, "
+        "NumberOfStudyRelatedInstances) and SERIES level (Modality, BodyPartExamined, "
+        "NumberOfSeriesRelatedInstances), and C-MOVE of each chest series to this node's own SCP "
+        "(backfill.move_destination), calling as backfill.calling_ae (default the SCP's AE title); at most "
+        "backfill.associations at once. The PACS must know this node as a move destination.",
         "",
         "Implementation Class UID and Version Name: pynetdicom's (the DICOM toolkit in use).",
         "",

@@ -9,9 +9,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from datetime import time as clock_time
 from pathlib import Path
 

@@ -91,6 +91,15 @@ def test_values_reach_the_pipeline(tmp_path: Path) -> None:
         ("dispatch", "backoff_base_s", -1),
         ("dispatch", "backoff_cap_s", 0.5),
         ("dispatch", "interval_s", 0),
+        ("backfill", "source_ae_title", "A\\B"),
+        ("backfill", "source_port", 0),
+        ("backfill", "associations", 0),
+        ("backfill", "images_per_minute", -1),
+        ("backfill", "quiet_hours", "7-19"),
+        ("backfill", "quiet_hours", "07:00-07:00"),
+        ("backfill", "max_queued_jobs", 0),
+        ("backfill", "query_days", 0),
+        ("backfill", "lease_seconds", 0),
     ],
 )
 def test_bad_value_names_the_key(section: str, key: str, value: object) -> None:
