@@ -30,7 +30,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.codes import ReasonCode
-from screener.node.retrieve import Peer, QueryError, SeriesHit, StudyHit, find_series, find_studies, move_series
+from screener.node.retrieve import (
+    MoveRefused,
+    Peer,
+    QueryError,
+    SeriesHit,
+    StudyHit,
+    find_series,
+    find_studies,
+    move_series,
+)
 from screener.safe_text import scrub
 from screener.store.backfill import (
     NewStudy,
@@ -52,6 +61,16 @@ from screener.store.models import BackfillState, Job, JobState
 __all__ = ["AgeBand", "Backfill", "Limits", "Plan", "QuietHours", "Throttle", "parse_quiet_hours"]
 
 log = structlog.get_logger(__name__)
+
+
+def _host() -> str:
+    """This host as a claim names it: the host name and the pid namespace, since containers on
+    one host may share its name but not their process ids (a pid is only "gone" in its own)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/{namespace}"
 
 
 @dataclass(frozen=True)
@@ -162,7 +181,10 @@ class Backfill:
         self._wall_clock = wall_clock
         # "<host>:<pid>:<token>": a claim of a process that died on this host is taken back at once
         # (screener.store.backfill._holder_is_gone); the token keeps two runners in one process apart.
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._owner = f"{_host()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.fatal: list[Exception] = []  # errors that stopped the run (the PACS refuses to send to us)
+        self._lock = threading.Lock()
+        self._failures_in_a_row = 0
         self.run_id, self.created = open_run(
             sessions, key=plan.key, source=plan.peer.label, first_date=plan.first, last_date=plan.last,
             min_age=plan.band.min_age, max_age=plan.band.max_age, model_id=plan.model_id)
@@ -202,23 +224,23 @@ class Backfill:
 
     def _retrieve_loop(self, stop: threading.Event, owner: str) -> None:
         while not stop.is_set():
-            if not self._may_start(stop):
-                continue
             try:
+                if not self._may_start(stop):
+                    continue
                 study = claim_study(self._sessions, self.run_id, owner, self.config.lease_seconds,
                                     self.config.max_attempts)
-            except Exception:  # database briefly unavailable
-                log.exception("backfill_claim_failed", owner=owner)
+                if study is None:
+                    if self.progress().left == 0:
+                        return
+                    stop.wait(2.0)  # held by other associations or nodes, or waiting for a retry
+                    continue
+                self._one_study(study.id, study.study_uid, owner, stop)
+            except MoveRefused as refused:  # the PACS will not send to us at all: stop the run
+                self.fatal.append(refused)
+                stop.set()
+            except Exception:  # the database briefly unavailable: the thread carries on
+                log.exception("backfill_error", owner=owner)
                 stop.wait(5.0)
-                continue
-            if study is None:
-                with self._sessions() as session:
-                    left = progress(session, self.run_id).left
-                if left == 0:
-                    return
-                stop.wait(2.0)  # held by other associations or nodes, or waiting for a retry
-                continue
-            self._one_study(study.id, study.study_uid, owner, stop)
 
     def _may_start(self, stop: threading.Event) -> bool:
         """Wait out the quiet hours and a full queue; False when the caller should look again."""
@@ -240,12 +262,14 @@ class Backfill:
     def _one_study(self, study_id: int, study_uid: str, owner: str, stop: threading.Event) -> None:
         peer = self.plan.peer
         retrieved = 0
+        reason = ReasonCode.BACKFILL_QUERY_FAILED
         try:
             chest = [s for s in find_series(peer, study_uid) if self._chest(s)]
             if not chest:
-                finish_study(self._sessions, study_id, owner, BackfillState.SKIPPED, peer_ae=peer.ae_title,
-                             reason=ReasonCode.BACKFILL_NO_CHEST_SERIES, message="no CR/DX chest series")
+                self._finish(study_id, owner, BackfillState.SKIPPED, reason=ReasonCode.BACKFILL_NO_CHEST_SERIES,
+                             message="no CR/DX chest series")
                 return
+            reason = ReasonCode.BACKFILL_MOVE_FAILED
             already = 0
             for series in chest:
                 with self._sessions() as session:
@@ -254,29 +278,54 @@ class Backfill:
                     already += 1
                     continue
                 wait = self._throttle.delay(series.instances or 1)
+                # the lease must outlast the wait for its turn as well as the retrieval
+                if not renew_study(self._sessions, study_id, owner, self.config.lease_seconds + wait):
+                    log.warning("backfill_lease_lost", study_id=study_id, owner=owner)
+                    return
                 if wait > 0 and stop.wait(wait):
                     # stopped while waiting its turn: pending again, as if never claimed
-                    release_study(self._sessions, study_id, owner, images=retrieved)
+                    release_study(self._sessions, study_id, owner)
                     return
                 result = move_series(peer, self.plan.destination_ae, study_uid, series.series_uid)
                 retrieved += result.completed + result.warning
                 if not result.ok:
                     raise QueryError(f"C-MOVE of a series ended with status 0x{result.status:04X} "
                                      f"({result.completed} completed, {result.failed} failed)")
-                renew_study(self._sessions, study_id, owner, self.config.lease_seconds)
             if already == len(chest):
-                finish_study(self._sessions, study_id, owner, BackfillState.SKIPPED, peer_ae=peer.ae_title,
-                             reason=ReasonCode.BACKFILL_ALREADY_SCREENED, model_id=self.plan.model_id,
+                self._finish(study_id, owner, BackfillState.SKIPPED, reason=ReasonCode.BACKFILL_ALREADY_SCREENED,
                              message=f"every chest series already screened with {self.plan.model_id}")
             else:
-                finish_study(self._sessions, study_id, owner, BackfillState.DONE, images=retrieved,
-                             peer_ae=peer.ae_title, model_id=self.plan.model_id,
+                self._finish(study_id, owner, BackfillState.DONE, images=retrieved,
                              message=f"{retrieved} image(s) retrieved by {owner}")
-        except (QueryError, OSError, RuntimeError, ValueError) as error:
-            message = scrub(error)
+            with self._lock:
+                self._failures_in_a_row = 0
+        except MoveRefused:
+            release_study(self._sessions, study_id, owner)
+            raise
+        except Exception as error:  # the PACS failed or the answer made no sense: retried later
+            message = f"{type(error).__name__}: {scrub(error)}"
+            with self._lock:
+                self._failures_in_a_row += 1
+                tripped = self._failures_in_a_row >= 2 * self.config.associations
+            if tripped:
+                # Every retrieval fails (a PACS that does not know the move destination answers
+                # 0xA801 or, like Orthanc, 0xC000; a PACS gone down): stop rather than fail the
+                # whole archive study by study. This study is given back untouched.
+                release_study(self._sessions, study_id, owner)
+                raise MoveRefused(
+                    f"{self._failures_in_a_row} retrievals in a row failed (last: {message}); check that the PACS "
+                    f"knows the move destination {self.plan.destination_ae!r} (host and port of this node) and "
+                    f"lets {peer.calling_ae!r} query and retrieve") from error
             state = retry_study(self._sessions, study_id, owner, self.config.retry_after_s, message,
-                                self.config.max_attempts, images=retrieved, peer_ae=peer.ae_title)
+                                self.config.max_attempts, reason=reason, peer_ae=peer.ae_title)
             log.warning("backfill_study_failed", study_id=study_id, error=message, state=state)
+
+    def _finish(self, study_id: int, owner: str, state: BackfillState, *, reason: ReasonCode | None = None,
+                images: int = 0, message: str) -> None:
+        if not finish_study(self._sessions, study_id, owner, state, images=images, reason=reason, message=message,
+                            model_id=self.plan.model_id, peer_ae=self.plan.peer.ae_title):
+            # its lease ran out and another runner has it: theirs is the outcome on record
+            log.warning("backfill_lease_lost", study_id=study_id, owner=owner, state=state.value)
 
     def progress(self) -> RunProgress:
         with self._sessions() as session:

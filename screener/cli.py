@@ -222,6 +222,18 @@ def _cmd_requeue(a: argparse.Namespace) -> int:
 def _cmd_backfill_run(a: argparse.Namespace) -> int:
     import signal
     import threading
+
+    # First, before torch and the bundle load (seconds), so that a stop asked for meanwhile is
+    # a clean stop too.
+    stop = threading.Event()
+    signalled = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        signalled.set()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     from datetime import date
 
     from tqdm import tqdm
@@ -253,9 +265,6 @@ def _cmd_backfill_run(a: argparse.Namespace) -> int:
         model_id=bundle.model_id)
     configure_logging()
     backfill = Backfill(plan, config.limits(), _sessions(settings))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     print(f"backfill run {backfill.run_id} ({'new' if backfill.created else 'resumed'}): {plan.peer.label}, "
           f"studies {first}..{last}, age {plan.band.min_age}..{plan.band.max_age or ''}, into {plan.destination_ae}, "
           f"model {plan.model_id}", file=sys.stderr)
@@ -281,12 +290,16 @@ def _cmd_backfill_run(a: argparse.Namespace) -> int:
             bar.refresh()
     final = backfill.progress()
     print(_progress_line(final))
+    errors += backfill.fatal
     if errors:
         print(f"error: {errors[0]}; run the same command again to resume", file=sys.stderr)
         return 1
-    if final.left:
-        print("stopped; run the same command again to resume", file=sys.stderr)
-        return 0
+    if final.finished_at is None:
+        if signalled.is_set():
+            print("stopped; run the same command again to resume", file=sys.stderr)
+            return 0
+        print("error: the run did not finish (see the log); run the same command again to resume", file=sys.stderr)
+        return 1
     return 1 if final.counts.get("failed") else 0
 
 

@@ -79,7 +79,7 @@ class Worker:
             yield
         finally:
             done.set()
-            beat.join()
+            beat.join(timeout=10.0)  # a renewal stuck on the database must not hold the batch's results
 
     def run_forever(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; the batch in hand is finished first."""

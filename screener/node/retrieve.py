@@ -20,13 +20,24 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from screener.node.aetitle import validate_ae_title
 
-__all__ = ["MoveResult", "Peer", "QueryError", "SeriesHit", "StudyHit", "find_series", "find_studies", "move_series"]
+__all__ = ["MoveRefused", "MoveResult", "Peer", "QueryError", "SeriesHit", "StudyHit", "find_series", "find_studies", "move_series"]
 
 _PENDING = frozenset({0xFF00, 0xFF01})
 
 
 class QueryError(RuntimeError):
     """The PACS could not be reached, refused the association, or answered with a failure."""
+
+
+class MoveRefused(QueryError):
+    """The PACS refuses to send to the move destination at all (0xA801: it does not know it, or
+    the association for C-MOVE is rejected): no study would fare better, so the run stops."""
+
+
+#: C-MOVE statuses meaning "not to this destination", whatever the study (PS3.4 C.4.2.1.5).
+_MOVE_DESTINATION_UNKNOWN = 0xA801
+#: A C-MOVE answers when the whole series is sent; a PACS need not send pending responses.
+MOVE_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -181,10 +192,13 @@ def find_series(peer: Peer, study_uid: str) -> list[SeriesHit]:
 def move_series(peer: Peer, destination_ae: str, study_uid: str, series_uid: str) -> MoveResult:
     """Ask the PACS to C-STORE one series to ``destination_ae``; returns when it is done."""
     ae = _ae(peer, StudyRootQueryRetrieveInformationModelMove)
+    ae.dimse_timeout = max(peer.timeout_s, MOVE_TIMEOUT_S)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if assoc.is_rejected:
+        raise MoveRefused(f"{peer.label}: the association for C-MOVE was rejected (is {peer.calling_ae} "
+                          "allowed to retrieve?)")
     if not assoc.is_established:
-        raise QueryError(f"{peer.label}: no association for C-MOVE "
-                         f"({'rejected' if assoc.is_rejected else 'unreachable or aborted'})")
+        raise QueryError(f"{peer.label}: no association for C-MOVE (unreachable or aborted)")
     query = Dataset()
     query.QueryRetrieveLevel = "SERIES"
     query.StudyInstanceUID = study_uid
@@ -194,7 +208,7 @@ def move_series(peer: Peer, destination_ae: str, study_uid: str, series_uid: str
         for status, _ in assoc.send_c_move(query, destination_ae, StudyRootQueryRetrieveInformationModelMove):
             if not status:
                 raise QueryError(f"{peer.label}: C-MOVE got no response (timeout or abort)")
-            if status.Status not in _PENDING:
+            if int(status.get("Status", -1)) not in _PENDING:
                 final = status
     finally:
         if assoc.is_established:
@@ -202,8 +216,12 @@ def move_series(peer: Peer, destination_ae: str, study_uid: str, series_uid: str
     if final is None:
         raise QueryError(f"{peer.label}: C-MOVE ended without a final status")
 
+    if int(final.get("Status", -1)) == _MOVE_DESTINATION_UNKNOWN:
+        raise MoveRefused(f"{peer.label}: C-MOVE refused with 0xA801: the PACS does not know the move "
+                          f"destination {destination_ae!r} (register it with this node's host and port)")
+
     def count(keyword: str) -> int:
         return int(final.get(keyword, 0) or 0)
 
-    return MoveResult(status=int(final.Status), completed=count("NumberOfCompletedSuboperations"),
+    return MoveResult(status=int(final.get("Status", -1)), completed=count("NumberOfCompletedSuboperations"),
                       failed=count("NumberOfFailedSuboperations"), warning=count("NumberOfWarningSuboperations"))

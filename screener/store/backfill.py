@@ -99,9 +99,10 @@ def list_studies(session_factory: sessionmaker[Session], run_id: int, studies: I
                  now: datetime | None = None) -> int:
     """Add the studies a query found (those already listed are left as they are); returns how many were new."""
     now = _now(now)
+    # In UID order: two nodes listing the same window insert in the same order, so they cannot deadlock.
     rows = [dict(run_id=run_id, study_uid=s.study_uid, study_date=s.study_date, state=s.state.value,
                  reason_code=s.reason_code.value if s.reason_code else None, attempts=0, images=0, updated_at=now)
-            for s in studies]
+            for s in sorted(studies, key=lambda study: study.study_uid)]
     if not rows:
         return 0
     with session_factory() as session, _write_transaction(session):
@@ -183,7 +184,7 @@ def finish_study(session_factory: sessionmaker[Session], study_id: int, owner: s
             return False
         study.state = state.value
         study.reason_code = reason.value if reason else None
-        study.images += images
+        study.images = images
         study.last_error = message if state == BackfillState.FAILED else None
         study.lease_owner = study.lease_expires_at = None
         study.updated_at = now
@@ -195,8 +196,8 @@ def finish_study(session_factory: sessionmaker[Session], study_id: int, owner: s
 
 
 def retry_study(session_factory: sessionmaker[Session], study_id: int, owner: str, delay_s: float, message: str,
-                max_attempts: int, *, images: int = 0, peer_ae: str | None = None,
-                now: datetime | None = None) -> BackfillState | None:
+                max_attempts: int, *, reason: ReasonCode = ReasonCode.BACKFILL_MOVE_FAILED,
+                peer_ae: str | None = None, now: datetime | None = None) -> BackfillState | None:
     """A failed retrieval: pending again after ``delay_s``, or failed once attempts are used up."""
     now = _now(now)
     with session_factory() as session, _write_transaction(session):
@@ -205,14 +206,13 @@ def retry_study(session_factory: sessionmaker[Session], study_id: int, owner: st
             return None
         final = study.attempts >= max_attempts
         study.state = BackfillState.FAILED if final else BackfillState.PENDING
-        study.reason_code = ReasonCode.BACKFILL_MOVE_FAILED.value if final else None
-        study.images += images
+        study.reason_code = reason.value if final else None
         study.last_error = message
         study.lease_owner = None
         study.lease_expires_at = None if final else now + timedelta(seconds=delay_s)
         study.updated_at = now
         _event(session, "backfill_study", "error" if final else "retry", now, study_uid=study.study_uid,
-               reason=ReasonCode.BACKFILL_MOVE_FAILED, peer_ae=peer_ae,
+               reason=reason, peer_ae=peer_ae,
                message=f"attempt {study.attempts} of {max_attempts}: {message}")
         if final:
             _finish_run_if_done(session, study.run_id, now)
@@ -242,7 +242,7 @@ def finish_run_if_done(session_factory: sessionmaker[Session], run_id: int, now:
 def screened_instances(session: Session, series_uid: str, model_id: str) -> int:
     """Instances of the series this node has, with a finished job for ``model_id``."""
     return int(session.scalar(
-        select(func.count()).select_from(Instance).join(Job, Job.instance_id == Instance.id)
+        select(func.count(func.distinct(Instance.id))).select_from(Instance).join(Job, Job.instance_id == Instance.id)
         .where(Instance.series_instance_uid == series_uid, Job.model_id == model_id,
                Job.state.in_(_FINAL_JOB_STATES))) or 0)
 
@@ -266,7 +266,7 @@ def progress(session: Session, run_id: int) -> RunProgress:
     done_studies = select(BackfillStudy.study_uid).where(BackfillStudy.run_id == run_id,
                                                          BackfillStudy.state == BackfillState.DONE)
     screened = int(session.scalar(
-        select(func.count()).select_from(Instance).join(Job, and_(Job.instance_id == Instance.id,
+        select(func.count(func.distinct(Instance.id))).select_from(Instance).join(Job, and_(Job.instance_id == Instance.id,
                                                                   Job.model_id == run.model_id))
         .where(Instance.study_instance_uid.in_(done_studies), Job.state.in_(_FINAL_JOB_STATES))) or 0)
     return RunProgress(run_id=run.id, key=run.key, source=run.source, first_date=run.first_date,
@@ -283,7 +283,7 @@ def held_by(session: Session, run_id: int) -> Sequence[str]:
         BackfillStudy.lease_owner.is_not(None))))
 
 
-def release_study(session_factory: sessionmaker[Session], study_id: int, owner: str, *, images: int = 0,
+def release_study(session_factory: sessionmaker[Session], study_id: int, owner: str,
                   now: datetime | None = None) -> bool:
     """Give a claimed study back untouched (the backfill was stopped): pending, the attempt not counted."""
     now = _now(now)
@@ -293,7 +293,6 @@ def release_study(session_factory: sessionmaker[Session], study_id: int, owner: 
             return False
         study.state = BackfillState.PENDING
         study.attempts = max(0, study.attempts - 1)
-        study.images += images
         study.lease_owner = study.lease_expires_at = None
         study.updated_at = now
         return True
