@@ -2,9 +2,10 @@
 
 For the PACS, the viewer and the EHR that open PDFs but nothing else we write. The page
 carries the patient and study identifiers, the results table, the ROI picture, the method and
-its limits, the model identity and, for a demo model, a red banner. matplotlib draws it (it is
-a dependency already and embeds its own fonts); the PDF carries no creation date of its own,
-so the same result gives the same bytes and the DICOM object is reproducible like the SR.
+its limits, the model identity and, for a demo model, a red banner. It is written directly:
+the PDF standard fonts (Helvetica, Courier; every reader has them) and the ROI picture as a
+JPEG; the PDF carries no creation date of its own, so the same result gives the same bytes and
+the DICOM object is reproducible like the SR.
 """
 
 from __future__ import annotations
@@ -87,78 +88,163 @@ def _identifiers(header: Dataset) -> list[tuple[str, str]]:
     ]
 
 
+_PAGE = (595.28, 841.89)  # A4 in points
+#: The PDF standard fonts (every reader has them; nothing to embed), WinAnsi-encoded.
+_FONTS = {"F1": "Helvetica", "F2": "Helvetica-Bold", "F3": "Courier"}
+
+
+class _Page:
+    """One page of text, filled rectangles and one JPEG picture, as PDF content operators.
+
+    Positions are fractions of the page from the bottom left (as the layout below was drawn
+    with matplotlib before); ``top`` puts the text's top, not its baseline, at ``y``."""
+
+    def __init__(self) -> None:
+        self.ops: list[str] = []
+
+    def text(self, x: float, y: float, value: str, size: float, *, font: str = "F1",
+             color: tuple[float, float, float] = (0, 0, 0), center: bool = False, leading: float = 1.2) -> None:
+        w, h = _PAGE
+        lines = value.split("\n")
+        px = x * w - (_width(lines[0], size, font) / 2 if center else 0.0)
+        py = y * h - size * (0.36 if center else 0.76)  # baseline: middle or top of the first line
+        self.ops.append(f"{color[0]:.3f} {color[1]:.3f} {color[2]:.3f} rg BT /{font} {size:g} Tf "
+                        f"{size * leading:.2f} TL {px:.2f} {py:.2f} Td")
+        for n, line in enumerate(lines):
+            self.ops.append(("T* " if n else "") + f"({_pdf_string(line)}) Tj")
+        self.ops.append("ET")
+
+    def rect(self, x: float, y: float, width: float, height: float, color: tuple[float, float, float]) -> None:
+        w, h = _PAGE
+        self.ops.append(f"{color[0]:.3f} {color[1]:.3f} {color[2]:.3f} rg {x * w:.2f} {y * h:.2f} "
+                        f"{width * w:.2f} {height * h:.2f} re f")
+
+    def image(self, x: float, y: float, width: float, height: float) -> None:
+        w, h = _PAGE
+        self.ops.append(f"q {width * w:.2f} 0 0 {height * h:.2f} {x * w:.2f} {y * h:.2f} cm /Im1 Do Q")
+
+
+def _width(text: str, size: float, font: str) -> float:
+    """Rough advance width (points) for centring: Courier exactly, Helvetica on average."""
+    return len(text) * size * (0.6 if font == "F3" else 0.61 if font == "F2" else 0.55)
+
+
+def _pdf_string(text: str) -> str:
+    """A PDF literal string in WinAnsi (cp1252): Latin names print as themselves; characters
+    outside it as "?" (the fonts have no glyphs for them anyway)."""
+    out = []
+    for byte in text.encode("cp1252", errors="replace"):
+        char = chr(byte)
+        if char in "\\()":
+            out.append("\\" + char)
+        elif 32 <= byte < 127:
+            out.append(char)
+        else:
+            out.append(f"\\{byte:03o}")
+    return "".join(out)
+
+
+def _pdf_text(text: str) -> str:
+    """A PDF text string for the Info dictionary (ASCII)."""
+    return _pdf_string(text.encode("ascii", errors="replace").decode("ascii"))
+
+
+def _document(page: _Page, jpeg: bytes, size: tuple[int, int]) -> bytes:
+    """The file: catalog, pages, page, content, fonts, the picture, info; no dates, so the same
+    page gives the same bytes."""
+    content = "\n".join(page.ops).encode("latin-1")
+    fonts = " ".join(f"/{key} {5 + i} 0 R" for i, key in enumerate(_FONTS))
+    image_id = 5 + len(_FONTS)
+    objects: list[bytes] = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        (f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {_PAGE[0]} {_PAGE[1]}] /Contents 4 0 R "
+         f"/Resources << /Font << {fonts} >> /XObject << /Im1 {image_id} 0 R >> >> >>").encode(),
+        b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream",
+        *[f"<< /Type /Font /Subtype /Type1 /BaseFont /{name} /Encoding /WinAnsiEncoding >>".encode()
+          for name in _FONTS.values()],
+        (f"<< /Type /XObject /Subtype /Image /Width {size[0]} /Height {size[1]} /ColorSpace /DeviceRGB "
+         f"/BitsPerComponent 8 /Filter /DCTDecode /Length {len(jpeg)} >>\nstream\n").encode() + jpeg + b"\nendstream",
+        (f"<< /Title ({_pdf_text(DOCUMENT_TITLE)}) /Creator ({_pdf_text(MANUFACTURER)}) "
+         f"/Producer ({_pdf_text(MANUFACTURER)}) >>").encode(),
+    ]
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n" % number + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    for offset in offsets:
+        out.write(b"%010d 00000 n \n" % offset)
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R /Info %d 0 R >>\nstartxref\n%d\n%%%%EOF\n"
+              % (len(objects) + 1, len(objects), xref))
+    return out.getvalue()
+
+
+GREY = (0.267, 0.267, 0.267)
+
+
 def render_pdf(header: Dataset, estimate: BmdEstimate, pixels: np.ndarray, now: datetime.datetime) -> bytes:
-    """The report page as PDF bytes."""
-    from matplotlib.backends.backend_pdf import FigureCanvasPdf
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
+    """The report page as PDF bytes.
 
+    Written directly (a few hundred bytes of operators and the picture as a JPEG): drawing the
+    page with matplotlib took about 0.4 s an image, as long as the rest of the report."""
     algo = estimate.algorithm
-    fig = Figure(figsize=A4_INCHES)
-    FigureCanvasPdf(fig)
-
-    def text(x: float, y: float, value: str, **kwargs: object) -> None:
-        # header text is data: a "$" in a study description must not start TeX math (it raises)
-        fig.text(x, y, value, parse_math=False, **kwargs)  # type: ignore[arg-type]
-
+    page = _Page()
     top = 0.965
     if estimate.demo:
-        fig.patches.append(Rectangle((0, 0.935), 1, 0.065, transform=fig.transFigure,
-                                     facecolor="#c80000", edgecolor="none"))
-        text(0.5, 0.967, DEMO_PREFIX, ha="center", va="center", color="white", fontsize=17, weight="bold")
+        page.rect(0, 0.935, 1, 0.065, (0.784, 0.0, 0.0))
+        page.text(0.5, 0.967, DEMO_PREFIX, 17, font="F2", color=(1, 1, 1), center=True)
         top = 0.915
-    text(0.06, top, DOCUMENT_TITLE, fontsize=16, weight="bold", va="top")
-    text(0.06, top - 0.03, "Software estimate from a frontal chest radiograph - not a DXA measurement",
-             fontsize=9.5, va="top", color="#444444")
+    page.text(0.06, top, DOCUMENT_TITLE, 16, font="F2")
+    page.text(0.06, top - 0.03, "Software estimate from a frontal chest radiograph - not a DXA measurement",
+              9.5, color=GREY)
     y = top - 0.065
     for label, value in _identifiers(header):
-        text(0.06, y, label, fontsize=9, va="top", color="#444444")
-        text(0.22, y, _fit(value), fontsize=9, va="top")
+        page.text(0.06, y, label, 9, color=GREY)
+        page.text(0.22, y, _fit(value), 9)
         y -= 0.018
 
     # results table (left) and the picture (right)
     table_top = y - 0.015
-    text(0.06, table_top, "Results", fontsize=12, weight="bold", va="top")
+    page.text(0.06, table_top, "Results", 12, font="F2")
     ty = table_top - 0.03
     for x, head in ((0.06, "Site"), (0.19, "BMD (g/cm2)"), (0.34, "T-score")):
-        text(x, ty, head, fontsize=10, weight="bold", va="top")
+        page.text(x, ty, head, 10, font="F2")
     for row in result_rows(estimate):
         ty -= 0.022
-        text(0.06, ty, row.site, fontsize=10, va="top", family="DejaVu Sans Mono")
-        text(0.19, ty, row.bmd_text, fontsize=10, va="top", family="DejaVu Sans Mono")
-        text(0.34, ty, row.tscore_text, fontsize=10, va="top", family="DejaVu Sans Mono")
+        for x, cell in ((0.06, row.site), (0.19, row.bmd_text), (0.34, row.tscore_text)):
+            page.text(x, ty, cell, 10, font="F3")
     ty -= 0.035
-    text(0.06, ty, "WHO category (L1-L4)", fontsize=10, va="top", color="#444444")
-    text(0.06, ty - 0.02, category_text(estimate), fontsize=13, weight="bold", va="top")
+    page.text(0.06, ty, "WHO category (L1-L4)", 10, color=GREY)
+    page.text(0.06, ty - 0.02, category_text(estimate), 13, font="F2")
     if estimate.tscores.tscore is None and estimate.tscores.reason:
-        text(0.06, ty - 0.05, textwrap.fill(estimate.tscores.reason, 48), fontsize=8, va="top")
+        page.text(0.06, ty - 0.05, textwrap.fill(estimate.tscores.reason, 48), 8)
 
-    film = np.asarray(render_film(pixels, estimate, max_side=900)[0])
-    h, w = film.shape[:2]
+    film = render_film(pixels, estimate, max_side=900)[0].convert("RGB")
+    w, h = film.size
     box_w, box_h = 0.46, 0.36
-    aspect = (w / h) * (A4_INCHES[1] / A4_INCHES[0])  # figure-fraction width per unit height
+    aspect = (w / h) * (A4_INCHES[1] / A4_INCHES[0])  # page-fraction width per unit height
     pic_h = min(box_h, box_w / aspect)
     pic_w = pic_h * aspect
-    ax = fig.add_axes((0.48 + (box_w - pic_w) / 2, table_top - pic_h, pic_w, pic_h))
-    ax.imshow(film, interpolation="antialiased")
-    ax.set_axis_off()
+    page.image(0.48 + (box_w - pic_w) / 2, table_top - pic_h, pic_w, pic_h)
+    jpeg = io.BytesIO()
+    film.save(jpeg, format="JPEG", quality=90)
     y = min(ty - 0.1, table_top - pic_h - 0.03)
 
     body = [METHOD, LIMITS] + statements(estimate)[1:]  # the first statement is the heading above
     for paragraph in body:
         wrapped = textwrap.fill(paragraph, 105)
-        text(0.06, y, wrapped, fontsize=8.3, va="top", linespacing=1.35)
+        page.text(0.06, y, wrapped, 8.3, leading=1.35)
         y -= 0.0155 * (wrapped.count("\n") + 1) + 0.012
-    text(0.06, max(y, 0.09), textwrap.fill(
+    page.text(0.06, max(y, 0.09), textwrap.fill(
         f"Model: {algo.name} {algo.version} (model id {algo.model_id}). Software: {MANUFACTURER} "
-        f"{screener.__version__}.", 105), fontsize=8, va="top", color="#444444")
-    text(0.06, 0.035, f"Generated {now.strftime('%Y-%m-%d %H:%M')} by {MANUFACTURER}. "
-             "Derived report: not for primary diagnosis.", fontsize=7.5, color="#444444")
-    out = io.BytesIO()
-    # No CreationDate: identical results give identical bytes (deterministic objects).
-    fig.savefig(out, format="pdf", metadata={"CreationDate": None, "Creator": MANUFACTURER,
-                                             "Producer": MANUFACTURER, "Title": DOCUMENT_TITLE})
-    return out.getvalue()
+        f"{screener.__version__}.", 105), 8, color=GREY)
+    page.text(0.06, 0.035, f"Generated {now.strftime('%Y-%m-%d %H:%M')} by {MANUFACTURER}. "
+              "Derived report: not for primary diagnosis.", 7.5, color=GREY)
+    return _document(page, jpeg.getvalue(), (w, h))
 
 
 def build_pdf(

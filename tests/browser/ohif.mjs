@@ -7,7 +7,8 @@
 //        "steps": [{"name": "sr", "open": "<series description>", "waitText": "<optional>"}]}
 // For each step the series whose thumbnail carries that description is double-clicked into the
 // viewport, and once the network is quiet (and, with waitText, once an annotation containing
-// that text is drawn, or 90 s have passed) a screenshot <out_dir>/<name>.png is taken. Printed
+// that text is drawn: opened again after 30 s without, three tries) a screenshot
+// <out_dir>/<name>.png is taken. Printed
 // on stdout, one JSON document: per step the texts drawn over the image (SVG annotation
 // layer), the counts of drawn shapes, the viewport's text, the PDF object's data URL, whether
 // an error boundary or an error toast showed, and the console errors.
@@ -75,14 +76,21 @@ try {
   result.load = { ...(await snapshot()), consoleErrors };
   consoleErrors = [];
   for (const step of spec.steps) {
-    const found = await clickText(step.open, 2);
+    let found = await clickText(step.open, 2);
     await settle();
     if (found && step.waitText) {
       // On a loaded machine the SR's annotations can come well after the network is quiet
-      // (the referenced image is decoded and drawn in software first): wait for them, bounded.
-      const deadline = Date.now() + (step.waitMs ?? 90000);
-      while (Date.now() < deadline && !(await snapshot()).svgTexts.some((t) => t.includes(step.waitText))) {
-        await sleep(1000);
+      // (the referenced image is decoded and drawn in software first), and now and then OHIF
+      // shows the SR's image without its annotations: wait, bounded, and open the series
+      // again as a reader would (three tries).
+      const drawn = async () => (await snapshot()).svgTexts.some((t) => t.includes(step.waitText));
+      for (let attempt = 0; attempt < 3 && !(await drawn()); attempt++) {
+        const deadline = Date.now() + (step.waitMs ?? 30000);
+        while (Date.now() < deadline && !(await drawn())) await sleep(1000);
+        if (!(await drawn()) && attempt < 2) {
+          found = await clickText(step.open, 2);
+          await settle();
+        }
       }
       await sleep(1000);
     }
