@@ -14,11 +14,12 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["RestartPolicy", "default_processes", "spawn"]
+__all__ = ["RestartPolicy", "default_processes", "spawn", "stop_children"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -37,6 +38,25 @@ def spawn(target: Callable[..., None], args: tuple[Any, ...], name: str) -> Spaw
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return process
+
+
+class Child(Protocol):
+    lifeline: Connection
+    process: SpawnProcess
+
+
+def stop_children(children: Sequence[Child], timeout_s: float, kind: str) -> None:
+    """Close every child's lifeline (its cue to finish and exit), wait for all of them within one
+    deadline of ``timeout_s``, and terminate those still running then."""
+    for child in children:
+        child.lifeline.close()
+    deadline = time.monotonic() + timeout_s
+    for process in (child.process for child in children):
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            LOGGER.warning("%s %s did not stop in %.0f s; terminating", kind, process.name, timeout_s)
+            process.terminate()
+            process.join(5)
 
 
 def default_processes() -> int:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from screener.config import Settings, build_decode_limits, build_eligibility_rules
 from screener.logs import configure_logging
 from screener.store.models import Event
-from screener.supervise import CONTEXT, RestartPolicy, default_processes, spawn
+from screener.supervise import CONTEXT, RestartPolicy, default_processes, spawn, stop_children
 
 __all__ = ["StageTail", "WorkerPool"]
 
@@ -188,15 +188,7 @@ class WorkerPool:
         with self._lock:
             self._stopping = True
             children, self._children = self._children, []
-        for child in children:
-            child.lifeline.close()
-        deadline = time.monotonic() + timeout_s
-        for process in (child.process for child in children):
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                LOGGER.warning("worker process %s did not stop in %.0f s; terminating", process.name, timeout_s)
-                process.terminate()
-                process.join(5)
+        stop_children(children, timeout_s, "worker process")
 
 
 class StageTail:

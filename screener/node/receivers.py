@@ -40,7 +40,7 @@ from screener.logs import configure_logging
 from screener.node import receive
 from screener.node.spool import INCOMING
 from screener.store.db import make_engine, session_factory
-from screener.supervise import CONTEXT, RestartPolicy, spawn
+from screener.supervise import CONTEXT, RestartPolicy, spawn, stop_children
 
 LOGGER = logging.getLogger(__name__)
 
@@ -244,12 +244,4 @@ class ReceiverPool:
         with self._lock:
             self._stopping = True
             children, self._children = self._children, []
-        for child in children:
-            child.lifeline.close()
-        deadline = time.monotonic() + timeout_s
-        for process in (child.process for child in children):
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                LOGGER.warning("receive process %s did not stop in %.0f s; terminating", process.name, timeout_s)
-                process.terminate()
-                process.join(5)
+        stop_children(children, timeout_s, "receive process")

@@ -10,7 +10,7 @@ a process on this same host that no longer exists (a backfill killed and started
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -24,7 +24,7 @@ from screener.codes import ReasonCode
 from screener.store.models import BackfillRun, BackfillState, BackfillStudy, Event, Instance, Job, JobState
 from screener.store.queue import _now, _write_transaction
 
-__all__ = ["NewStudy", "RunProgress", "claim_study", "finish_run_if_done", "finish_study", "held_by", "list_studies",
+__all__ = ["NewStudy", "RunProgress", "claim_study", "finish_run_if_done", "finish_study", "list_studies",
            "open_run", "progress", "release_study", "renew_study", "retry_study", "runs", "screened_instances", "set_queried_through"]
 
 _FINAL_JOB_STATES = (JobState.DONE, JobState.INELIGIBLE, JobState.FAILED)
@@ -173,14 +173,22 @@ def claim_study(session_factory: sessionmaker[Session], run_id: int, owner: str,
     return study
 
 
+def _held(session: Session, study_id: int, owner: str) -> BackfillStudy | None:
+    """The study if ``owner`` still holds it (locked, as it is now), else None."""
+    study = session.get(BackfillStudy, study_id, with_for_update=True, populate_existing=True)
+    if study is None or study.state != BackfillState.RUNNING or study.lease_owner != owner:
+        return None
+    return study
+
+
 def finish_study(session_factory: sessionmaker[Session], study_id: int, owner: str, state: BackfillState, *,
                  images: int = 0, reason: ReasonCode | None = None, message: str | None = None,
                  model_id: str | None = None, peer_ae: str | None = None, now: datetime | None = None) -> bool:
     """Record a claimed study's end with its audit event; False if ``owner`` no longer holds it."""
     now = _now(now)
     with session_factory() as session, _write_transaction(session):
-        study = session.get(BackfillStudy, study_id, with_for_update=True, populate_existing=True)
-        if study is None or study.state != BackfillState.RUNNING or study.lease_owner != owner:
+        study = _held(session, study_id, owner)
+        if study is None:
             return False
         study.state = state.value
         study.reason_code = reason.value if reason else None
@@ -201,8 +209,8 @@ def retry_study(session_factory: sessionmaker[Session], study_id: int, owner: st
     """A failed retrieval: pending again after ``delay_s``, or failed once attempts are used up."""
     now = _now(now)
     with session_factory() as session, _write_transaction(session):
-        study = session.get(BackfillStudy, study_id, with_for_update=True, populate_existing=True)
-        if study is None or study.state != BackfillState.RUNNING or study.lease_owner != owner:
+        study = _held(session, study_id, owner)
+        if study is None:
             return None
         final = study.attempts >= max_attempts
         study.state = BackfillState.FAILED if final else BackfillState.PENDING
@@ -256,11 +264,11 @@ def progress(session: Session, run_id: int) -> RunProgress:
     if run is None:
         raise KeyError(f"no backfill run {run_id}")
     counts = dict(session.execute(select(BackfillStudy.state, func.count()).where(BackfillStudy.run_id == run_id)
-                                  .group_by(BackfillStudy.state)).tuples().all())
+                                  .group_by(BackfillStudy.state)).all())
     skipped = dict(session.execute(
         select(BackfillStudy.reason_code, func.count())
         .where(BackfillStudy.run_id == run_id, BackfillStudy.state == BackfillState.SKIPPED)
-        .group_by(BackfillStudy.reason_code)).tuples().all())
+        .group_by(BackfillStudy.reason_code)).all())
     images = int(session.scalar(select(func.coalesce(func.sum(BackfillStudy.images), 0))
                                 .where(BackfillStudy.run_id == run_id)) or 0)
     done_studies = select(BackfillStudy.study_uid).where(BackfillStudy.run_id == run_id,
@@ -276,20 +284,13 @@ def progress(session: Session, run_id: int) -> RunProgress:
                        started_at=run.created_at, finished_at=run.finished_at)
 
 
-def held_by(session: Session, run_id: int) -> Sequence[str]:
-    """Owners holding studies of the run now (the nodes working on it)."""
-    return list(session.scalars(select(BackfillStudy.lease_owner).distinct().where(
-        BackfillStudy.run_id == run_id, BackfillStudy.state == BackfillState.RUNNING,
-        BackfillStudy.lease_owner.is_not(None))))
-
-
 def release_study(session_factory: sessionmaker[Session], study_id: int, owner: str,
                   now: datetime | None = None) -> bool:
     """Give a claimed study back untouched (the backfill was stopped): pending, the attempt not counted."""
     now = _now(now)
     with session_factory() as session, _write_transaction(session):
-        study = session.get(BackfillStudy, study_id, with_for_update=True, populate_existing=True)
-        if study is None or study.state != BackfillState.RUNNING or study.lease_owner != owner:
+        study = _held(session, study_id, owner)
+        if study is None:
             return False
         study.state = BackfillState.PENDING
         study.attempts = max(0, study.attempts - 1)
@@ -303,8 +304,8 @@ def renew_study(session_factory: sessionmaker[Session], study_id: int, owner: st
     """Extend the lease while a study's series are being retrieved one after another."""
     now = _now(now)
     with session_factory() as session, _write_transaction(session):
-        study = session.get(BackfillStudy, study_id, with_for_update=True, populate_existing=True)
-        if study is None or study.state != BackfillState.RUNNING or study.lease_owner != owner:
+        study = _held(session, study_id, owner)
+        if study is None:
             return False
         study.lease_expires_at = now + timedelta(seconds=lease_seconds)
         return True
