@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,10 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from screener.node.retrieve import Peer, find_studies  # noqa: E402
-from tests.support.archive import make_archive  # noqa: E402
+from tests.support.archive import backfill_stack, make_archive, run_backfill  # noqa: E402
 from tests.support.common import wait_for  # noqa: E402
-from tests.support.orthanc import Orthanc  # noqa: E402
-from tests.support.serve import Node  # noqa: E402
 
 
 def _find_seconds(peer: Peer) -> float:
@@ -46,35 +42,20 @@ def _p95(values: list[float]) -> float:
 
 def run(films: int, associations: int, workers: int, work: Path) -> dict[str, float]:
     archive = make_archive(work / "films", films)
-    node = Node(work, 0, calling="ORTHANC", pacs_ae="ORTHANC")
-    orthanc = Orthanc(work, node.port, route=False)
+    orthanc, node = backfill_stack(work, archive, workers, associations=associations, images_per_minute=0.0,
+                                   max_queued_jobs=20)
     try:
-        for path in archive.files:
-            orthanc.upload(path)
-        config = node.config.read_text().replace("port = 0\n", f"port = {orthanc.dicom}\n")
-        config = config.replace("workers = 1 ", f"workers = {workers} ").replace("[[destinations]]", f"""[backfill]
-source_ae_title = "ORTHANC"
-source_host = "127.0.0.1"
-source_port = {orthanc.dicom}
-associations = {associations}
-images_per_minute = 0.0
-max_queued_jobs = 20
-[[destinations]]""")
-        node.config.write_text(config)
         node.start()
         peer = Peer("ORTHANC", "127.0.0.1", orthanc.dicom, calling_ae="CXRBMD")  # a modality Orthanc knows
         idle = [_find_seconds(peer) for _ in range(10)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        proc = subprocess.Popen([sys.executable, "-m", "screener.cli", "backfill", "run", "--from", "2024-01-01",
-                                 "--to", "2024-01-31", "--quiet", "--config", str(node.config)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+        proc = run_backfill(node, "run", "--from", "2024-01-01", "--to", "2024-01-31", "--quiet",
+                            log=work / "backfill.log")
         busy = []
         while proc.poll() is None:
             busy.append(_find_seconds(peer))
             time.sleep(0.5)
-        out = proc.stdout.read() if proc.stdout else ""
         if proc.returncode != 0:
-            raise SystemExit(f"the backfill failed ({proc.returncode}):\n{out}")
+            raise SystemExit(f"the backfill failed ({proc.returncode}):\n{(work / 'backfill.log').read_text()}")
         wait_for("every film screened", lambda: node.query(
             "select count(*) from jobs where state in ('done', 'ineligible', 'failed')") == [(films,)], 1800, 1.0)
         [(first, last_received)] = node.query("select min(time), max(time) from events where kind = 'received'")

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from datetime import time as clock_time
+
 import structlog
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from screener.codes import ReasonCode
@@ -50,13 +50,14 @@ from screener.store.backfill import (
     list_studies,
     open_run,
     progress,
+    queued_jobs,
     release_study,
     renew_study,
     retry_study,
     screened_instances,
     set_queried_through,
 )
-from screener.store.models import BackfillState, Job, JobState
+from screener.store.models import BackfillState
 
 __all__ = ["AgeBand", "Backfill", "Limits", "Plan", "QuietHours", "Throttle", "parse_quiet_hours"]
 
@@ -171,13 +172,12 @@ class Plan:
 
 
 class Backfill:
-    def __init__(self, plan: Plan, config: Limits, sessions: sessionmaker[Session],
+    def __init__(self, plan: Plan, limits: Limits, sessions: sessionmaker[Session],
                  wall_clock: Callable[[], datetime] = lambda: datetime.now().astimezone()) -> None:
         self.plan = plan
-        self.config = config
+        self.limits = limits
         self._sessions = sessions
-        self._throttle = Throttle(config.images_per_minute)
-        self._quiet = config.quiet_hours
+        self._throttle = Throttle(limits.images_per_minute)
         self._wall_clock = wall_clock
         # "<host>:<pid>:<token>": a claim of a process that died on this host is taken back at once
         # (screener.store.backfill._holder_is_gone); the token keeps two runners in one process apart.
@@ -193,11 +193,10 @@ class Backfill:
 
     def query(self, stop: threading.Event) -> None:
         """List the range's studies, ``query_days`` at a time, from where an earlier run stopped."""
-        with self._sessions() as session:
-            through = progress(session, self.run_id).queried_through
+        through = self.progress().queried_through
         day = self.plan.first if through is None else through + timedelta(days=1)
         while day <= self.plan.last and not stop.is_set():
-            end = min(day + timedelta(days=self.config.query_days - 1), self.plan.last)
+            end = min(day + timedelta(days=self.limits.query_days - 1), self.plan.last)
             hits = find_studies(self.plan.peer, day, end, self.plan.modalities)
             new = list_studies(self._sessions, self.run_id, [self._listed(hit) for hit in hits])
             set_queried_through(self._sessions, self.run_id, end)
@@ -215,7 +214,7 @@ class Backfill:
         """Retrieve every pending study with ``associations`` threads; returns when none is left
         (or ``stop`` is set: the studies in hand are finished first)."""
         threads = [threading.Thread(target=self._retrieve_loop, args=(stop, f"{self._owner}:{n}"),
-                                    name=f"backfill-{n}", daemon=True) for n in range(self.config.associations)]
+                                    name=f"backfill-{n}", daemon=True) for n in range(self.limits.associations)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -227,8 +226,8 @@ class Backfill:
             try:
                 if not self._may_start(stop):
                     continue
-                study = claim_study(self._sessions, self.run_id, owner, self.config.lease_seconds,
-                                    self.config.max_attempts)
+                study = claim_study(self._sessions, self.run_id, owner, self.limits.lease_seconds,
+                                    self.limits.max_attempts)
                 if study is None:
                     if self.progress().left == 0:
                         return
@@ -244,14 +243,14 @@ class Backfill:
 
     def _may_start(self, stop: threading.Event) -> bool:
         """Wait out the quiet hours and a full queue; False when the caller should look again."""
-        if self._quiet is not None:
-            left = self._quiet.seconds_left(self._wall_clock())
+        if self.limits.quiet_hours is not None:
+            left = self.limits.quiet_hours.seconds_left(self._wall_clock())
             if left > 0:
                 stop.wait(min(left, 60.0))
                 return False
         with self._sessions() as session:
-            queued = session.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED)) or 0
-        if queued > self.config.max_queued_jobs:
+            queued = queued_jobs(session)
+        if queued > self.limits.max_queued_jobs:
             stop.wait(2.0)
             return False
         return True
@@ -279,7 +278,7 @@ class Backfill:
                     continue
                 wait = self._throttle.delay(series.instances or 1)
                 # the lease must outlast the wait for its turn as well as the retrieval
-                if not renew_study(self._sessions, study_id, owner, self.config.lease_seconds + wait):
+                if not renew_study(self._sessions, study_id, owner, self.limits.lease_seconds + wait):
                     log.warning("backfill_lease_lost", study_id=study_id, owner=owner)
                     return
                 if wait > 0 and stop.wait(wait):
@@ -306,7 +305,7 @@ class Backfill:
             message = f"{type(error).__name__}: {scrub(error)}"
             with self._lock:
                 self._failures_in_a_row += 1
-                tripped = self._failures_in_a_row >= 2 * self.config.associations
+                tripped = self._failures_in_a_row >= 2 * self.limits.associations
             if tripped:
                 # Every retrieval fails (a PACS that does not know the move destination answers
                 # 0xA801 or, like Orthanc, 0xC000; a PACS gone down): stop rather than fail the
@@ -316,8 +315,8 @@ class Backfill:
                     f"{self._failures_in_a_row} retrievals in a row failed (last: {message}); check that the PACS "
                     f"knows the move destination {self.plan.destination_ae!r} (host and port of this node) and "
                     f"lets {peer.calling_ae!r} query and retrieve") from error
-            state = retry_study(self._sessions, study_id, owner, self.config.retry_after_s, message,
-                                self.config.max_attempts, reason=reason, peer_ae=peer.ae_title)
+            state = retry_study(self._sessions, study_id, owner, self.limits.retry_after_s, message,
+                                self.limits.max_attempts, reason=reason, peer_ae=peer.ae_title)
             log.warning("backfill_study_failed", study_id=study_id, error=message, state=state)
 
     def _finish(self, study_id: int, owner: str, state: BackfillState, *, reason: ReasonCode | None = None,

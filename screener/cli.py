@@ -30,6 +30,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the commands import what they use when they run (a fast --help)
+    from screener.store.backfill import RunProgress
 
 __all__ = ["main", "build_parser"]
 
@@ -242,7 +246,7 @@ def _cmd_backfill_run(a: argparse.Namespace) -> int:
     from screener.config import ConfigError
     from screener.logs import configure_logging
     from screener.node.retrieve import Peer, QueryError
-    from screener.pipeline.bundle import ModelBundle
+    from screener.pipeline.bundle import model_id_of, read_manifest
 
     settings = _settings(a)
     config = settings.backfill
@@ -254,7 +258,7 @@ def _cmd_backfill_run(a: argparse.Namespace) -> int:
     if last < first:
         raise ValueError(f"--to {last} is before --from {first}")
     rules = settings.eligibility
-    bundle = ModelBundle.load(settings.model.bundle or None)
+    _, manifest = read_manifest(settings.model.bundle or None)  # its id only: the node's workers screen
     plan = Plan(
         peer=Peer(ae_title=config.source_ae_title, host=config.source_host, port=config.source_port,
                   calling_ae=config.calling_ae or settings.node.ae_title),
@@ -262,7 +266,7 @@ def _cmd_backfill_run(a: argparse.Namespace) -> int:
         band=AgeBand(a.min_age if a.min_age is not None else rules.min_age, a.max_age,
                      include_unknown=rules.missing_age == "accept"),
         modalities=tuple(m.upper() for m in rules.modalities), body_parts=tuple(b.upper() for b in rules.body_parts),
-        model_id=bundle.model_id)
+        model_id=model_id_of(manifest))
     configure_logging()
     backfill = Backfill(plan, config.limits(), _sessions(settings))
     print(f"backfill run {backfill.run_id} ({'new' if backfill.created else 'resumed'}): {plan.peer.label}, "
@@ -303,7 +307,7 @@ def _cmd_backfill_run(a: argparse.Namespace) -> int:
     return 1 if final.counts.get("failed") else 0
 
 
-def _progress_line(p) -> str:  # type: ignore[no-untyped-def]
+def _progress_line(p: RunProgress) -> str:
     counts = "  ".join(f"{k} {p.counts.get(k, 0)}" for k in ("pending", "running", "done", "skipped", "failed"))
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(p.skipped.items()))
     state = f"finished {p.finished_at:%Y-%m-%d %H:%M}" if p.finished_at else (

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from screener.backfill import Limits, parse_quiet_hours
+from screener.node.aetitle import validate_ae_title
 from screener.node.dispatch import DispatchSettings
 from screener.node.receive import ReceiveSettings
 from screener.pipeline.decode import DecodeLimits
@@ -274,8 +275,6 @@ class BackfillConfig:
     retry_after_s: float = 60.0
 
     def __post_init__(self) -> None:
-        from screener.node.aetitle import validate_ae_title
-
         for key in ("source_ae_title", "calling_ae", "move_destination"):
             if getattr(self, key):
                 try:

@@ -1,9 +1,10 @@
 """Worker: claim queued jobs, run the pipeline on their spooled files, record each outcome.
 
 One worker is one thread with its own :class:`~screener.process.Processor` (its own model copy).
-A batch is claimed under a lease, renewed while it runs; each job then ends in one transaction with its audit event
-and, when reported, one outbox row per destination and object kind. A worker killed mid-batch
-leaves its leases to expire, and the jobs are claimed again (screener.store.queue.claim_jobs).
+A batch is claimed under a lease, renewed while it runs; each job then ends in one transaction
+with its audit event and, when reported, one outbox row per destination and object kind. A
+worker killed mid-batch leaves its leases to expire, and the jobs are claimed again
+(screener.store.queue.claim_jobs).
 """
 
 from __future__ import annotations

@@ -5,10 +5,8 @@ runners sharing one backfill on PostgreSQL."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from datetime import time as clock_time
@@ -17,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from screener.backfill import AgeBand, QuietHours, Throttle, parse_quiet_hours
-from tests.support.archive import Archive, make_archive
-from tests.support.common import ROOT, wait_for
+from tests.support.archive import Archive, backfill_stack, make_archive, run_backfill
+from tests.support.common import wait_for
 from tests.support.orthanc import Orthanc
 from tests.support.serve import Node
 
@@ -63,30 +61,9 @@ def test_age_band() -> None:
 RANGE = ("--from", "2024-01-01", "--to", "2024-01-31")
 
 
-def _backfill_config(node: Node, orthanc: Orthanc, **extra: object) -> None:
-    values = {"source_ae_title": "ORTHANC", "source_host": "127.0.0.1", "source_port": orthanc.dicom,
-              "retry_after_s": 1.0, "query_days": 10, **extra}
-    lines = "\n".join(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}"
-                      for k, v in values.items())
-    node.config.write_text(node.config.read_text().replace("[[destinations]]", f"[backfill]\n{lines}\n[[destinations]]"))
-
-
 def _stack(tmp_path: Path, archive: Archive, workers: int = 1, **backfill: object) -> tuple[Orthanc, Node]:
-    node = Node(tmp_path, 0, calling="ORTHANC", pacs_ae="ORTHANC")
-    orthanc = Orthanc(tmp_path, node.port, route=False)
-    for path in archive.files:
-        orthanc.upload(path)
-    node.config.write_text(node.config.read_text().replace("port = 0\n", f"port = {orthanc.dicom}\n")
-                           .replace("workers = 1 ", f"workers = {workers} "))
-    _backfill_config(node, orthanc, **backfill)
-    return orthanc, node
-
-
-def _backfill(node: Node, *args: str, log: Path | None = None) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = log.open("w") if log is not None else subprocess.PIPE
-    return subprocess.Popen([sys.executable, "-m", "screener.cli", "backfill", *args, "--config", str(node.config)],
-                            stdout=out, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    # retries after 1 s and 10-day query windows: a test's studies span a month
+    return backfill_stack(tmp_path, archive, workers, retry_after_s=1.0, query_days=10, **backfill)
 
 
 def _finish(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -105,7 +82,7 @@ def test_backfill_screens_the_archive_resumes_after_kill_9_and_does_nothing_twic
     orthanc, node = _stack(tmp_path, archive, workers=2, associations=2, images_per_minute=0.0, max_queued_jobs=20)
     try:
         node.start()
-        first = _backfill(node, "run", *RANGE, "--quiet")
+        first = run_backfill(node, "run", *RANGE, "--quiet")
         def a_third_done() -> bool:
             if first.poll() is not None:
                 pytest.fail(f"the backfill exited with {first.returncode}: {first.stdout.read() if first.stdout else ''}")
@@ -116,7 +93,7 @@ def test_backfill_screens_the_archive_resumes_after_kill_9_and_does_nothing_twic
         first.wait(10)
         in_hand = {uid for (uid,) in node.query("select study_uid from backfill_studies where state = 'running'")}
         assert len(in_hand) <= 2  # associations = 2
-        out = _finish(_backfill(node, "run", *RANGE, "--quiet"), 900)
+        out = _finish(run_backfill(node, "run", *RANGE, "--quiet"), 900)
         assert "resumed" in out
         wait_for("every retrieved film screened", lambda: node.query(
             "select count(*) from jobs where state in ('done', 'ineligible', 'failed')") == [(200,)], 600, 1.0)
@@ -132,12 +109,12 @@ def test_backfill_screens_the_archive_resumes_after_kill_9_and_does_nothing_twic
         # a study in hand at the kill was claimed again (one more attempt); the others once
         [(again_claimed,)] = node.query("select count(*) from backfill_studies where attempts > 1")
         assert again_claimed <= len(in_hand) + 2  # + a transient C-MOVE retry, should one happen
-        status = _finish(_backfill(node, "status"), 60)
+        status = _finish(run_backfill(node, "status"), 60)
         assert "done 200" in status and "out-of-age-band 10" in status and "screened 200" in status, status
         assert node.query("select count(*) from events where kind = 'backfill_finished'") == [(1,)]
         # The same model again over part of the range (a new run): nothing is retrieved twice.
         before = node.query("select count(*) from events where kind in ('received', 'duplicate')")
-        out = _finish(_backfill(node, "run", "--from", "2024-01-15", "--to", "2024-01-31", "--quiet"), 300)
+        out = _finish(run_backfill(node, "run", "--from", "2024-01-15", "--to", "2024-01-31", "--quiet"), 300)
         assert node.query("select count(*) from events where kind in ('received', 'duplicate')") == before
         [(skipped,)] = node.query("select count(*) from backfill_studies where run_id = 2 and reason_code = 'already-screened'")
         assert skipped > 50 and "already-screened" in out, out
@@ -155,7 +132,7 @@ def test_backfill_keeps_its_throttle_and_its_quiet_hours(tmp_path: Path) -> None
         # A move destination the PACS does not know (Orthanc answers 0xC000): the run stops after
         # a few retrievals with the reason, and no study is failed for it (the same command resumes once the PACS is fixed).
         node.config.write_text(config.replace("[backfill]\n", "[backfill]\nmove_destination = \"NOSUCHAE\"\n"))
-        proc = _backfill(node, "run", *RANGE, "--quiet")
+        proc = run_backfill(node, "run", *RANGE, "--quiet")
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 1 and "retrievals in a row failed" in out and "'NOSUCHAE'" in out, out
         assert node.query("select count(*) from backfill_studies where state in ('failed', 'running')") == [(0,)]
@@ -164,7 +141,7 @@ def test_backfill_keeps_its_throttle_and_its_quiet_hours(tmp_path: Path) -> None
         quiet = f"{(now.hour - 1) % 24:02d}:00-{(now.hour + 2) % 24:02d}:00"
         node.config.write_text(config.replace("[backfill]\n", f"[backfill]\nquiet_hours = \"{quiet}\"\n"))
         log = tmp_path / "quiet.log"
-        proc = _backfill(node, "run", *RANGE, "--quiet", log=log)
+        proc = run_backfill(node, "run", *RANGE, "--quiet", log=log)
         wait_for("the run to start", lambda: "backfill run 1 (resumed)" in log.read_text(), 120, 0.2)
         time.sleep(3)  # waiting out the quiet hours
         proc.send_signal(signal.SIGTERM)
@@ -174,7 +151,7 @@ def test_backfill_keeps_its_throttle_and_its_quiet_hours(tmp_path: Path) -> None
         assert node.query("select count(*) from instances") == [(0,)] and "run the same command again" in out, out
         # Outside quiet hours: 60 images a minute, at most 2 retrievals at once.
         node.config.write_text(config)
-        proc = _backfill(node, "run", *RANGE, "--quiet")
+        proc = run_backfill(node, "run", *RANGE, "--quiet")
         most = 0
         while proc.poll() is None:
             most = max(most, node.query("select count(*) from backfill_studies where state = 'running'")[0][0])
@@ -200,7 +177,7 @@ def test_two_runners_share_one_backfill_on_postgresql(tmp_path: Path, postgres_u
     try:
         node.start()
         # Two runners started together, as two nodes would be (each moves to the node's AE here).
-        procs = [_backfill(node, "run", *RANGE, "--quiet") for _ in range(2)]
+        procs = [run_backfill(node, "run", *RANGE, "--quiet") for _ in range(2)]
         outs = [_finish(proc, 600) for proc in procs]
         from sqlalchemy import create_engine, text
 

@@ -171,18 +171,7 @@ class ModelBundle:
     @classmethod
     def load(cls, path: Path | str | None = None) -> "ModelBundle":
         """Load and check a bundle directory (the shipped demo bundle when ``path`` is None)."""
-        root = Path(path) if path is not None else demo_bundle_path()
-        mpath = root / MANIFEST
-        if not mpath.is_file():
-            raise BundleError(f"{root} is not a model bundle: {MANIFEST} not found")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise BundleError(f"{mpath}: not valid JSON ({exc})") from exc
-        try:
-            _check_manifest(manifest, root)
-        except (KeyError, TypeError, AttributeError) as exc:  # a malformed manifest, not a crash
-            raise BundleError(f"{mpath}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        root, manifest = read_manifest(path)
         lm = manifest["landmarks"]
         landmark_net = LandmarkNet(width=int(lm["width"]))
         _load_state(landmark_net, root / lm["weights"], "landmarks.weights")
@@ -200,6 +189,24 @@ class ModelBundle:
         except (OSError, ValueError) as exc:
             raise BundleError(f"manifest tscore_table.file: {exc}") from exc
         return cls(path=root, manifest=manifest, landmark_net=landmark_net.eval(), bmd=Ensemble(members).eval(), table=table)
+
+
+def read_manifest(path: Path | str | None = None) -> tuple[Path, dict]:
+    """A bundle's folder and its checked manifest (files and hashes), without loading a network:
+    for what needs only the bundle's identity (`screener backfill`: its model id)."""
+    root = Path(path) if path is not None else demo_bundle_path()
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{root} is not a model bundle: {MANIFEST} not found")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{mpath}: not valid JSON ({exc})") from exc
+    try:
+        _check_manifest(manifest, root)
+    except (KeyError, TypeError, AttributeError) as exc:  # a malformed manifest, not a crash
+        raise BundleError(f"{mpath}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+    return root, manifest
 
 
 #: Manifest keys that change results or report text (the rest documents the bundle).

@@ -25,7 +25,7 @@ from screener.store.models import BackfillRun, BackfillState, BackfillStudy, Eve
 from screener.store.queue import _now, _write_transaction
 
 __all__ = ["NewStudy", "RunProgress", "claim_study", "finish_run_if_done", "finish_study", "list_studies",
-           "open_run", "progress", "release_study", "renew_study", "retry_study", "runs", "screened_instances", "set_queried_through"]
+           "open_run", "progress", "queued_jobs", "release_study", "renew_study", "retry_study", "runs", "screened_instances", "set_queried_through"]
 
 _FINAL_JOB_STATES = (JobState.DONE, JobState.INELIGIBLE, JobState.FAILED)
 
@@ -217,6 +217,7 @@ def retry_study(session_factory: sessionmaker[Session], study_id: int, owner: st
         study.reason_code = reason.value if final else None
         study.last_error = message
         study.lease_owner = None
+        # a pending study's lease time is its "not before": claim_study skips it until then
         study.lease_expires_at = None if final else now + timedelta(seconds=delay_s)
         study.updated_at = now
         _event(session, "backfill_study", "error" if final else "retry", now, study_uid=study.study_uid,
@@ -245,6 +246,11 @@ def finish_run_if_done(session_factory: sessionmaker[Session], run_id: int, now:
         _finish_run_if_done(session, run_id, now)
         run = session.get(BackfillRun, run_id)
         return run is not None and run.finished_at is not None
+
+
+def queued_jobs(session: Session) -> int:
+    """Jobs waiting for a worker (the backfill waits while there are too many)."""
+    return int(session.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED)) or 0)
 
 
 def screened_instances(session: Session, series_uid: str, model_id: str) -> int:

@@ -1,4 +1,5 @@
-"""A PACS archive of generated chest films, for the backfill tests and bench.
+"""A PACS archive of generated chest films, and Orthanc holding it with `screener serve` beside
+it, for the backfill tests and bench.
 
 Each film is the pydicom-data Philips CR (a real chest radiograph) at half resolution, as its
 own patient, study, series and instance, with a study date and an age; some studies get a
@@ -8,6 +9,9 @@ young for the age band, some studies lie outside the date range.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -16,7 +20,9 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from tests.support.common import rg1_file
+from tests.support.common import ROOT, rg1_file
+from tests.support.orthanc import Orthanc
+from tests.support.serve import Node
 
 ROOT_UID = "1.2.826.0.1.3680043.10.511.7."
 FIRST = date(2024, 1, 1)
@@ -89,3 +95,27 @@ def make_archive(folder: Path, films: int, *, young: int = 0, outside: int = 0, 
             save(knee)
             archive.other.add(knee.SOPInstanceUID)
     return archive
+
+
+def backfill_stack(tmp_path: Path, archive: Archive, workers: int = 1, **backfill: object) -> tuple[Orthanc, Node]:
+    """Orthanc holding ``archive`` (it knows the node as CXRBMD, routes nothing) and a node (not
+    started) with ``workers`` worker processes whose [backfill] source is that Orthanc, plus
+    the ``backfill`` keys given. Results go back to Orthanc."""
+    node = Node(tmp_path, 0, calling="ORTHANC", pacs_ae="ORTHANC")
+    orthanc = Orthanc(tmp_path, node.port, route=False)
+    for path in archive.files:
+        orthanc.upload(path)
+    values = {"source_ae_title": "ORTHANC", "source_host": "127.0.0.1", "source_port": orthanc.dicom, **backfill}
+    lines = "\n".join(f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in values.items())
+    node.config.write_text(node.config.read_text().replace("port = 0\n", f"port = {orthanc.dicom}\n")
+                           .replace("workers = 1 ", f"workers = {workers} ")
+                           .replace("[[destinations]]", f"[backfill]\n{lines}\n[[destinations]]"))
+    return orthanc, node
+
+
+def run_backfill(node: Node, *args: str, log: Path | None = None) -> subprocess.Popen[str]:
+    """`screener backfill ARGS --config <the node's>`, its output piped (or into ``log``)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = log.open("w") if log is not None else subprocess.PIPE
+    return subprocess.Popen([sys.executable, "-m", "screener.cli", "backfill", *args, "--config", str(node.config)],
+                            stdout=out, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
