@@ -8,6 +8,8 @@ fails the test with an install hint instead of skipping it.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 
 import highdicom as hd
@@ -21,7 +23,7 @@ import screener
 from screener.pipeline.decode import decode_file
 from screener.pipeline.landmarks import LANDMARK_NAMES, Landmarks
 from screener.pipeline.rois import LOCAL_ROI_NAMES, extract_rois
-from screener.pipeline.tscore import SITES, WhoCategory
+from screener.pipeline.tscore import SITES, ReferenceTable, WhoCategory, compute_tscores
 from screener.report import sr as srmod
 from screener.report.overlay import PR_SERIES_NUMBER, build_gsps
 from screener.report.text import ROI_LABELS
@@ -120,11 +122,42 @@ def test_sr_is_reproducible_and_uids_follow_the_model(source, geometry) -> None:
 # --------------------------------------------------------------------------- header
 
 
-@pytest.mark.parametrize("demo, sex", [(True, "F"), (False, None)], ids=["demo-female", "real-unknown-sex"])
-def test_fast_sr_build_is_the_object_highdicom_checks_in_full(source, geometry, demo, sex) -> None:
-    estimate = make_estimate(geometry, demo=demo, sex=sex)
-    fast = encode(build_sr(source, estimate, now=NOW))
-    assert fast == encode(build_sr(source, estimate, now=NOW, full_check=True))
+def _variant(source: Dataset, geometry, kind: str):
+    """A source and estimate that take another branch of the SR and GSPS writers."""
+    landmarks, rois = geometry
+    if kind == "clipped":  # landmarks pushed left: ROIs reach past column 0 and are clipped
+        landmarks = Landmarks(points=landmarks.points - [380.0, 0.0], confidence=landmarks.confidence)
+        rois = extract_rois(decode_file(rg1_file()).pixels, landmarks, 32)
+        assert (rois.corners[:, :, 0] < -0.5).any()
+    if kind == "spacing":  # Image Library descriptors, areas in mm2
+        source = copy.deepcopy(source)  # Dataset.copy() shares the elements
+        source.PixelSpacing = [0.143, 0.143]
+        source.ImagerPixelSpacing = [0.15, 0.15]
+        source.PatientOrientation = ["L", "F"]
+        source.Modality = "DX"
+    estimate = make_estimate((landmarks, rois), demo=kind != "real", sex=None if kind == "unknown-sex" else "F")
+    if kind == "osteoporosis":
+        low = (0.55, 0.56, 0.57, 0.58)
+        estimate = dataclasses.replace(estimate, bmd=low, tscores=compute_tscores(low, "F", ReferenceTable.default()))
+    if kind == "unicode":  # a site's own model name in UTF-8
+        estimate = dataclasses.replace(estimate, algorithm=dataclasses.replace(estimate.algorithm, name="modèle-øst"))
+    return source, estimate
+
+
+VARIANTS = ["demo", "real", "unknown-sex", "osteoporosis", "clipped", "spacing", "unicode"]
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_direct_sr_and_gsps_writers_match_highdicom_byte_for_byte(source, geometry, kind) -> None:
+    """The SR's tree and the GSPS's annotations are written directly; highdicom's checked
+    classes (full_check=True) must give the very same bytes, in every branch of the writers."""
+    source, estimate = _variant(source, geometry, kind)
+    fast = build_sr(source, estimate, now=NOW, institution_name="Hôpital")
+    assert encode(fast) == encode(build_sr(source, estimate, now=NOW, institution_name="Hôpital", full_check=True))
+    assert groups(fast)  # and the raw tree reads back in memory
+    gsps = build_gsps(source, estimate, now=NOW)
+    assert encode(gsps) == encode(build_gsps(source, estimate, now=NOW, full_check=True))
+    assert len(gsps.GraphicAnnotationSequence) == 3
 
 
 def test_sr_header_copies_patient_and_study(source, geometry) -> None:

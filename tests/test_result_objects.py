@@ -23,6 +23,7 @@ from screener.pipeline.decode import decode_file
 from screener.pipeline.landmarks import LANDMARK_NAMES
 from screener.pipeline.rois import LOCAL_ROI_NAMES
 from screener.pipeline.tscore import SITES
+from screener.report.overlay import build_gsps
 from screener.report.pdf import PDF_SERIES_NUMBER, build_pdf
 from screener.report.result_image import MAX_SIDE, RESULT_IMAGE_SERIES_NUMBER, build_result_image
 from screener.report.sr import build_sr, device_uid, report_uids
@@ -220,7 +221,8 @@ def test_air_content_date_time_is_when_the_analysis_ran(source, geometry) -> Non
 
 
 def test_pdf_and_result_image_carry_header_text_as_it_is(geometry, pixels) -> None:
-    """A "$" in a study description is text, not TeX; a Latin-1 name is re-encoded as UTF-8."""
+    """A "$" in a study description is text, not TeX; a Latin-1 name is re-encoded as UTF-8 in
+    every object the node writes."""
     source = pydicom.dcmread(rg1_file())
     source.SpecificCharacterSet = "ISO_IR 100"
     source.StudyDescription = "CHEST $$ SELF-PAY $$"
@@ -230,5 +232,6 @@ def test_pdf_and_result_image_carry_header_text_as_it_is(geometry, pixels) -> No
     text = pdftotext(bytes(doc.EncapsulatedDocument)[: int(doc.EncapsulatedDocumentLength)])
     assert "CHEST $$ SELF-PAY $$" in text
     assert "Müller, Jürgen Q (Dr)" in text
-    for ds in (doc, read_back(build_result_image(source, estimate, pixels, now=NOW))):
+    for ds in (doc, read_back(build_result_image(source, estimate, pixels, now=NOW)),
+               read_back(build_sr(source, estimate, now=NOW)), read_back(build_gsps(source, estimate, now=NOW))):
         assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == "Müller^Jürgen^Q^Dr"

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from screener.pipeline.estimate import BmdEstimate
-from screener.report.sr import MANUFACTURER, MODEL_NAME, software_versions
+from screener.report.sr import MANUFACTURER, MODEL_NAME, UTF8, software_versions
 
 __all__ = ["PATIENT_STUDY", "copy_patient_study", "new_instance", "source_reference"]
 
@@ -29,7 +29,7 @@ def copy_patient_study(header: Dataset, target: Dataset) -> None:
     """Patient and General Study modules of the source (type 2: present, maybe empty), written in
     UTF-8: pydicom decoded them with the source's character set (ISO 2022, Latin-1, ...), and a
     term it could not use has been emptied by source_header, so re-encoding is the safe way."""
-    target.SpecificCharacterSet = "ISO_IR 192"
+    target.SpecificCharacterSet = UTF8
     for keyword in PATIENT_STUDY:
         if keyword in header:
             target[keyword] = header[keyword]

@@ -13,6 +13,7 @@ that the image looks as it does without the overlay.
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 
 import numpy as np
 from highdicom import PresentationLUTTransformation
@@ -33,9 +34,11 @@ from pydicom.dataset import Dataset
 
 from screener.pipeline.estimate import BmdEstimate
 from screener.pipeline.rois import LOCAL_ROI_NAMES
+from screener.report import encoding as enc
 from screener.report.sr import (
     MANUFACTURER,
     MODEL_NAME,
+    UTF8,
     clip_point,
     closed_roi_outline,
     report_uids,
@@ -67,9 +70,19 @@ def _layer(name: str, order: int, description: str, colour: CIELabColor) -> Grap
     return layer
 
 
-def _roi_objects(header: Dataset, estimate: BmdEstimate) -> list[GraphicObject]:
+@dataclass(frozen=True)
+class _Graphic:
+    """One outline or circle of the overlay, in DICOM pixel coordinates."""
+
+    graphic_type: GraphicTypeValues
+    points: np.ndarray
+    tracking_id: str | None = None
+    tracking_uid: str | None = None
+
+
+def _roi_graphics(header: Dataset, estimate: BmdEstimate) -> list[_Graphic]:
     columns, rows = int(header.Columns), int(header.Rows)
-    objects = []
+    graphics = []
     for name, quad in zip(estimate.rois.names, estimate.rois.corners):
         if name not in LOCAL_ROI_NAMES:
             continue
@@ -77,35 +90,67 @@ def _roi_objects(header: Dataset, estimate: BmdEstimate) -> list[GraphicObject]:
         if outline is None:
             continue
         identifier = f"ROI {name}"
-        objects.append(
-            GraphicObject(
-                graphic_type=GraphicTypeValues.POLYLINE,
-                graphic_data=outline,
-                units=AnnotationUnitsValues.PIXEL,
-                tracking_id=identifier,
-                tracking_uid=tracking_uid(header.SOPInstanceUID, estimate.model_id, identifier),
-            )
-        )
-    return objects
+        graphics.append(_Graphic(GraphicTypeValues.POLYLINE, outline, identifier,
+                                 tracking_uid(header.SOPInstanceUID, estimate.model_id, identifier)))
+    return graphics
 
 
-def _landmark_objects(header: Dataset, estimate: BmdEstimate) -> list[GraphicObject]:
+def _landmark_graphics(header: Dataset, estimate: BmdEstimate) -> list[_Graphic]:
     """Small circles: a POINT is drawn as a single pixel or not at all by many viewers."""
     columns, rows = int(header.Columns), int(header.Rows)
     radius = max(2.0, LANDMARK_RADIUS * max(columns, rows))
-    objects = []
+    graphics = []
     for xy in estimate.landmarks.points:
         centre = clip_point(xy, columns, rows)
         # The second CIRCLE point lies on the perimeter; keep it on the image.
         dx = radius if centre[0] + radius <= columns else -radius
-        objects.append(
-            GraphicObject(
-                graphic_type=GraphicTypeValues.CIRCLE,
-                graphic_data=np.array([centre, centre + [dx, 0.0]]),
-                units=AnnotationUnitsValues.PIXEL,
-            )
-        )
-    return objects
+        graphics.append(_Graphic(GraphicTypeValues.CIRCLE, np.array([centre, centre + [dx, 0.0]])))
+    return graphics
+
+
+def _hd_annotations(header: Dataset, layers: list[GraphicLayer], graphics: list[list[_Graphic]],
+                    text: str) -> list[GraphicAnnotation]:
+    """The annotations as highdicom builds them (the reference for :func:`_annotation_bytes`)."""
+    annotations = [
+        GraphicAnnotation([header], layer, graphic_objects=[
+            GraphicObject(graphic_type=g.graphic_type, graphic_data=g.points, units=AnnotationUnitsValues.PIXEL,
+                          tracking_id=g.tracking_id, tracking_uid=g.tracking_uid) for g in objects])
+        for layer, objects in zip(layers, graphics) if objects
+    ]
+    annotations.append(GraphicAnnotation([header], layers[len(graphics)], text_objects=[TextObject(
+        text_value=text, units=AnnotationUnitsValues.DISPLAY, bounding_box=TEXT_BOX,
+        text_justification=TextJustificationValues.LEFT)]))
+    return annotations
+
+
+def _annotation_bytes(header: Dataset, layers: list[str], graphics: list[list[_Graphic]], text: str) -> bytes:
+    """The same annotations written directly: highdicom checks every referenced image against
+    the standard's IOD tables for each annotation, most of the GSPS's time."""
+    reference = (0x00081140, enc.sequence(0x00081140, [enc.item(
+        (0x00081150, enc.text(0x00081150, "UI", str(header.SOPClassUID))),
+        (0x00081155, enc.text(0x00081155, "UI", str(header.SOPInstanceUID))))]))
+
+    def graphic(g: _Graphic) -> bytes:
+        elements = [(0x00700005, enc.text(0x00700005, "CS", "PIXEL")), (0x00700020, enc.us(0x00700020, 2)),
+                    (0x00700021, enc.us(0x00700021, len(g.points))), (0x00700022, enc.fl(0x00700022, g.points)),
+                    (0x00700023, enc.text(0x00700023, "CS", g.graphic_type.value)),
+                    (0x00700024, enc.text(0x00700024, "CS", "N"))]
+        if g.tracking_id is not None and g.tracking_uid is not None:
+            elements += [(0x00620020, enc.text(0x00620020, "UT", g.tracking_id)),
+                         (0x00620021, enc.text(0x00620021, "UI", g.tracking_uid))]
+        return enc.item(*elements)
+
+    items = [enc.item(reference, (0x00700002, enc.text(0x00700002, "CS", layer)),
+                      (0x00700009, enc.sequence(0x00700009, [graphic(g) for g in objects])))
+             for layer, objects in zip(layers, graphics) if objects]
+    text_object = enc.item((0x00700003, enc.text(0x00700003, "CS", "DISPLAY")),
+                           (0x00700006, enc.text(0x00700006, "ST", text)),
+                           (0x00700010, enc.fl(0x00700010, np.array(TEXT_BOX[:2]))),
+                           (0x00700011, enc.fl(0x00700011, np.array(TEXT_BOX[2:]))),
+                           (0x00700012, enc.text(0x00700012, "CS", "LEFT")))
+    items.append(enc.item(reference, (0x00700002, enc.text(0x00700002, "CS", layers[len(graphics)])),
+                          (0x00700008, enc.sequence(0x00700008, [text_object]))))
+    return b"".join(items)
 
 
 def _voi(source: Dataset) -> list[SoftcopyVOILUTTransformation] | None:
@@ -140,10 +185,13 @@ def build_gsps(
     *,
     now: datetime.datetime | None = None,
     institution_name: str | None = None,
+    full_check: bool = False,
 ) -> GrayscaleSoftcopyPresentationState:
     """GSPS over ``source`` with ROI outlines, landmarks and the one-line summary.
 
-    ``now`` fixes every date and time in the object (tests pass a constant).
+    ``now`` fixes every date and time in the object (tests pass a constant). The graphic
+    annotations are written directly (:mod:`screener.report.encoding`); ``full_check=True``
+    builds them with highdicom's checked classes instead, to the same bytes (a test compares).
     """
     now = now if now is not None else datetime.datetime.now().astimezone()
     header = source_header(source)
@@ -159,17 +207,8 @@ def build_gsps(
         _layer(LAYER_LANDMARKS, 2, "Anatomical landmarks", CIELabColor(91.1, -48.1, -14.1)),  # cyan
         _layer(LAYER_TEXT, 3, "BMD estimate summary", CIELabColor(100.0, 0.0, 0.0)),  # white
     ]
-    text = TextObject(
-        text_value=summary_text(estimate),
-        units=AnnotationUnitsValues.DISPLAY,
-        bounding_box=TEXT_BOX,
-        text_justification=TextJustificationValues.LEFT,
-    )
-    annotations = [
-        GraphicAnnotation([header], layers[0], graphic_objects=_roi_objects(header, estimate)),
-        GraphicAnnotation([header], layers[1], graphic_objects=_landmark_objects(header, estimate)),
-        GraphicAnnotation([header], layers[2], text_objects=[text]),
-    ]
+    graphics = [_roi_graphics(header, estimate), _landmark_graphics(header, estimate)]
+    text = summary_text(estimate)
     description = "CXR BMD estimate overlay" + (" (DEMO, not for clinical use)" if estimate.demo else "")
     gsps = GrayscaleSoftcopyPresentationState(
         referenced_images=[header],
@@ -183,7 +222,7 @@ def build_gsps(
         device_serial_number="",
         content_label="BMD_DEMO" if estimate.demo else "BMD_ESTIMATE",  # CS, 16 chars
         content_description=description,
-        graphic_annotations=[a for a in annotations if _has_content(a)],
+        graphic_annotations=_hd_annotations(header, layers, graphics, text) if full_check else None,
         graphic_layers=layers,
         institution_name=institution_name,
         voi_lut_transformations=_voi(source),
@@ -196,6 +235,10 @@ def build_gsps(
     stamp_creation(gsps, now)
     gsps.PresentationCreationDate = now.strftime("%Y%m%d")
     gsps.PresentationCreationTime = now.strftime("%H%M%S")
+    gsps.SpecificCharacterSet = UTF8  # as the SR (sr.build_sr)
+    if not full_check:
+        enc.set_raw_sequence(gsps, "GraphicAnnotationSequence",
+                             _annotation_bytes(header, [LAYER_ROIS, LAYER_LANDMARKS, LAYER_TEXT], graphics, text))
     return gsps
 
 
@@ -211,7 +254,3 @@ def _copy_body_part(header: Dataset, gsps: Dataset) -> None:
             setattr(gsps, keyword, header[keyword].value)
     if "BodyPartExamined" not in gsps and "Laterality" not in gsps:
         gsps.Laterality = ""
-
-
-def _has_content(annotation: GraphicAnnotation) -> bool:
-    return bool(annotation.get("GraphicObjectSequence") or annotation.get("TextObjectSequence"))
