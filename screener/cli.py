@@ -41,11 +41,15 @@ __all__ = ["main", "build_parser"]
 def _cmd_process(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from screener.config import Settings, build_decode_limits, build_eligibility_rules, load_config
+    import dataclasses
+
+    from screener.config import Settings, build_decode_limits, build_eligibility_rules, build_inference, load_config
     from screener.pipeline.bundle import ModelBundle
     from screener.process import Processor, find_inputs
 
     settings = load_config(a.config) if a.config else Settings()
+    if a.precision:
+        settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, precision=a.precision))
     files = find_inputs(a.paths, exclude=a.out)
     if not files:
         print("error: no input files found", file=sys.stderr)
@@ -54,7 +58,7 @@ def _cmd_process(a: argparse.Namespace) -> int:
     processor = Processor(
         bundle, a.out, device=a.device or settings.model.device, batch_size=a.batch_size or settings.model.batch_size,
         decode_workers=a.workers, rules=build_eligibility_rules(settings.eligibility), limits=build_decode_limits(settings.decode),
-        previews=a.png,
+        previews=a.png, inference=build_inference(settings.model),
     )
     if bundle.demo:
         print(f"NOTE: {bundle.manifest['demo_statement']}", file=sys.stderr)
@@ -357,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--config", type=Path, default=None, help="TOML configuration for [model], [decode], [eligibility]")
     ps.add_argument("--device", default=None, help="cpu, cuda or auto (default: config model.device)")
     ps.add_argument("--batch-size", type=_positive_int, default=None, help="images per network batch (default: config model.batch_size)")
+    ps.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                    help="number format of the BMD network (default: config model.precision; auto: half precision on a GPU, fp32 on the CPU)")
     ps.add_argument("--workers", type=_positive_int, default=2, help="decode threads")
     ps.add_argument("--png", action="store_true", help="also save <uid>.gsps.png: the GSPS graphics drawn on the image")
     ps.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -50,13 +50,24 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the key and the fix."""
 
 
+#: model.precision values: the members of pipeline.estimate.Precision (a test holds them equal;
+#: the config does not import torch to check a word).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     bundle: str = ""  # empty: the demo bundle shipped in the package
     device: str = "auto"  # cpu, cuda, cuda:N or auto
     batch_size: int = 8
+    precision: str = "auto"  # of the BMD network: auto, fp32, bf16, fp16 (pipeline.estimate.Precision)
+    channels_last: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"model.precision = {self.precision!r}: use one of {', '.join(PRECISIONS)} "
+                              "(auto: bf16 or fp16 on a GPU, fp32 on the CPU)")
         if not (self.device in ("cpu", "auto", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"model.device = {self.device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
         if not 1 <= self.batch_size <= 256:
@@ -354,6 +365,12 @@ def _resolve_tls(config: DestinationConfig, where: str, base_dir: Path) -> Desti
 
 def build_decode_limits(settings: DecodeSettings) -> DecodeLimits:
     return DecodeLimits(min_side=settings.min_side, max_side=settings.max_side, max_pixels=settings.max_pixels)
+
+
+def build_inference(settings: ModelSettings):  # -> pipeline.estimate.Inference (imports torch)
+    from screener.pipeline.estimate import Inference, Precision
+
+    return Inference(precision=Precision(settings.precision), channels_last=settings.channels_last, compile=settings.compile)
 
 
 def build_eligibility_rules(settings: EligibilitySettings) -> EligibilityRules:

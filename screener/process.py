@@ -28,7 +28,7 @@ from screener.safe_text import scrub
 from screener.pipeline.bundle import ModelBundle
 from screener.pipeline.decode import DEFAULT_LIMITS, DecodedImage, DecodeError, DecodeLimits, decode_dataset, read_dataset
 from screener.pipeline.eligibility import EligibilityRules, check_header, check_image, check_landmarks
-from screener.pipeline.estimate import BmdEstimate, BmdEstimator
+from screener.pipeline.estimate import BmdEstimate, BmdEstimator, Inference
 from screener.pipeline.geometry import Pyramid
 
 __all__ = ["Outcome", "Processor", "find_inputs", "OUTPUT_SUFFIXES", "REQUIRED_KINDS"]
@@ -137,6 +137,7 @@ class Processor:
         previews: bool = False,
         kinds: Iterable[ObjectKind | str] = tuple(OUTPUT_SUFFIXES),
         write_json: bool = True,
+        inference: Inference = Inference(),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -148,7 +149,7 @@ class Processor:
         self.kinds = tuple(k for k in OUTPUT_SUFFIXES if k in kinds or k in REQUIRED_KINDS)  # StrEnum == str
         self.previews = previews
         self.write_json = write_json  # the node stores the document in its database instead
-        self.estimator = BmdEstimator(bundle, device)
+        self.estimator = BmdEstimator(bundle, device, inference)
         self.out_dir = out_dir
         self.batch_size = batch_size
         self.decode_workers = decode_workers
@@ -156,10 +157,16 @@ class Processor:
         self.limits = limits
 
     def run(self, files: list[Path]) -> Iterator[Outcome]:
+        """Outcomes in the order of ``files``. The next batch is read and decoded by the thread
+        pool while this one is in the networks and the report (codecs and torch release the
+        GIL), so at most two batches of decoded images are held at once."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        batches = [files[start : start + self.batch_size] for start in range(0, len(files), self.batch_size)]
         with ThreadPoolExecutor(max_workers=max(1, self.decode_workers)) as pool:
-            for start in range(0, len(files), self.batch_size):
-                items = list(pool.map(self._read, files[start : start + self.batch_size]))
+            pending = [pool.submit(self._read, f) for f in batches[0]] if batches else []
+            for index in range(len(batches)):
+                items = [future.result() for future in pending]
+                pending = [pool.submit(self._read, f) for f in batches[index + 1]] if index + 1 < len(batches) else []
                 yield from self._finish_batch(items)
 
     # -- stages ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from multiprocessing.context import SpawnProcess
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from screener.config import Settings, build_decode_limits, build_eligibility_rules
+from screener.config import Settings, build_decode_limits, build_eligibility_rules, build_inference
 from screener.logs import configure_logging
 from screener.store.models import Event
 from screener.supervise import CONTEXT, RestartPolicy, default_processes, spawn, stop_children
@@ -94,7 +94,8 @@ def _child_main(spec: WorkerSpec, lifeline: Connection) -> None:
         bundle = ModelBundle.load(s.model.bundle or None)
         processor = Processor(bundle, s.data_dir / "outbox", device=s.model.device, batch_size=s.model.batch_size,
                               decode_workers=s.worker.decode_workers, rules=build_eligibility_rules(s.eligibility),
-                              limits=build_decode_limits(s.decode), kinds=spec.kinds, write_json=False)
+                              limits=build_decode_limits(s.decode), kinds=spec.kinds, write_json=False,
+                              inference=build_inference(s.model))
         # Owner names are unique per process: the lease is checked by name.
         worker = Worker(f"{os.uname().nodename}:{os.getpid()}:{spec.index}", session_factory(engine), processor,
                         [d.destination() for d in s.destinations], s.worker.lease_seconds, s.worker.poll_seconds)

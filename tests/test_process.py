@@ -206,3 +206,40 @@ def test_a_picture_that_cannot_be_made_leaves_the_result_and_is_not_queued(tmp_p
     assert "pdf not built (ValueError: no PDF today)" in outcome.reason
     with pytest.raises(ValueError, match="kinds: unknown"):
         Processor(ModelBundle.load(), tmp_path / "o", kinds=("sr", "video"))
+
+
+def test_the_next_batch_is_decoded_while_this_one_is_estimated(tmp_path: Path) -> None:
+    """Outcomes follow the input order, one per file, and the read of batch k+1 starts before
+    batch k has left the networks and the report (the stages overlap)."""
+    import time
+
+    from screener.pipeline.bundle import ModelBundle
+    from screener.process import Processor
+
+    files = []
+    for i in range(3):
+        ds = pydicom.dcmread(rg1_file())
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.1234.5{i}"
+        ds.save_as(tmp_path / f"{i}.dcm")
+        files.append(tmp_path / f"{i}.dcm")
+    (tmp_path / "junk.dcm").write_text("not DICOM")
+    files.insert(1, tmp_path / "junk.dcm")
+    processor = Processor(ModelBundle.load(), tmp_path / "out", batch_size=1, decode_workers=1)
+    events: list[tuple[str, str, float]] = []
+    read, finish = processor._read, processor._finish_batch
+
+    def timed_read(path):
+        events.append(("read", path.name, time.perf_counter()))
+        return read(path)
+
+    def timed_finish(items):
+        yield from finish(items)
+        events.append(("finished", items[0].path.name, time.perf_counter()))
+
+    processor._read, processor._finish_batch = timed_read, timed_finish  # type: ignore[method-assign]
+    outcomes = list(processor.run(files))
+    assert [o.file for o in outcomes] == files
+    assert [o.status.value for o in outcomes] == ["reported", "error", "reported", "reported"]
+    order = [(kind, name) for kind, name, _ in sorted(events, key=lambda e: e[2])]
+    for before, after in zip(files, files[1:]):
+        assert order.index(("read", after.name)) < order.index(("finished", before.name))
