@@ -265,7 +265,8 @@ def source_header(source: Dataset) -> Dataset:
     for element in source:
         if element.tag.group >= 0x7FE0 or element.tag.group == 0xFFFC:
             continue  # pixel data and trailing padding
-        header.add(copy.deepcopy(element))
+        # values are replaced, never changed in place: only sequences (Datasets) need copying
+        header.add(copy.deepcopy(element) if element.VR == "SQ" else copy.copy(element))
     for keyword in _TYPE2_EMPTY:
         if keyword not in header or header[keyword].value is None:
             setattr(header, keyword, "")
