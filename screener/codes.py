@@ -53,6 +53,7 @@ class ReasonCode(StrEnum):
     IMAGE_SHAPE = "image-shape"
     LUNG_FIELDS_OUTSIDE_IMAGE = "lung-fields-outside-image"
     INVERTED = "inverted"
+    HEART_ON_IMAGE_LEFT = "heart-on-image-left"
 
     # -- decoding (screener.pipeline.decode.DecodeError)
     UNREADABLE_FILE = "unreadable-file"

@@ -120,6 +120,7 @@ class EligibilitySettings:
     max_spine_tilt_deg: float = _RULES.max_spine_tilt_deg
     min_roi_inside: float = _RULES.min_roi_inside
     inverted_margin: float = _RULES.inverted_margin
+    min_heart_side_contrast: float = _RULES.min_heart_side_contrast
 
     def __post_init__(self) -> None:
         for uid in self.sop_classes:

@@ -70,6 +70,7 @@ def test_values_reach_the_pipeline(tmp_path: Path) -> None:
         ("eligibility", "max_spine_tilt_deg", 0),
         ("eligibility", "min_roi_inside", -0.1),
         ("eligibility", "inverted_margin", -1),
+        ("eligibility", "min_heart_side_contrast", 2.0),
         ("node", "ae_title", "WAY-TOO-LONG-AE-TITLE"),
         ("node", "bind_address", "localhost:104"),
         ("node", "port", 70000),

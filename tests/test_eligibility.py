@@ -342,6 +342,41 @@ def test_shared_monochrome2_film_that_displays_inverted() -> None:
     assert check_image(1.0 - pixels, lm).eligible
 
 
+def _mirrored(pixels: np.ndarray, lm: Landmarks) -> tuple[np.ndarray, Landmarks]:
+    """A film flipped left-right, with the landmarks a position-trained detector finds on it:
+    each point mirrored and named by the side of the image it now lies on."""
+    width = pixels.shape[1]
+    points = lm.points.copy()
+    points[:, 0] = width - 1 - points[:, 0]
+    swapped = {n: n.replace("right", "@").replace("left", "right").replace("@", "left") for n in LANDMARK_NAMES}
+    order = [LANDMARK_NAMES.index(swapped[n]) for n in LANDMARK_NAMES]
+    return np.ascontiguousarray(pixels[:, ::-1]), Landmarks(points[order], lm.confidence[order])
+
+
+def test_heart_shadow_on_the_image_left_is_a_mirrored_film() -> None:
+    film, lm = _synthetic_film(), _landmarks()
+    (x0, y0), (x1, y1) = synthetic_contours()["LL"].min(axis=0), synthetic_contours()["LL"].max(axis=0)
+    film[int((y0 + y1) / 2) : int(y1), int(x0) : int(x0 + (x1 - x0) / 2)] = 0.7  # the heart, beside the spine
+    assert film[:, : SHAPE[1] // 2].mean() < film[:, SHAPE[1] // 2 :].mean()  # on the image's right
+    assert check_landmarks(lm, SHAPE).eligible and check_image(film, lm).eligible
+    mirrored, found = _mirrored(film, lm)
+    assert check_landmarks(found, SHAPE).eligible  # the geometry cannot tell
+    _refused(check_image(mirrored, found), "heart-on-image-left", "mirrored", "dextrocardia")
+    assert check_image(mirrored, found, EligibilityRules(min_heart_side_contrast=-1.0)).eligible  # the check off
+
+
+def test_real_cr_mirrored_is_refused() -> None:
+    from screener.pipeline.decode import decode_file
+    from screener.pipeline.eligibility import heart_side_contrast
+
+    pixels = decode_file(rg1_file()).pixels
+    lm = _landmarks(RG1_LANDMARKS * [pixels.shape[1], pixels.shape[0]])
+    assert heart_side_contrast(pixels, lm) > 0.02
+    mirrored, found = _mirrored(pixels, lm)
+    assert check_landmarks(found, pixels.shape).eligible
+    _refused(check_image(mirrored, found), "heart-on-image-left")
+
+
 def test_image_regions_outside_the_image() -> None:
     pts = _landmarks().points + [2000.0, 0.0]
     _refused(check_image(_synthetic_film(), _landmarks(pts)), "lung-fields-outside-image")

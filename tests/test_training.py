@@ -150,3 +150,34 @@ def test_demo_labels_follow_age_and_sex() -> None:
     assert l1 < l2 < l3
     with pytest.raises(ValueError):
         demo_bmd(50, "")
+
+
+def test_a_bundles_landmark_weights_load_for_evaluation_and_calibration() -> None:
+    """`screener-train landmarks evaluate/calibrate --checkpoint <bundle>/landmarks.pt`: the
+    shipped detector, its input size and width from the bundle's manifest."""
+    import torch
+
+    import screener.bundles
+    from training.landmarks import load_landmark_checkpoint
+
+    weights = Path(screener.bundles.__file__).parent / "demo" / "landmarks.pt"
+    spec = json.loads((weights.parent / "manifest.json").read_text())["landmarks"]
+    net, cfg = load_landmark_checkpoint(weights)
+    assert (cfg.input_size, cfg.width) == (spec["input_size"], spec["width"])
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+
+
+def test_gate_negatives_are_what_they_say() -> None:
+    from training.landmarks import NEGATIVES, make_negative
+
+    img = np.random.default_rng(1).random((40, 30)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    made = {k: make_negative(img, k, rng) for k in NEGATIVES}
+    np.testing.assert_array_equal(made["mirrored"], img[:, ::-1])
+    np.testing.assert_array_equal(made["upside_down"], img[::-1])
+    np.testing.assert_array_equal(made["rotated_270"], np.rot90(made["rotated_90"], 2))
+    assert made["upper_half"].shape == made["lower_half"].shape == (20, 30)
+    np.testing.assert_array_equal(np.vstack([made["upper_half"], made["lower_half"]]), img)
+    with pytest.raises(ValueError, match="unknown negative kind"):
+        make_negative(img, "sideways", rng)

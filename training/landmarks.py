@@ -228,11 +228,25 @@ def mean_radial_error(
 
 
 def load_landmark_checkpoint(path: str | Path, jsrt_root: str | None = None) -> tuple[LandmarkNet, LandmarkTrainConfig]:
-    """The trained net (eval mode) and the settings it was trained with (``jsrt_root`` overrides)."""
+    """The trained net (eval mode) and the settings it was trained with (``jsrt_root`` overrides).
+
+    ``path`` is a training checkpoint, or the landmarks.pt of a model bundle (the shipped demo
+    bundle included): its weights only, with the input size and width in the bundle's
+    manifest.json, and the default split, which is the one the bundled detector was trained on.
+    """
     state = load_checkpoint(path)
-    cfg = LandmarkTrainConfig(**{**state["config"], "jsrt_root": jsrt_root or state["config"].get("jsrt_root")})
+    if "config" not in state:
+        manifest = Path(path).parent / "manifest.json"
+        if not manifest.is_file():
+            raise ValueError(f"{path}: neither a training checkpoint (no 'config') nor a bundle's weights (no manifest.json beside it)")
+        spec = json.loads(manifest.read_text())["landmarks"]
+        cfg = LandmarkTrainConfig(jsrt_root=jsrt_root, input_size=int(spec["input_size"]), width=int(spec["width"]))
+        weights = state
+    else:
+        cfg = LandmarkTrainConfig(**{**state["config"], "jsrt_root": jsrt_root or state["config"].get("jsrt_root")})
+        weights = state["model"]
     net = LandmarkNet(width=cfg.width)
-    net.load_state_dict(state["model"])
+    net.load_state_dict(weights)
     return net.eval(), cfg
 
 
@@ -279,19 +293,26 @@ def _plot_predictions(cases: list[JsrtCase], images: dict[str, np.ndarray], pred
     plt.close(fig)
 
 
-NEGATIVES = ("rotated_90", "upside_down", "inverted", "lower_half", "blank", "noise")
+NEGATIVES = ("rotated_90", "rotated_270", "upside_down", "mirrored", "inverted", "lower_half", "upper_half",
+             "blank", "noise")
 
 
 def make_negative(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     """Images that are not a frontal chest film, built from one: what the gate must refuse."""
     if kind == "rotated_90":
         return np.ascontiguousarray(np.rot90(img))
+    if kind == "rotated_270":
+        return np.ascontiguousarray(np.rot90(img, -1))
     if kind == "upside_down":
         return np.ascontiguousarray(img[::-1])
+    if kind == "mirrored":  # left-right flipped: a viewer cannot tell, the left/right ROIs can
+        return np.ascontiguousarray(img[:, ::-1])
     if kind == "inverted":
         return 1.0 - img
     if kind == "lower_half":  # an abdomen-like field: no clavicles, no apices
         return np.ascontiguousarray(img[img.shape[0] // 2 :])
+    if kind == "upper_half":  # neck and apices only: no rib-cage bases, no T12
+        return np.ascontiguousarray(img[: img.shape[0] // 2])
     if kind == "blank":
         return np.full_like(img, 0.5)
     if kind == "noise":
@@ -304,10 +325,11 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
     """Median landmark confidence on frontal films vs non-chest negatives, to set the gate.
 
     Positives: the JSRT validation split and the given frontal DICOM files. Negatives: each
-    positive rotated, upside down, inverted, cut to its lower half, plus blank and noise.
+    positive rotated either way, upside down, mirrored, inverted, cut to its lower or upper
+    half, plus blank and noise.
     """
-    from screener.pipeline.decode import decode_file
-    from screener.pipeline.eligibility import EligibilityRules, check_image, check_landmarks
+    from screener.pipeline.decode import DecodeError, decode_file
+    from screener.pipeline.eligibility import EligibilityRules, check_image, check_landmarks, heart_side_contrast
 
     rules = EligibilityRules()
     net, cfg = load_landmark_checkpoint(checkpoint, jsrt_root)
@@ -315,7 +337,10 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
     _, val = _split(cfg)
     positives = {c.case_id: load_grey_png(c.image_path) for c in val}
     for f in dicom_files:
-        positives[f.name] = decode_file(f).pixels
+        try:
+            positives[f.name] = decode_file(f).pixels
+        except DecodeError as exc:  # one bad file is named and left out, the others still count
+            print(f"skipped {f}: {exc}")
     rng = np.random.default_rng(0)
     rows = []
     for name, img in tqdm(positives.items(), desc="calibrating", leave=False):
@@ -327,7 +352,8 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
                 decision = check_image(probe, found, rules)
             conf = found.confidence
             rows.append({"image": name, "kind": kind, "median": float(np.median(conf)), "min": float(conf.min()),
-                         "eligible": decision.eligible, "code": decision.code})
+                         "heart_side": heart_side_contrast(probe, found), "eligible": decision.eligible,
+                         "code": decision.code})
     pos = np.array([r["median"] for r in rows if r["kind"] == "frontal"])
     neg = {k: np.array([r["median"] for r in rows if r["kind"] == k]) for k in NEGATIVES}
     accepted = {k: float(np.mean([r["eligible"] for r in rows if r["kind"] == k])) for k in ("frontal",) + NEGATIVES}
@@ -336,18 +362,25 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
         "accepted_share": accepted,
         "frontal": {"n": int(pos.size), "min": float(pos.min()), "p05": float(np.percentile(pos, 5)), "median": float(np.median(pos))},
         "negatives": {k: {"n": int(v.size), "max": float(v.max()), "p95": float(np.percentile(v, 95))} for k, v in neg.items()},
+        "heart_side": {k: {"p05": float(np.percentile(v, 5)), "median": float(np.median(v)), "p95": float(np.percentile(v, 95))}
+                       for k in ("frontal", "mirrored") for v in [np.array([r["heart_side"] for r in rows if r["kind"] == k])]},
         "rows": rows,
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "confidence_calibration.json").write_text(json.dumps(summary, indent=2))
     print(f"median landmark confidence per input; 'accepted' = share passing the whole gate "
-          f"(confidence >= {rules.min_landmark_confidence}, geometry, inversion)")
+          f"(confidence >= {rules.min_landmark_confidence}, geometry, inversion, heart side)")
     print(f"{'input':<14}{'n':>5}{'min':>8}{'p05':>8}{'median':>8}{'p95':>8}{'max':>8}{'accepted':>10}")
     for k, v in {"frontal": pos, **neg}.items():
         print(f"{k:<14}{v.size:>5}{v.min():>8.3f}{np.percentile(v, 5):>8.3f}{np.median(v):>8.3f}"
               f"{np.percentile(v, 95):>8.3f}{v.max():>8.3f}{100 * accepted[k]:>9.1f}%")
+    print(f"\nheart-side contrast (image right minus left beside the midline; the gate wants >= {rules.min_heart_side_contrast:g})")
+    print(f"{'input':<14}{'p05':>8}{'median':>8}{'p95':>8}")
+    for k in ("frontal", "mirrored"):
+        v = np.array([r["heart_side"] for r in rows if r["kind"] == k])
+        print(f"{k:<14}{np.percentile(v, 5):>8.3f}{np.median(v):>8.3f}{np.percentile(v, 95):>8.3f}")
     for r in rows:
-        if r["kind"] == "frontal" and not r["eligible"]:
-            print(f"  frontal refused: {r['image']}: {r['code']}")
+        if r["kind"] in ("frontal", "mirrored") and r["eligible"] != (r["kind"] == "frontal"):
+            print(f"  {r['kind']} {'refused' if r['kind'] == 'frontal' else 'accepted'}: {r['image']}: {r['code']}")
     return summary
