@@ -166,6 +166,8 @@ class Processor:
             pending = [pool.submit(self._read, f) for f in batches[0]] if batches else []
             for index in range(len(batches)):
                 items = [future.result() for future in pending]
+                for item in items:  # an image's time starts when its batch is taken, not while it waited
+                    item.t0 = time.perf_counter() - item.seconds.get("decode", 0.0)
                 pending = [pool.submit(self._read, f) for f in batches[index + 1]] if index + 1 < len(batches) else []
                 yield from self._finish_batch(items)
 

@@ -380,3 +380,13 @@ def test_real_cr_mirrored_is_refused() -> None:
 def test_image_regions_outside_the_image() -> None:
     pts = _landmarks().points + [2000.0, 0.0]
     _refused(check_image(_synthetic_film(), _landmarks(pts)), "lung-fields-outside-image")
+
+
+def test_heart_side_needs_both_lower_zones_on_the_image() -> None:
+    from screener.pipeline.eligibility import heart_side_contrast
+
+    film, lm = _synthetic_film(), _landmarks()
+    assert heart_side_contrast(film, lm) is not None
+    film[:, SHAPE[1] // 2 :] = np.nan  # the image's right half unreadable: no zone to compare
+    assert heart_side_contrast(film, lm) is None
+    _refused(check_image(film, lm), "lung-fields-outside-image", "which side the heart")

@@ -541,3 +541,17 @@ def test_values_breaking_their_vr_are_blanked_not_fatal(tmp_path) -> None:
     header = source_header(ds)
     assert header.PatientBirthDate == "" and header.StudyTime == "" and header.AccessionNumber == ""
     assert header.StudyDate == ds.StudyDate  # valid values are kept
+
+
+def test_direct_writer_codes_keep_their_meaning_and_utf8_is_required() -> None:
+    """pydicom's Code compares without its meaning: the writer's cache must not."""
+    from pydicom.sr.coding import Code
+
+    from screener.report import encoding
+
+    assert encoding.code_item(Code("123", "99X", "Alpha")) != encoding.code_item(Code("123", "99X", "Beta"))
+    assert b"Beta" in encoding.content_item("CONTAINS", "TEXT", Code("123", "99X", "Beta"))
+    latin = Dataset()
+    latin.SpecificCharacterSet = "ISO_IR 100"
+    with pytest.raises(ValueError, match="ISO_IR 192"):
+        encoding.set_raw_sequence(latin, "ContentSequence", b"")

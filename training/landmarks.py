@@ -320,6 +320,11 @@ def make_negative(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.nd
     raise ValueError(f"unknown negative kind {kind!r}")
 
 
+def _heart_sides(rows: list[dict], kind: str) -> np.ndarray:
+    """Heart-side contrast of one kind's inputs, leaving out those where a zone was off the image."""
+    return np.array([r["heart_side"] for r in rows if r["kind"] == kind and r["heart_side"] is not None])
+
+
 def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_files: list[Path],
                          jsrt_root: str | None = None) -> dict:
     """Median landmark confidence on frontal films vs non-chest negatives, to set the gate.
@@ -363,7 +368,7 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
         "frontal": {"n": int(pos.size), "min": float(pos.min()), "p05": float(np.percentile(pos, 5)), "median": float(np.median(pos))},
         "negatives": {k: {"n": int(v.size), "max": float(v.max()), "p95": float(np.percentile(v, 95))} for k, v in neg.items()},
         "heart_side": {k: {"p05": float(np.percentile(v, 5)), "median": float(np.median(v)), "p95": float(np.percentile(v, 95))}
-                       for k in ("frontal", "mirrored") for v in [np.array([r["heart_side"] for r in rows if r["kind"] == k])]},
+                       for k in ("frontal", "mirrored") for v in [_heart_sides(rows, k)]},
         "rows": rows,
     }
     out = Path(out_dir)
@@ -378,7 +383,7 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
     print(f"\nheart-side contrast (image right minus left beside the midline; the gate wants >= {rules.min_heart_side_contrast:g})")
     print(f"{'input':<14}{'p05':>8}{'median':>8}{'p95':>8}")
     for k in ("frontal", "mirrored"):
-        v = np.array([r["heart_side"] for r in rows if r["kind"] == k])
+        v = _heart_sides(rows, k)
         print(f"{k:<14}{np.percentile(v, 5):>8.3f}{np.median(v):>8.3f}{np.percentile(v, 95):>8.3f}")
     for r in rows:
         if r["kind"] in ("frontal", "mirrored") and r["eligible"] != (r["kind"] == "frontal"):

@@ -565,21 +565,25 @@ def check_image(pixels: np.ndarray, landmarks: Landmarks, rules: EligibilityRule
             "the image displays inverted; check PhotometricInterpretation (0028,0004) and PresentationLUTShape (2050,0020)",
         )
     contrast = heart_side_contrast(pixels, landmarks)
+    if contrast is None:
+        return Decision(False, ReasonCode.LUNG_FIELDS_OUTSIDE_IMAGE,
+                        "a lower lung zone beside the midline falls outside the image: cannot check on which side the heart lies")
     if contrast < rules.min_heart_side_contrast:
         return Decision(
             False,
             ReasonCode.HEART_ON_IMAGE_LEFT,
-            f"the lower zone beside the midline is brighter on the image's left than on its right ({-contrast:.2f}): "
-            "the heart shadow is on the image's left, so the film is mirrored (or the patient has dextrocardia); "
-            "the left/right ROIs would be swapped",
+            f"the lower zone beside the midline is {contrast:+.2f} brighter on the image's right than on its left "
+            f"(at least {rules.min_heart_side_contrast:+.2f} expected): the heart shadow is not on the image's right, "
+            "so the film is mirrored (or the patient has dextrocardia); the left/right ROIs would be swapped",
         )
     return Decision(True, ELIGIBLE, f"eligible: lung fields {lung_value:.2f} darker than the mediastinum {centre_value:.2f} "
                     f"(or within {rules.inverted_margin:g}), heart shadow on the image's right ({contrast:+.2f})")
 
 
-def heart_side_contrast(pixels: np.ndarray, landmarks: Landmarks) -> float:
+def heart_side_contrast(pixels: np.ndarray, landmarks: Landmarks, min_samples: int = 20) -> float | None:
     """Median display value of the lower zone beside the midline on the image's right (the
-    patient's left, where the heart lies) minus that on the image's left.
+    patient's left, where the heart lies) minus that on the image's left; None when either
+    zone has fewer than ``min_samples`` finite pixels on the image.
 
     The zone: the 60-80 % rib-cage levels, from 45 % to 80 % of the way from the rib border
     to the midline, on each side; the heart's left border crosses it on a frontal film.
@@ -593,5 +597,8 @@ def heart_side_contrast(pixels: np.ndarray, landmarks: Landmarks) -> float:
             mid = np.array([_midline_x(landmarks, np.array([border[1]]))[0], border[1]])
             points.append(border + np.linspace(0.45, 0.8, 8)[:, None] * (mid - border))
         values = _sample(pixels, np.concatenate(points))
-        medians.append(float(np.median(values)) if values.size else 0.0)
+        values = values[np.isfinite(values)]
+        if values.size < min_samples:
+            return None
+        medians.append(float(np.median(values)))
     return medians[0] - medians[1]

@@ -88,7 +88,9 @@ class Precision(enum.StrEnum):
             return self
         if device.type != "cuda":
             return Precision.FP32
-        return Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP16
+        # bf16 in hardware from compute capability 8 (Ampere); torch's is_bf16_supported() also
+        # says yes where it is only emulated, and asks about the current device, not this one.
+        return Precision.BF16 if torch.cuda.get_device_capability(device)[0] >= 8 else Precision.FP16
 
 
 #: How far a bf16/fp16 BMD may be from the fp32 one, in g/cm2 (tests hold the bundled model to
@@ -102,7 +104,7 @@ class Inference:
 
     precision: Precision = Precision.AUTO
     channels_last: bool = True  # NHWC weights: what cuDNN's tensor-core kernels and oneDNN want
-    compile: bool = False  # torch.compile the BMD network: minutes to start, faster after
+    compile: bool = False  # torch.compile the BMD network: compiled on its first batch (a minute or more)
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         precision = self.precision.resolve(device)

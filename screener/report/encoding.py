@@ -25,13 +25,13 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr, write_sequence_item
 from pydicom.sr.coding import Code
 from pydicom.tag import Tag
-from pydicom.valuerep import DSfloat
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, DSfloat
 
 __all__ = ["element", "text", "ds", "fd", "us", "fl", "item", "sequence", "code_item", "content_item",
            "encode_items", "set_raw_sequence"]
 
-#: VRs with a 4-byte length field in Explicit VR (PS3.5 7.1.2).
-_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT"})
+#: VRs with a 4-byte length field in Explicit VR (PS3.5 7.1.2), as pydicom's writer has them.
+_LONG_VRS = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
 _ITEM = b"\xfe\xff\x00\xe0"
 #: The text of SR content is written in UTF-8: the SR says ISO_IR 192 (highdicom's default).
 _ENCODING = "utf-8"
@@ -85,29 +85,35 @@ def sequence(tag: int, items: Iterable[bytes]) -> bytes:
     return element(tag, "SQ", b"".join(items))
 
 
-@lru_cache(maxsize=512)
 def code_item(code: Code) -> bytes:
-    """The item of a code sequence (Code Value, Scheme, Version, Meaning); cached per code."""
-    if len(code.value) > 16 or code.value.startswith("urn:"):
-        raise ValueError(f"code {code.value!r}: long and URN code values are not written here")
-    elements = [(0x00080100, text(0x00080100, "SH", code.value)),
-                (0x00080102, text(0x00080102, "SH", code.scheme_designator)),
-                (0x00080104, text(0x00080104, "LO", code.meaning))]
-    if code.scheme_version:
-        elements.append((0x00080103, text(0x00080103, "SH", code.scheme_version)))
-    return item(*elements)
+    """The item of a code sequence (Code Value, Scheme, Version, Meaning)."""
+    # cached on all four parts: pydicom's Code compares and hashes without its meaning
+    return _code_item(code.value, code.scheme_designator, code.meaning, code.scheme_version or "")
 
 
 @lru_cache(maxsize=512)
-def _head(relationship: str, value_type: str, name: Code) -> tuple[tuple[int, bytes], ...]:
-    return ((0x0040A010, text(0x0040A010, "CS", relationship)),
-            (0x0040A040, text(0x0040A040, "CS", value_type)),
-            (0x0040A043, sequence(0x0040A043, [code_item(name)])))
+def _code_item(value: str, scheme: str, meaning: str, version: str) -> bytes:
+    if len(value) > 16 or value.startswith("urn:"):
+        raise ValueError(f"code {value!r}: long and URN code values are not written here")
+    elements = [(0x00080100, text(0x00080100, "SH", value)),
+                (0x00080102, text(0x00080102, "SH", scheme)),
+                (0x00080104, text(0x00080104, "LO", meaning))]
+    if version:
+        elements.append((0x00080103, text(0x00080103, "SH", version)))
+    return item(*elements)
 
 
 def content_item(relationship: str, value_type: str, name: Code, *elements: tuple[int, bytes]) -> bytes:
     """An SR content item: relationship, value type and concept name, then its own elements."""
-    return item(*_head(relationship, value_type, name), *elements)
+    return item(*_head(relationship, value_type, name.value, name.scheme_designator, name.meaning,
+                       name.scheme_version or ""), *elements)
+
+
+@lru_cache(maxsize=512)
+def _head(relationship: str, value_type: str, *code: str) -> tuple[tuple[int, bytes], ...]:
+    return ((0x0040A010, text(0x0040A010, "CS", relationship)),
+            (0x0040A040, text(0x0040A040, "CS", value_type)),
+            (0x0040A043, sequence(0x0040A043, [_code_item(*code)])))
 
 
 def encode_items(items: Iterable[Dataset]) -> bytes:
@@ -128,6 +134,9 @@ def set_raw_sequence(dataset: Dataset, keyword: str, items: bytes) -> None:
     Explicit VR Little Endian in its own character set. Reading the sequence back
     (``dataset.ContentSequence``) decodes it as usual.
     """
+    if dataset.get("SpecificCharacterSet") != "ISO_IR 192":
+        raise ValueError(f"set_raw_sequence: the items are UTF-8; the dataset says SpecificCharacterSet "
+                         f"{dataset.get('SpecificCharacterSet')!r}, not 'ISO_IR 192'")
     correct_ambiguous_vr(dataset, True)
     tag = Tag(keyword)
     dataset[tag] = RawDataElement(tag, "SQ", len(items), items, 0, False, True)
