@@ -346,6 +346,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from screener.config import PRECISIONS
+
     p = argparse.ArgumentParser(prog="screener", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     from screener.audit import add_audit_parser
@@ -361,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--config", type=Path, default=None, help="TOML configuration for [model], [decode], [eligibility]")
     ps.add_argument("--device", default=None, help="cpu, cuda or auto (default: config model.device)")
     ps.add_argument("--batch-size", type=_positive_int, default=None, help="images per network batch (default: config model.batch_size)")
-    ps.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+    ps.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="number format of the BMD network (default: config model.precision; auto: half precision on a GPU, fp32 on the CPU)")
     ps.add_argument("--workers", type=_positive_int, default=2, help="decode threads")
     ps.add_argument("--png", action="store_true", help="also save <uid>.gsps.png: the GSPS graphics drawn on the image")

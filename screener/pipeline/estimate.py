@@ -74,8 +74,9 @@ class Precision(enum.StrEnum):
     fp32 is the reference. bf16 and fp16 run the network under torch.autocast, which keeps
     the ops that lose too much in half precision (sums, norms, softmax) in fp32; on a GPU
     with tensor cores that is several times the fp32 rate, on most CPUs no faster. auto:
-    bf16 on a CUDA GPU that has it, fp16 on an older one, fp32 on the CPU. The landmark detector always runs in fp32: its soft-argmax turns small heat-map errors
-    into millimetres, and it is a small share of the work.
+    bf16 on a CUDA GPU that has it, fp16 on an older one, fp32 on the CPU. The landmark
+    detector always runs in fp32: its soft-argmax turns small heat-map errors into
+    millimetres, and it is a small share of the work.
     """
 
     FP32 = "fp32"

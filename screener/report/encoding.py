@@ -27,7 +27,7 @@ from pydicom.sr.coding import Code
 from pydicom.tag import Tag
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, DSfloat
 
-__all__ = ["element", "text", "ds", "fd", "us", "fl", "item", "sequence", "code_item", "content_item",
+__all__ = ["element", "text", "ds", "fd", "us", "fl", "item", "sequence", "sop_reference", "code_item", "content_item",
            "encode_items", "set_raw_sequence"]
 
 #: VRs with a 4-byte length field in Explicit VR (PS3.5 7.1.2), as pydicom's writer has them.
@@ -83,6 +83,13 @@ def item(*elements: tuple[int, bytes]) -> bytes:
 def sequence(tag: int, items: Iterable[bytes]) -> bytes:
     """A sequence of explicit length holding ``items`` (each from :func:`item`)."""
     return element(tag, "SQ", b"".join(items))
+
+
+def sop_reference(tag: int, sop_class_uid: str, sop_instance_uid: str) -> tuple[int, bytes]:
+    """A one-item reference sequence (Referenced SOP / Referenced Image Sequence) to one
+    instance, as the (tag, bytes) pair :func:`item` takes."""
+    return tag, sequence(tag, [item((0x00081150, text(0x00081150, "UI", sop_class_uid)),
+                                    (0x00081155, text(0x00081155, "UI", sop_instance_uid)))])
 
 
 def code_item(code: Code) -> bytes:

@@ -39,8 +39,8 @@ from screener.report.sr import (
     MANUFACTURER,
     MODEL_NAME,
     UTF8,
-    clip_point,
     closed_roi_outline,
+    landmark_circle,
     report_uids,
     software_versions,
     source_header,
@@ -99,13 +99,7 @@ def _landmark_graphics(header: Dataset, estimate: BmdEstimate) -> list[_Graphic]
     """Small circles: a POINT is drawn as a single pixel or not at all by many viewers."""
     columns, rows = int(header.Columns), int(header.Rows)
     radius = max(2.0, LANDMARK_RADIUS * max(columns, rows))
-    graphics = []
-    for xy in estimate.landmarks.points:
-        centre = clip_point(xy, columns, rows)
-        # The second CIRCLE point lies on the perimeter; keep it on the image.
-        dx = radius if centre[0] + radius <= columns else -radius
-        graphics.append(_Graphic(GraphicTypeValues.CIRCLE, np.array([centre, centre + [dx, 0.0]])))
-    return graphics
+    return [_Graphic(GraphicTypeValues.CIRCLE, landmark_circle(xy, radius, columns, rows)) for xy in estimate.landmarks.points]
 
 
 def _hd_annotations(header: Dataset, layers: list[GraphicLayer], graphics: list[list[_Graphic]],
@@ -123,12 +117,10 @@ def _hd_annotations(header: Dataset, layers: list[GraphicLayer], graphics: list[
     return annotations
 
 
-def _annotation_bytes(header: Dataset, layers: list[str], graphics: list[list[_Graphic]], text: str) -> bytes:
+def _annotation_bytes(header: Dataset, layers: list[GraphicLayer], graphics: list[list[_Graphic]], text: str) -> bytes:
     """The same annotations written directly: highdicom checks every referenced image against
     the standard's IOD tables for each annotation, most of the GSPS's time."""
-    reference = (0x00081140, enc.sequence(0x00081140, [enc.item(
-        (0x00081150, enc.text(0x00081150, "UI", str(header.SOPClassUID))),
-        (0x00081155, enc.text(0x00081155, "UI", str(header.SOPInstanceUID))))]))
+    reference = enc.sop_reference(0x00081140, str(header.SOPClassUID), str(header.SOPInstanceUID))
 
     def graphic(g: _Graphic) -> bytes:
         elements = [(0x00700005, enc.text(0x00700005, "CS", "PIXEL")), (0x00700020, enc.us(0x00700020, 2)),
@@ -140,7 +132,7 @@ def _annotation_bytes(header: Dataset, layers: list[str], graphics: list[list[_G
                          (0x00620021, enc.text(0x00620021, "UI", g.tracking_uid))]
         return enc.item(*elements)
 
-    items = [enc.item(reference, (0x00700002, enc.text(0x00700002, "CS", layer)),
+    items = [enc.item(reference, (0x00700002, enc.text(0x00700002, "CS", layer.GraphicLayer)),
                       (0x00700009, enc.sequence(0x00700009, [graphic(g) for g in objects])))
              for layer, objects in zip(layers, graphics) if objects]
     text_object = enc.item((0x00700003, enc.text(0x00700003, "CS", "DISPLAY")),
@@ -148,7 +140,7 @@ def _annotation_bytes(header: Dataset, layers: list[str], graphics: list[list[_G
                            (0x00700010, enc.fl(0x00700010, np.array(TEXT_BOX[:2]))),
                            (0x00700011, enc.fl(0x00700011, np.array(TEXT_BOX[2:]))),
                            (0x00700012, enc.text(0x00700012, "CS", "LEFT")))
-    items.append(enc.item(reference, (0x00700002, enc.text(0x00700002, "CS", layers[len(graphics)])),
+    items.append(enc.item(reference, (0x00700002, enc.text(0x00700002, "CS", layers[len(graphics)].GraphicLayer)),
                           (0x00700008, enc.sequence(0x00700008, [text_object]))))
     return b"".join(items)
 
@@ -238,7 +230,7 @@ def build_gsps(
     gsps.SpecificCharacterSet = UTF8  # as the SR (sr.build_sr)
     if not full_check:
         enc.set_raw_sequence(gsps, "GraphicAnnotationSequence",
-                             _annotation_bytes(header, [LAYER_ROIS, LAYER_LANDMARKS, LAYER_TEXT], graphics, text))
+                             _annotation_bytes(header, layers, graphics, text))
     return gsps
 
 

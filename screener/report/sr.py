@@ -98,6 +98,7 @@ __all__ = [
     "clip_polygon",
     "closed_roi_outline",
     "clip_point",
+    "landmark_circle",
     "summary_text",
     "stamp_creation",
     "device_uid",
@@ -361,6 +362,14 @@ def clip_point(xy: np.ndarray, columns: int, rows: int) -> np.ndarray:
     return np.array([np.clip(p[0], 0.0, float(columns)), np.clip(p[1], 0.0, float(rows))])
 
 
+def landmark_circle(xy: np.ndarray, radius: float, columns: int, rows: int) -> np.ndarray:
+    """A CIRCLE around one landmark (DICOM pixel coordinates): its centre, kept on the image,
+    and the point on it to the right, or to the left at the image's right edge."""
+    centre = clip_point(xy, columns, rows)
+    edge = np.array([centre[0] + radius if centre[0] + radius <= columns else centre[0] - radius, centre[1]])
+    return np.vstack([centre, edge])
+
+
 # --------------------------------------------------------------------------- content
 
 #: Where the BMD groups' markers sit on the right image edge, as shares of the image height
@@ -517,13 +526,7 @@ def _landmark_circles(header: Dataset, estimate: BmdEstimate) -> list[np.ndarray
     image, their names are in the Finding and the Tracking Identifier."""
     columns, rows = int(header.Columns), int(header.Rows)
     radius = LANDMARK_RADIUS * max(columns, rows)
-    circles = []
-    for xy in estimate.landmarks.points:
-        centre = clip_point(xy, columns, rows)
-        # the point on the circle to the right, or to the left at the image's right edge
-        edge = np.array([centre[0] + radius if centre[0] + radius <= columns else centre[0] - radius, centre[1]])
-        circles.append(np.vstack([centre, edge]))
-    return circles
+    return [landmark_circle(xy, radius, columns, rows) for xy in estimate.landmarks.points]
 
 
 def _comment(text: str) -> TextContentItem:
@@ -731,11 +734,9 @@ class _Writer:
     def __init__(self, header: Dataset, estimate: BmdEstimate) -> None:
         self.header, self.estimate = header, estimate
         self.algorithm = _w_algorithm(estimate.algorithm)
-        reference = enc.sequence(0x00081199, [enc.item(
-            (0x00081150, enc.text(0x00081150, "UI", str(header.SOPClassUID))),
-            (0x00081155, enc.text(0x00081155, "UI", str(header.SOPInstanceUID))))])
-        self.selected_from = enc.content_item("SELECTED FROM", "IMAGE", _SOURCE_CODE, (0x00081199, reference))
-        self.source_of_measurement = enc.content_item("CONTAINS", "IMAGE", _SOURCE_OF_MEASUREMENT, (0x00081199, reference))
+        reference = enc.sop_reference(0x00081199, str(header.SOPClassUID), str(header.SOPInstanceUID))
+        self.selected_from = enc.content_item("SELECTED FROM", "IMAGE", _SOURCE_CODE, reference)
+        self.source_of_measurement = enc.content_item("CONTAINS", "IMAGE", _SOURCE_OF_MEASUREMENT, reference)
 
     def tracking(self, identifier: str) -> list[bytes]:
         uid = tracking_uid(self.header.SOPInstanceUID, self.estimate.model_id, identifier)
