@@ -40,6 +40,8 @@ class ReasonCode(StrEnum):
     # -- landmark and image eligibility (check_landmarks, check_image)
     LANDMARKS_NOT_FINITE = "landmarks-not-finite"
     LOW_LANDMARK_CONFIDENCE = "low-landmark-confidence"
+    UPSIDE_DOWN = "upside-down"
+    ROI_LANDMARKS_UNSURE = "roi-landmarks-unsure"
     LANDMARKS_COLLAPSED = "landmarks-collapsed"
     SIDES_SWAPPED = "sides-swapped"
     SPINE_UPSIDE_DOWN = "spine-upside-down"
@@ -53,6 +55,7 @@ class ReasonCode(StrEnum):
     IMAGE_SHAPE = "image-shape"
     LUNG_FIELDS_OUTSIDE_IMAGE = "lung-fields-outside-image"
     INVERTED = "inverted"
+    NO_MEDIASTINUM = "no-mediastinum"
     HEART_ON_IMAGE_LEFT = "heart-on-image-left"
 
     # -- decoding (screener.pipeline.decode.DecodeError)

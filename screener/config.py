@@ -113,6 +113,8 @@ class EligibilitySettings:
     min_age: float = _RULES.min_age
     missing_age: str = _RULES.missing_age
     min_landmark_confidence: float = _RULES.min_landmark_confidence
+    max_turned_confidence_ratio: float = _RULES.max_turned_confidence_ratio
+    min_roi_landmark_confidence: float = _RULES.min_roi_landmark_confidence
     min_thorax_width: float = _RULES.min_thorax_width
     max_thorax_width: float = _RULES.max_thorax_width
     min_thorax_aspect: float = _RULES.min_thorax_aspect
@@ -121,6 +123,7 @@ class EligibilitySettings:
     min_roi_inside: float = _RULES.min_roi_inside
     inverted_margin: float = _RULES.inverted_margin
     min_heart_side_contrast: float = _RULES.min_heart_side_contrast
+    min_mediastinum_contrast: float = _RULES.min_mediastinum_contrast
 
     def __post_init__(self) -> None:
         for uid in self.sop_classes:

@@ -173,11 +173,54 @@ def test_gate_negatives_are_what_they_say() -> None:
 
     img = np.random.default_rng(1).random((40, 30)).astype(np.float32)
     rng = np.random.default_rng(0)
-    made = {k: make_negative(img, k, rng) for k in NEGATIVES}
+    leg = np.linspace(0, 1, 50 * 20, dtype=np.float32).reshape(50, 20)
+    made = {k: make_negative(img, k, rng, non_chest=[leg]) for k in NEGATIVES}
     np.testing.assert_array_equal(made["mirrored"], img[:, ::-1])
+    np.testing.assert_array_equal(made["rotated_180"], img[::-1, ::-1])
+    assert made["lateral_like"].shape == img.shape and not np.allclose(made["lateral_like"], img)
+    assert min(made["non_chest"].shape) >= 12 and set(np.unique(made["non_chest"])) <= set(np.unique(leg))
+    with pytest.raises(ValueError, match="non-chest radiographs"):
+        make_negative(img, "non_chest", rng)
     np.testing.assert_array_equal(made["upside_down"], img[::-1])
     np.testing.assert_array_equal(made["rotated_270"], np.rot90(made["rotated_90"], 2))
     assert made["upper_half"].shape == made["lower_half"].shape == (20, 30)
     np.testing.assert_array_equal(np.vstack([made["upper_half"], made["lower_half"]]), img)
     with pytest.raises(ValueError, match="unknown negative kind"):
         make_negative(img, "sideways", rng)
+
+
+@pytest.mark.slow
+def test_landmark_cross_validation_predicts_every_image_once_and_resumes(tiny_jsrt: Path, tmp_path: Path) -> None:
+    from screener.pipeline.landmarks import LANDMARK_NAMES
+    from training.landmarks import CV_VARIANTS, LandmarkTrainConfig, cross_validate_landmarks
+
+    cfg = LandmarkTrainConfig(jsrt_root=str(tiny_jsrt), out_dir=str(tmp_path / "cv"), input_size=64, width=16,
+                              epochs=2, batch_size=4)
+    partial = cross_validate_landmarks(cfg, folds=3, max_folds=2)
+    assert partial["folds_done"] == [0, 1] and partial["n_images"] == 7  # folds of 4, 3, 3 images
+    assert "2 of 3 folds" in (tmp_path / "cv" / "cv_metrics.txt").read_text()
+    stamp = (tmp_path / "cv" / "fold0" / "best.pt").stat().st_mtime_ns
+    assert cross_validate_landmarks(cfg, folds=3, max_folds=0)["folds_done"] == [0, 1]  # report only
+    assert not (tmp_path / "cv" / "fold2").exists()
+    full = cross_validate_landmarks(cfg, folds=3)
+    assert full["folds_done"] == [0, 1, 2] and full["n_images"] == 10
+    assert (tmp_path / "cv" / "fold0" / "best.pt").stat().st_mtime_ns == stamp  # a complete fold is not retrained
+    assert set(full["variants"]) == {name for name, _, _ in CV_VARIANTS}
+    for table in full["variants"].values():
+        o = table["overall"]
+        assert 0 < o["median"] <= o["p95"] and 0 <= o["within_10mm"] <= 1
+        assert set(table["per_landmark"]) == set(LANDMARK_NAMES)
+    assert (tmp_path / "cv" / "cv_errors.png").stat().st_size > 0
+
+
+def test_folds_cover_every_image_exactly_once() -> None:
+    from training.jsrt import fold_ids
+
+    ids = [f"JPC{i:03d}" for i in range(197)]
+    vals = [fold_ids(ids, 5, k)[1] for k in range(5)]
+    assert sorted(sum(vals, [])) == ids and {len(v) for v in vals} == {39, 40}
+    for k, val in enumerate(vals):
+        train, _ = fold_ids(ids, 5, k)
+        assert not set(train) & set(val) and len(train) + len(val) == 197
+    with pytest.raises(ValueError, match="fold 5 of 5"):
+        fold_ids(ids, 5, 5)

@@ -4,6 +4,7 @@ Typical site workflow::
 
     screener-train landmarks train --jsrt-root ../shared/data/jsrt --out runs/landmarks
     screener-train landmarks evaluate --checkpoint runs/landmarks/best.pt --out runs/landmarks/eval
+    screener-train landmarks cv --jsrt-root ../shared/data/jsrt --folds 5 --out runs/landmarks-cv
     screener-train bmd train --manifest site/manifest.csv --out runs/bmd --landmarks-from BUNDLE_DIR
     screener-train bmd evaluate --checkpoint runs/bmd/best.pt --manifest site/manifest.csv --out runs/bmd/eval
     screener-train export --landmarks runs/landmarks/best.pt --bmd runs/bmd/best.pt --out my-bundle \\
@@ -34,6 +35,26 @@ def _landmarks_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _landmarks_cv(a: argparse.Namespace) -> int:
+    from training.landmarks import LandmarkTrainConfig, cross_validate_landmarks
+
+    cfg = LandmarkTrainConfig(jsrt_root=a.jsrt_root, out_dir=a.out, input_size=a.input_size, epochs=a.epochs,
+                              batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads)
+    cross_validate_landmarks(cfg, folds=a.folds, max_folds=a.max_folds)
+    print(f"wrote {Path(a.out) / 'cv_metrics.txt'}, cv_metrics.json and cv_errors.png")
+    return 0
+
+
+def _landmarks_sheet(a: argparse.Namespace) -> int:
+    from training.landmarks import prediction_sheet
+
+    for row in prediction_sheet([Path(f) for f in a.files], a.out, a.bundle or None):
+        conf = "-" if row["median_confidence"] is None else f"{row['median_confidence']:.3f}"
+        print(f"{row['file']:<44}{row['code']:<28}{conf:>8}")
+    print(f"wrote {a.out}")
+    return 0
+
+
 def _landmarks_evaluate(a: argparse.Namespace) -> int:
     from training.landmarks import evaluate_landmarks
 
@@ -45,7 +66,8 @@ def _landmarks_evaluate(a: argparse.Namespace) -> int:
 def _landmarks_calibrate(a: argparse.Namespace) -> int:
     from training.landmarks import calibrate_confidence
 
-    calibrate_confidence(a.checkpoint, a.out, [Path(f) for f in a.dicom], a.jsrt_root)
+    non_chest = None if a.non_chest is None else [Path(f) for f in a.non_chest]
+    calibrate_confidence(a.checkpoint, a.out, [Path(f) for f in a.dicom], a.jsrt_root, non_chest)
     print(f"wrote {Path(a.out) / 'confidence_calibration.json'}")
     return 0
 
@@ -142,6 +164,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.set_defaults(func=_landmarks_train)
+    v = lm.add_parser("cv", help="k-fold cross-validation of the training recipe on JSRT: per-landmark mean, median, p95 (resumable)",
+                      description="Trains one detector per fold into OUT/fold<k> (a complete fold is skipped, an interrupted "
+                                  "one resumed), predicts each fold's held-out images, and reports errors per landmark for "
+                                  "the network alone, with the spine rule, and with 5 or 15 test-time views.")
+    v.add_argument("--jsrt-root", help="folder with images/, landmarks.json, clinical.csv (default ../shared/data/jsrt)")
+    v.add_argument("--out", default="runs/landmarks-cv", help="folder for fold<k>/ runs and cv_metrics.{txt,json}, cv_errors.png")
+    v.add_argument("--folds", type=int, default=5)
+    v.add_argument("--max-folds", type=int, default=None,
+                   help="train at most N folds in this call (0: train none, report on the folds already complete)")
+    v.add_argument("--epochs", type=int, default=60)
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--lr", type=float, default=2e-3)
+    v.add_argument("--input-size", type=int, default=256)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    v.set_defaults(func=_landmarks_cv)
+    h = lm.add_parser("sheet", help="a PNG sheet of the detector's points, ROIs and gate decision on DICOM files (to check other vendors by eye)")
+    h.add_argument("files", nargs="+", help="DICOM files")
+    h.add_argument("--out", required=True, help="PNG to write")
+    h.add_argument("--bundle", default="", help="model bundle directory (default: the demo bundle)")
+    h.set_defaults(func=_landmarks_sheet)
     e = lm.add_parser("evaluate", help="mean radial error (mm) on the validation split, table + PNG")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--out", required=True)
@@ -152,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--jsrt-root")
     c.add_argument("--dicom", nargs="*", default=[], help="frontal chest DICOM files to add to the positives")
+    c.add_argument("--non-chest", nargs="*", default=None,
+                   help="non-chest radiographs (DICOM) for the non_chest negatives (default: pydicom-data's lower-leg CR, RG3_UNCI.dcm)")
     c.set_defaults(func=_landmarks_calibrate)
 
     bmd = sub.add_parser("bmd", help="the multi-ROI BMD network").add_subparsers(dest="action", required=True)

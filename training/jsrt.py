@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from screener.pipeline.landmarks import LANDMARK_NAMES, NUM_LANDMARKS
+from screener.pipeline.landmarks import LANDMARK_NAMES, NUM_LANDMARKS, RIB_LEVELS
 
-__all__ = ["JsrtCase", "load_jsrt", "landmarks_from_contours", "PIXEL_MM", "default_jsrt_root"]
+__all__ = ["JsrtCase", "load_jsrt", "landmarks_from_contours", "PIXEL_MM", "default_jsrt_root", "split_ids", "fold_ids"]
 
 PIXEL_MM = 0.7  # JSRT resized to 512 x 512 from 2048 x 2048 at 0.175 mm
-RIB_LEVELS = (0.2, 0.4, 0.6, 0.8)
 
 
 @dataclass(frozen=True)
@@ -139,6 +138,22 @@ def split_ids(ids: list[str], val_fraction: float = 0.2, seed: int = 20240) -> t
     n_val = max(1, int(round(val_fraction * len(ordered))))
     val = sorted(ordered[i] for i in perm[:n_val])
     train = sorted(ordered[i] for i in perm[n_val:])
+    return train, val
+
+
+def fold_ids(ids: list[str], folds: int, fold: int, seed: int = 20240) -> tuple[list[str], list[str]]:
+    """k-fold split by image: fold ``fold`` of ``folds`` is validation, the rest training.
+
+    The same seeded permutation as :func:`split_ids`, cut into ``folds`` near-equal parts, so
+    every image is validated exactly once across the folds.
+    """
+    if folds < 2 or not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} of {folds}: need folds >= 2 and 0 <= fold < folds")
+    ordered = sorted(ids)
+    perm = np.random.default_rng(seed).permutation(len(ordered))
+    part = set(np.array_split(perm, folds)[fold].tolist())
+    val = sorted(ordered[i] for i in part)
+    train = sorted(ordered[i] for i in range(len(ordered)) if i not in part)
     return train, val
 
 

@@ -22,7 +22,11 @@ from tqdm import tqdm
 
 from screener.pipeline.geometry import OrientedBox, Pyramid, letterbox_box
 from screener.pipeline.landmarks import (
+    DERIVED_LANDMARKS,
     LANDMARK_NAMES,
+    SPINE_FROM_RULE,
+    VIEWS,
+    apply_spine_rule,
     LandmarkDetector,
     LandmarkNet,
     landmark_input,
@@ -30,9 +34,9 @@ from screener.pipeline.landmarks import (
     soft_argmax,
 )
 from training.common import check_resumable, load_checkpoint, load_grey_png, save_checkpoint, seed_everything
-from training.jsrt import PIXEL_MM, JsrtCase, load_jsrt, split_ids
+from training.jsrt import PIXEL_MM, JsrtCase, fold_ids, load_jsrt, split_ids
 
-__all__ = ["LandmarkTrainConfig", "train_landmarks", "evaluate_landmarks"]
+__all__ = ["LandmarkTrainConfig", "train_landmarks", "evaluate_landmarks", "cross_validate_landmarks"]
 
 
 @dataclass
@@ -50,6 +54,12 @@ class LandmarkTrainConfig:
     limit: int = 0  # use only the first N training images (quick runs, tests)
     heatmap_sigma: float = 1.5
     threads: int = 0
+    # bf16 autocast + channels-last: 3.7x faster on a CPU with AMX (measured on this machine's
+    # 2 cores: 0.70 s vs 2.6 s per batch of 16 at 256 px); the loss and soft-argmax stay fp32.
+    amp: bool = True
+    # k-fold cross-validation: fold k of `folds` is the validation set (0 folds: the fixed split)
+    folds: int = 0
+    fold: int = 0
 
 
 def random_box(rng: np.random.Generator, h: int, w: int) -> OrientedBox:
@@ -126,7 +136,10 @@ def make_batch(
 
 def _split(config: LandmarkTrainConfig) -> tuple[list[JsrtCase], list[JsrtCase]]:
     cases = load_jsrt(config.jsrt_root)
-    train_ids, val_ids = split_ids([c.case_id for c in cases], config.val_fraction)
+    if config.folds:
+        train_ids, val_ids = fold_ids([c.case_id for c in cases], config.folds, config.fold)
+    else:
+        train_ids, val_ids = split_ids([c.case_id for c in cases], config.val_fraction)
     by_id = {c.case_id: c for c in cases}
     train = [by_id[i] for i in train_ids]
     if config.limit:
@@ -145,6 +158,8 @@ def train_landmarks(config: LandmarkTrainConfig, resume: bool = False) -> dict:
     images = {c.case_id: load_grey_png(c.image_path) for c in train + val}
     stride = 4
     net = LandmarkNet(width=config.width)
+    if config.amp:
+        net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -171,14 +186,16 @@ def train_landmarks(config: LandmarkTrainConfig, resume: bool = False) -> dict:
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             x, y = make_batch([train[i] for i in idx], images, config.input_size, stride, rng)
-            loss = landmark_loss(net(x), y, config.heatmap_sigma)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.amp):
+                logits = net(x.contiguous(memory_format=torch.channels_last) if config.amp else x)
+            loss = landmark_loss(logits.float(), y, config.heatmap_sigma)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        metrics = mean_radial_error(LandmarkDetector(net, config.input_size), val, images)
+        metrics = mean_radial_error(LandmarkDetector(net, config.input_size, check_turned=False), val, images)
         net.train()
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_mre_mm": metrics["mre_mm"]}
         history.append(record)
@@ -215,8 +232,11 @@ def mean_radial_error(
     pred = np.stack(preds)
     true = np.stack([c.landmarks for c in cases])
     err_mm = np.linalg.norm(pred - true, axis=-1) * PIXEL_MM
+    table = error_table(err_mm)
     return {
         "mre_mm": float(err_mm.mean()),
+        "p95_mm": table["overall"]["p95"],
+        "per_landmark": table["per_landmark"],
         "median_mm": float(np.median(err_mm)),
         "per_landmark_mm": {n: float(e) for n, e in zip(LANDMARK_NAMES, err_mm.mean(axis=0))},
         "within_10mm": float((err_mm <= 10.0).mean()),
@@ -225,6 +245,113 @@ def mean_radial_error(
         "_pred": pred,
         "_conf": np.stack(confs),
     }
+
+
+def error_table(err_mm: np.ndarray) -> dict:
+    """Per-landmark and overall mean, median and 95th percentile of radial errors (N, 16) in mm."""
+    def stats(e: np.ndarray) -> dict:
+        return {"mean": float(e.mean()), "median": float(np.median(e)), "p95": float(np.percentile(e, 95)),
+                "within_10mm": float((e <= 10.0).mean())}
+
+    return {"overall": stats(err_mm), "per_landmark": {n: stats(err_mm[:, i]) for i, n in enumerate(LANDMARK_NAMES)}}
+
+
+#: What the cross-validation compares: (name, test-time views, spine-rule weights).
+CV_VARIANTS: tuple[tuple[str, int, dict[str, float]], ...] = (
+    ("network only", 1, {}),
+    ("+ spine rule", 1, SPINE_FROM_RULE),
+    ("+ spine rule, 5 views", 5, SPINE_FROM_RULE),
+    ("+ spine rule, 15 views", 15, SPINE_FROM_RULE),
+)
+
+
+def cross_validate_landmarks(config: LandmarkTrainConfig, folds: int = 5, resume: bool = True,
+                             max_folds: int | None = None) -> dict:
+    """k-fold cross-validation of the detector recipe on JSRT: every image predicted by a model
+    that never saw it, errors per landmark (mean, median, p95) for each :data:`CV_VARIANTS`.
+
+    Each fold trains into ``out_dir/fold<k>`` and is skipped when already complete, so an
+    interrupted run resumes where it stopped; ``max_folds`` trains at most that many folds in
+    this call (0: none, only report), and the report then covers the folds done, and says so. Writes cv_metrics.json/.txt and
+    cv_errors.png (per-landmark error distribution) to ``out_dir``.
+    """
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    views_all = len(VIEWS)
+    pred_views, truth, ids, done = [], [], [], []
+    trained_now = 0
+    for k in range(folds):
+        fold_cfg = LandmarkTrainConfig(**{**asdict(config), "folds": folds, "fold": k, "out_dir": str(out / f"fold{k}")})
+        fold_dir = Path(fold_cfg.out_dir)
+        history = fold_dir / "history.json"
+        complete = history.is_file() and len(json.loads(history.read_text())) >= fold_cfg.epochs
+        if not complete:
+            if max_folds is not None and trained_now >= max_folds:
+                continue
+            train_landmarks(fold_cfg, resume=resume and (fold_dir / "last.pt").exists())
+            trained_now += 1
+        net, _ = load_landmark_checkpoint(fold_dir / "best.pt", config.jsrt_root)
+        _, val = _split(fold_cfg)
+        detector = LandmarkDetector(net, fold_cfg.input_size, views=views_all, check_turned=False)
+        for i in range(0, len(val), 8):
+            chunk = val[i : i + 8]
+            pts, _, _ = detector.detect_views([load_grey_png(c.image_path) for c in chunk])
+            pred_views.append(pts)
+        truth.extend(c.landmarks for c in val)
+        ids.extend(c.case_id for c in val)
+        done.append(k)
+    if not done:
+        raise RuntimeError(f"no fold of {folds} is complete in {out}")
+    views = np.concatenate(pred_views)  # (N, V, 16, 2)
+    true = np.stack(truth)
+
+    def errors(n_views: int, weights: dict[str, float]) -> np.ndarray:
+        pred = apply_spine_rule(np.median(views[:, :n_views], axis=1), weights)
+        return np.linalg.norm(pred - true, axis=-1) * PIXEL_MM
+
+    variants = {name: error_table(errors(v, w)) for name, v, w in CV_VARIANTS}
+    # How much of each derived point to take from the rule: the evidence for SPINE_FROM_RULE.
+    rule_weights = {name: {f"{w:.2f}": float(errors(1, {name: w})[:, LANDMARK_NAMES.index(name)].mean())
+                           for w in (0.0, 0.25, 0.5, 0.75, 1.0)} for name in DERIVED_LANDMARKS}
+    summary = {"folds": folds, "folds_done": done, "n_images": len(ids), "epochs": config.epochs,
+               "input_size": config.input_size, "variants": variants, "spine_rule_weight_mre_mm": rule_weights}
+    (out / "cv_metrics.json").write_text(json.dumps(summary, indent=2))
+    shipped = variants["+ spine rule"]
+    lines = [f"{len(done)} of {folds} folds ({len(ids)} JSRT images, each predicted by a model that never saw it); "
+             f"{config.epochs} epochs at {config.input_size} px; errors in mm (0.7 mm per pixel)", "",
+             f"{'variant':<26}{'mean':>8}{'median':>8}{'p95':>8}{'<=10mm':>9}"]
+    for name, table in variants.items():
+        o = table["overall"]
+        lines.append(f"{name:<26}{o['mean']:>8.2f}{o['median']:>8.2f}{o['p95']:>8.2f}{100 * o['within_10mm']:>8.1f}%")
+    lines += ["", "per landmark, + spine rule (what the node runs by default):",
+              f"{'landmark':<26}{'mean':>8}{'median':>8}{'p95':>8}{'<=10mm':>9}"]
+    for name, o in shipped["per_landmark"].items():
+        lines.append(f"{name:<26}{o['mean']:>8.2f}{o['median']:>8.2f}{o['p95']:>8.2f}{100 * o['within_10mm']:>8.1f}%")
+    lines += ["", "mean error of each derived point by the share taken from the rule (0 = its heatmap, 1 = the rule):"]
+    for name, by_w in rule_weights.items():
+        lines.append(f"{name:<26}" + "  ".join(f"{w}: {v:.2f}" for w, v in by_w.items()))
+    text = "\n".join(lines)
+    print(text)
+    (out / "cv_metrics.txt").write_text(text + "\n")
+    _plot_errors(errors(1, SPINE_FROM_RULE), out / "cv_errors.png", f"{len(done)}-fold CV, {len(ids)} JSRT images")
+    return summary
+
+
+def _plot_errors(err_mm: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    ax.boxplot([err_mm[:, i] for i in range(err_mm.shape[1])], whis=(5, 95), showfliers=False)
+    ax.set_xticks(range(1, len(LANDMARK_NAMES) + 1), LANDMARK_NAMES, rotation=60, ha="right", fontsize=8)
+    ax.axhline(10.0, color="grey", lw=0.8, ls="--")
+    ax.set_ylabel("radial error (mm); whiskers 5-95 %")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def load_landmark_checkpoint(path: str | Path, jsrt_root: str | None = None) -> tuple[LandmarkNet, LandmarkTrainConfig]:
@@ -256,7 +383,7 @@ def evaluate_landmarks(checkpoint: str | Path, out_dir: str | Path, jsrt_root: s
     _, val = _split(cfg)
     images = {c.case_id: load_grey_png(c.image_path) for c in val}
     t0 = time.perf_counter()
-    metrics = mean_radial_error(LandmarkDetector(net, cfg.input_size), val, images)
+    metrics = mean_radial_error(LandmarkDetector(net, cfg.input_size, check_turned=False), val, images)
     elapsed = time.perf_counter() - t0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,9 +391,9 @@ def evaluate_landmarks(checkpoint: str | Path, out_dir: str | Path, jsrt_root: s
     metrics.pop("_conf")
     metrics["seconds_per_image_cpu"] = elapsed / len(val)
     (out / "landmark_metrics.json").write_text(json.dumps(metrics, indent=2))
-    lines = [f"{'landmark':<26}{'MRE (mm)':>10}"]
-    lines += [f"{n:<26}{v:>10.2f}" for n, v in metrics["per_landmark_mm"].items()]
-    lines.append(f"{'overall':<26}{metrics['mre_mm']:>10.2f}")
+    lines = [f"{'landmark':<26}{'mean':>8}{'median':>8}{'p95':>8}   (radial error, mm)"]
+    lines += [f"{n:<26}{v['mean']:>8.2f}{v['median']:>8.2f}{v['p95']:>8.2f}" for n, v in metrics["per_landmark"].items()]
+    lines.append(f"{'overall':<26}{metrics['mre_mm']:>8.2f}{metrics['median_mm']:>8.2f}{metrics['p95_mm']:>8.2f}")
     lines.append(f"validation images: {metrics['n_images']}, within 10 mm: {100 * metrics['within_10mm']:.1f} %")
     print("\n".join(lines))
     (out / "landmark_metrics.txt").write_text("\n".join(lines) + "\n")
@@ -293,12 +420,32 @@ def _plot_predictions(cases: list[JsrtCase], images: dict[str, np.ndarray], pred
     plt.close(fig)
 
 
-NEGATIVES = ("rotated_90", "rotated_270", "upside_down", "mirrored", "inverted", "lower_half", "upper_half",
-             "blank", "noise")
+NEGATIVES = ("rotated_90", "rotated_180", "rotated_270", "upside_down", "mirrored", "inverted", "lower_half",
+             "upper_half", "lateral_like", "non_chest", "blank", "noise")
 
 
-def make_negative(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """Images that are not a frontal chest film, built from one: what the gate must refuse."""
+def make_negative(img: np.ndarray, kind: str, rng: np.random.Generator,
+                  non_chest: list[np.ndarray] | None = None) -> np.ndarray:
+    """Images that are not a frontal chest film, built from one: what the gate must refuse.
+
+    ``non_chest`` kind: a random crop (60-100 %), quarter turn and flip of one of the given
+    non-chest radiographs (the frontal film itself is not used).
+    """
+    if kind == "non_chest":
+        if not non_chest:
+            raise ValueError("the non_chest kind needs non-chest radiographs (calibrate --non-chest)")
+        src = non_chest[int(rng.integers(len(non_chest)))]
+        h, w = src.shape
+        ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
+        y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        out = np.rot90(src[y0 : y0 + ch, x0 : x0 + cw], int(rng.integers(4)))
+        return np.ascontiguousarray(out[:, ::-1] if rng.random() < 0.5 else out)
+    if kind == "lateral_like":  # one hemithorax and the spine stretched to the full width
+        w = img.shape[1]
+        half = img[:, : int(0.55 * w)] if rng.random() < 0.5 else img[:, int(0.45 * w) :]
+        return np.clip(ndimage.zoom(half, (1.0, w / half.shape[1]), order=1), 0.0, 1.0).astype(img.dtype)
+    if kind == "rotated_180":
+        return np.ascontiguousarray(img[::-1, ::-1])
     if kind == "rotated_90":
         return np.ascontiguousarray(np.rot90(img))
     if kind == "rotated_270":
@@ -320,23 +467,51 @@ def make_negative(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.nd
     raise ValueError(f"unknown negative kind {kind!r}")
 
 
+def _spread(rows: list[dict], kind: str, key: str) -> dict:
+    v = np.array([r[key] for r in rows if r["kind"] == kind], dtype=float)
+    return {"min": float(v.min()), "p05": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95)), "max": float(v.max())}
+
+
 def _heart_sides(rows: list[dict], kind: str) -> np.ndarray:
     """Heart-side contrast of one kind's inputs, leaving out those where a zone was off the image."""
     return np.array([r["heart_side"] for r in rows if r["kind"] == kind and r["heart_side"] is not None])
 
 
-def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_files: list[Path],
-                         jsrt_root: str | None = None) -> dict:
-    """Median landmark confidence on frontal films vs non-chest negatives, to set the gate.
+def default_non_chest_files() -> list[Path]:
+    """The real non-chest radiograph in pydicom-data (a CR of the lower leg), if installed."""
+    try:
+        from pydicom.data import get_testdata_file
 
-    Positives: the JSRT validation split and the given frontal DICOM files. Negatives: each
-    positive rotated either way, upside down, mirrored, inverted, cut to its lower or upper
-    half, plus blank and noise.
+        path = get_testdata_file("RG3_UNCI.dcm")
+    except Exception:  # pydicom-data not installed: the kind is left out, and the table says so
+        return []
+    return [Path(path)] if path else []
+
+
+def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_files: list[Path],
+                         jsrt_root: str | None = None, non_chest_files: list[Path] | None = None) -> dict:
+    """Acceptance by the whole gate of frontal films vs each kind of negative, to set the gate.
+
+    Positives (held out from the detector's training): the JSRT validation split and the
+    given frontal DICOM files. Negatives, one of each kind per positive: turned by 90, 180 or
+    270 degrees, flipped top to bottom or left to right, inverted, cut to its lower or upper
+    half, a lateral-like stretch of one hemithorax, a variant of a non-chest radiograph
+    (``non_chest_files``, default pydicom-data's lower-leg CR), blank and noise.
     """
     from screener.pipeline.decode import DecodeError, decode_file
-    from screener.pipeline.eligibility import EligibilityRules, check_image, check_landmarks, heart_side_contrast
+    from screener.pipeline.eligibility import (
+        ROI_LANDMARKS,
+        EligibilityRules,
+        check_image,
+        check_landmarks,
+        heart_side_contrast,
+        lung_and_mediastinum,
+    )
 
     rules = EligibilityRules()
+    non_chest_files = default_non_chest_files() if non_chest_files is None else non_chest_files
+    non_chest = [decode_file(f).pixels for f in non_chest_files]
+    kinds = ("frontal",) + tuple(k for k in NEGATIVES if k != "non_chest" or non_chest)
     net, cfg = load_landmark_checkpoint(checkpoint, jsrt_root)
     detector = LandmarkDetector(net, cfg.input_size)
     _, val = _split(cfg)
@@ -349,19 +524,26 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
     rng = np.random.default_rng(0)
     rows = []
     for name, img in tqdm(positives.items(), desc="calibrating", leave=False):
-        for kind in ("frontal",) + NEGATIVES:
-            probe = img if kind == "frontal" else make_negative(img, kind, rng)
+        for kind in kinds:
+            probe = img if kind == "frontal" else make_negative(img, kind, rng, non_chest)
             found = detector.detect([probe])[0]
             decision = check_landmarks(found, probe.shape, rules)
             if decision.eligible:
                 decision = check_image(probe, found, rules)
             conf = found.confidence
-            rows.append({"image": name, "kind": kind, "median": float(np.median(conf)), "min": float(conf.min()),
-                         "heart_side": heart_side_contrast(probe, found), "eligible": decision.eligible,
+            median = float(np.median(conf))
+            rows.append({"image": name, "kind": kind, "median": median, "min": float(conf.min()),
+                         "turned_ratio": float(found.turned_confidence) / max(median, 1e-9),
+                         "roi_min": min(float(np.median(conf[[LANDMARK_NAMES.index(n) for n in names]]))
+                                        for names in ROI_LANDMARKS.values()),
+                         "heart_side": heart_side_contrast(probe, found),
+                         "mediastinum": None if (lm := lung_and_mediastinum(probe, found)) is None else lm[1] - lm[0],
+                         "eligible": decision.eligible,
                          "code": decision.code})
+    negatives = kinds[1:]
     pos = np.array([r["median"] for r in rows if r["kind"] == "frontal"])
-    neg = {k: np.array([r["median"] for r in rows if r["kind"] == k]) for k in NEGATIVES}
-    accepted = {k: float(np.mean([r["eligible"] for r in rows if r["kind"] == k])) for k in ("frontal",) + NEGATIVES}
+    neg = {k: np.array([r["median"] for r in rows if r["kind"] == k]) for k in negatives}
+    accepted = {k: float(np.mean([r["eligible"] for r in rows if r["kind"] == k])) for k in kinds}
     summary = {
         "threshold": rules.min_landmark_confidence,
         "accepted_share": accepted,
@@ -369,13 +551,17 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
         "negatives": {k: {"n": int(v.size), "max": float(v.max()), "p95": float(np.percentile(v, 95))} for k, v in neg.items()},
         "heart_side": {k: {"p05": float(np.percentile(v, 5)), "median": float(np.median(v)), "p95": float(np.percentile(v, 95))}
                        for k in ("frontal", "mirrored") for v in [_heart_sides(rows, k)]},
+        "turned_ratio": {k: _spread(rows, k, "turned_ratio") for k in ("frontal", "upside_down", "rotated_180")},
+        "roi_landmark_confidence": {k: _spread(rows, k, "roi_min") for k in kinds},
+        "mediastinum_contrast": {k: _spread([r for r in rows if r["mediastinum"] is not None], k, "mediastinum")
+                                 for k in ("frontal", "lateral_like", "upper_half", "mirrored")},
         "rows": rows,
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "confidence_calibration.json").write_text(json.dumps(summary, indent=2))
     print(f"median landmark confidence per input; 'accepted' = share passing the whole gate "
-          f"(confidence >= {rules.min_landmark_confidence}, geometry, inversion, heart side)")
+          f"(confidence >= {rules.min_landmark_confidence}, turned ratio, ROI landmarks, geometry, inversion, heart side)")
     print(f"{'input':<14}{'n':>5}{'min':>8}{'p05':>8}{'median':>8}{'p95':>8}{'max':>8}{'accepted':>10}")
     for k, v in {"frontal": pos, **neg}.items():
         print(f"{k:<14}{v.size:>5}{v.min():>8.3f}{np.percentile(v, 5):>8.3f}{np.median(v):>8.3f}"
@@ -385,7 +571,76 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
     for k in ("frontal", "mirrored"):
         v = _heart_sides(rows, k)
         print(f"{k:<14}{np.percentile(v, 5):>8.3f}{np.median(v):>8.3f}{np.percentile(v, 95):>8.3f}")
+    print(f"\nturned-by-180 confidence over the input's own (the gate refuses >= {rules.max_turned_confidence_ratio:g}) and the "
+          f"least sure ROI's landmark confidence (refused < {rules.min_roi_landmark_confidence:g})")
+    print(f"{'input':<14}{'ratio min':>10}{'p05':>8}{'p95':>8}{'max':>8}{'roi min':>10}{'p05':>8}")
+    for k in kinds:
+        t, r_ = _spread(rows, k, "turned_ratio"), _spread(rows, k, "roi_min")
+        print(f"{k:<14}{t['min']:>10.3f}{t['p05']:>8.3f}{t['p95']:>8.3f}{t['max']:>8.3f}{r_['min']:>10.3f}{r_['p05']:>8.3f}")
+    print(f"\nmediastinum minus lung fields (display values; the gate wants >= {rules.min_mediastinum_contrast:g})")
+    print(f"{'input':<14}{'min':>8}{'p05':>8}{'p95':>8}{'max':>8}")
+    for k, v in summary["mediastinum_contrast"].items():
+        print(f"{k:<14}{v['min']:>8.3f}{v['p05']:>8.3f}{v['p95']:>8.3f}{v['max']:>8.3f}")
+    if "non_chest" not in kinds:
+        print("non_chest: no non-chest radiograph given (--non-chest) and pydicom-data not installed: kind left out")
     for r in rows:
-        if r["kind"] in ("frontal", "mirrored") and r["eligible"] != (r["kind"] == "frontal"):
+        if r["kind"] == "frontal" and not r["eligible"] or r["kind"] != "frontal" and r["eligible"]:
             print(f"  {r['kind']} {'refused' if r['kind'] == 'frontal' else 'accepted'}: {r['image']}: {r['code']}")
     return summary
+
+
+def prediction_sheet(files: list[Path], out_path: str | Path, bundle: str | Path | None = None) -> list[dict]:
+    """One panel per DICOM file: the film, the 16 predicted points, the six ROI boxes and the
+    gate's decision, as the node would run them (a bundle's detector; the demo's by default).
+
+    For looking at the detector on films from other vendors by eye; returns one row per file
+    (name, decision code, median confidence) and writes the sheet as a PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from screener.pipeline.bundle import ModelBundle
+    from screener.pipeline.decode import DecodeError, decode_file
+    from screener.pipeline.eligibility import check_image, check_landmarks
+    from screener.pipeline.rois import LOCAL_ROI_NAMES, roi_boxes
+
+    detector = ModelBundle.load(bundle).detector()
+    panels, rows = [], []
+    for f in files:
+        try:
+            pixels = decode_file(f).pixels
+        except DecodeError as exc:
+            rows.append({"file": Path(f).name, "code": exc.code.value, "median_confidence": None})
+            continue
+        found = detector.detect([pixels])[0]
+        decision = check_landmarks(found, pixels.shape)
+        if decision.eligible:
+            decision = check_image(pixels, found)
+        rows.append({"file": Path(f).name, "code": decision.code.value, "median_confidence": float(np.median(found.confidence))})
+        panels.append((Path(f).name, pixels, found, decision))
+    cols = min(3, max(1, len(panels)))
+    n_rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(5.5 * cols, 6 * n_rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (name, pixels, found, decision) in zip(axes.ravel(), panels):
+        ax.imshow(pixels, cmap="gray", vmin=0, vmax=1)
+        try:
+            boxes = roi_boxes(found, pixels.shape)
+        except ValueError:
+            boxes = {}
+        for roi in LOCAL_ROI_NAMES:
+            if roi in boxes:
+                b = boxes[roi]
+                c, ex, ey, h = np.asarray(b.center), np.asarray(b.ex), np.asarray(b.ey), b.side / 2
+                corners = np.stack([c - h * ex - h * ey, c + h * ex - h * ey, c + h * ex + h * ey, c - h * ex + h * ey])
+                ax.plot(*np.vstack([corners, corners[:1]]).T, lw=1.0, color="orange" if decision.eligible else "grey")
+        ax.scatter(*found.points.T, s=14, c=found.confidence, cmap="RdYlGn", vmin=0, vmax=0.5, edgecolors="black", linewidths=0.3)
+        ax.set_title(f"{name}\n{decision.code.value} (median confidence {np.median(found.confidence):.2f})", fontsize=9)
+    fig.suptitle("landmarks (colour = confidence, red low) and ROIs; orange boxes = eligible", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=80)
+    plt.close(fig)
+    return rows

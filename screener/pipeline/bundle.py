@@ -25,7 +25,15 @@ from typing import Any
 
 import torch
 
-from screener.pipeline.landmarks import LANDMARK_NAMES, LANDMARK_SCHEME, LandmarkDetector, LandmarkNet
+from screener.pipeline.landmarks import (
+    DERIVED_LANDMARKS,
+    LANDMARK_NAMES,
+    LANDMARK_SCHEME,
+    SPINE_FROM_RULE,
+    VIEWS,
+    LandmarkDetector,
+    LandmarkNet,
+)
 from screener.pipeline.model import Ensemble, MultiRoiConfig, MultiRoiNet
 from screener.pipeline.rois import ROI_NAMES, ROI_RECIPE
 from screener.pipeline.tscore import VERTEBRAE, ReferenceTable
@@ -78,8 +86,15 @@ def write_bundle(
     training_data: dict[str, Any],
     validation: dict[str, Any],
     demo_statement: str = "",
+    landmark_views: int = 1,
+    spine_from_rule: dict[str, float] | None = None,
 ) -> Path:
-    """Write a complete bundle directory (overwriting files of the same name)."""
+    """Write a complete bundle directory (overwriting files of the same name).
+
+    ``landmark_views`` and ``spine_from_rule`` (default :data:`SPINE_FROM_RULE`) fix how the
+    detector's output becomes the 16 points; they are part of the bundle's identity because
+    they change every result.
+    """
     if demo and not demo_statement:
         raise BundleError("a demo bundle needs demo_statement: say what its labels are and why it is not for use")
     sizes = {n.config.roi_size for n in bmd_nets}
@@ -110,6 +125,8 @@ def write_bundle(
             "width": landmark_width,
             "weights": "landmarks.pt",
             "sha256": sha256_file(out / "landmarks.pt"),
+            "views": int(landmark_views),
+            "spine_from_rule": dict(SPINE_FROM_RULE if spine_from_rule is None else spine_from_rule),
         },
         "rois": {"recipe": ROI_RECIPE, "names": list(ROI_NAMES), "size": sizes.pop()},
         "input_normalisation": {
@@ -166,7 +183,10 @@ class ModelBundle:
         return int(self.manifest["landmarks"]["input_size"])
 
     def detector(self, device: torch.device | str = "cpu") -> LandmarkDetector:
-        return LandmarkDetector(self.landmark_net, self.landmark_input_size, device)
+        # A bundle written before these keys existed ran the network alone on one view.
+        lm = self.manifest["landmarks"]
+        return LandmarkDetector(self.landmark_net, self.landmark_input_size, device, views=int(lm.get("views", 1)),
+                                spine_rule=dict(lm.get("spine_from_rule", {})))
 
     @classmethod
     def load(cls, path: Path | str | None = None) -> "ModelBundle":
@@ -247,6 +267,14 @@ def _check_manifest(manifest: dict, root: Path) -> None:
         raise BundleError("manifest bmd.models must list at least one model")
     for key in ("landmarks.width", "landmarks.input_size", "tscore_table.sha256"):
         _require(manifest, key)
+    views = manifest["landmarks"].get("views", 1)
+    if not isinstance(views, int) or not 1 <= views <= len(VIEWS):
+        raise BundleError(f"manifest landmarks.views is {views!r}: must be an integer within 1..{len(VIEWS)}")
+    rule = manifest["landmarks"].get("spine_from_rule", {})
+    if not isinstance(rule, dict) or set(rule) - set(DERIVED_LANDMARKS) or not all(
+        isinstance(w, (int, float)) and 0.0 <= w <= 1.0 for w in rule.values()
+    ):
+        raise BundleError(f"manifest landmarks.spine_from_rule is {rule!r}: must map {list(DERIVED_LANDMARKS)} to weights within 0..1")
     table = root / str(manifest["tscore_table"]["file"])
     if not _inside(root, table) or not table.is_file() or sha256_file(table) != manifest["tscore_table"]["sha256"]:
         raise BundleError(f"manifest tscore_table.sha256 does not match {table.name} (or the file is missing): the table was changed")

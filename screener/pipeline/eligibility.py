@@ -65,6 +65,8 @@ __all__ = [
     "check_header",
     "check_landmarks",
     "check_image",
+    "ROI_LANDMARKS",
+    "lung_and_mediastinum",
     "patient_age",
 ]
 
@@ -110,6 +112,15 @@ class EligibilityRules:
     # blank and noise images at most 0.059. Upside-down and cropped films overlap and are
     # refused by the geometry checks below.
     min_landmark_confidence: float = 0.08
+    # The detector also scores each input turned by 180 degrees (Landmarks.turned_confidence).
+    # A frontal film scores several times lower turned (calibrate: at most 0.37 of its own
+    # median), an upside-down or top-to-bottom flipped one several times higher; refused
+    # when the turned score reaches this share of the film's own.
+    max_turned_confidence_ratio: float = 0.8
+    # Each side's clavicle and rib-cage landmarks: the median confidence of the points that
+    # place one ROI. A film where one structure is not found (a herniation filling a
+    # hemithorax, a cut-off side) would get that ROI somewhere across the chest.
+    min_roi_landmark_confidence: float = 0.02
     # thorax width (40 % rib points) over image width: JSRT films span 0.58-0.84
     min_thorax_width: float = 0.3
     max_thorax_width: float = 1.0
@@ -129,6 +140,11 @@ class EligibilityRules:
     # JSRT validation films + 4 real CR/DX): frontal median +0.141 (5th percentile +0.046),
     # mirrored median -0.133 (95th percentile -0.014); 0 accepts all 43 frontal films.
     min_heart_side_contrast: float = 0.0
+    # The midline band (mediastinum and spine) must be brighter than the lung fields beside
+    # it by at least this; a lateral film, or a film of one hemithorax, has lung (or nothing)
+    # where the detector puts the midline. Calibrate (demo detector): frontal films 0.020 at
+    # the least (5th percentile 0.139); lateral-like images 95th percentile -0.008.
+    min_mediastinum_contrast: float = 0.01
 
     def __post_init__(self) -> None:
         for name in ("missing_body_part", "missing_view", "missing_age"):
@@ -139,7 +155,10 @@ class EligibilityRules:
             # An empty list would make nothing eligible: surely a mistake, so say so.
             if not isinstance(value, tuple) or not value or not all(isinstance(v, str) and v.strip() for v in value):
                 raise ValueError(f"EligibilityRules.{name} = {value!r}: must be a non-empty list of non-empty strings")
-        for name in ("min_landmark_confidence", "min_roi_inside"):
+        if not self.max_turned_confidence_ratio > 0.0:
+            raise ValueError(f"EligibilityRules.max_turned_confidence_ratio = {self.max_turned_confidence_ratio}: must be > 0 "
+                             "(a large value such as 100 turns the upside-down check off)")
+        for name in ("min_landmark_confidence", "min_roi_inside", "min_roi_landmark_confidence"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"EligibilityRules.{name} = {getattr(self, name)}: must be within 0..1")
         if not 0.0 <= self.min_thorax_width < self.max_thorax_width:
@@ -154,6 +173,9 @@ class EligibilityRules:
             raise ValueError(f"EligibilityRules.inverted_margin = {self.inverted_margin}: must be >= 0")
         if not -1.0 <= self.min_heart_side_contrast <= 1.0:
             raise ValueError(f"EligibilityRules.min_heart_side_contrast = {self.min_heart_side_contrast}: must be within -1..1 "
+                             "(display values; -1 turns the check off)")
+        if not -1.0 <= self.min_mediastinum_contrast <= 1.0:
+            raise ValueError(f"EligibilityRules.min_mediastinum_contrast = {self.min_mediastinum_contrast}: must be within -1..1 "
                              "(display values; -1 turns the check off)")
 
 
@@ -379,6 +401,11 @@ _RIGHT_LEFT_PAIRS = (
 )
 _CLAVICLE_POINTS = tuple(f"clavicle_{s}_{p}" for s in ("right", "left") for p in ("medial", "mid", "lateral"))
 _RIB_LEVELS = (20, 40, 60, 80)
+#: The landmarks that place each lateral ROI (the spine ROIs follow from these too).
+ROI_LANDMARKS: dict[str, tuple[str, ...]] = {
+    **{f"{s}_clavicle": tuple(f"clavicle_{s}_{p}" for p in ("medial", "mid", "lateral")) for s in ("right", "left")},
+    **{f"{s}_ribcage": tuple(f"ribcage_{s}_{k}" for k in _RIB_LEVELS) for s in ("right", "left")},
+}
 
 
 def _roi_inside_fraction(box: Any, image_shape: tuple[int, int], n: int = 16) -> float:
@@ -415,6 +442,28 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
             f"median landmark confidence {median:.3f} is below the minimum of {rules.min_landmark_confidence:.3f} "
             f"(least sure: {LANDMARK_NAMES[worst]} at {landmarks.confidence[worst]:.3f}): not a recognisable frontal chest film",
         )
+
+    turned = float(landmarks.turned_confidence)
+    if math.isfinite(turned) and turned >= rules.max_turned_confidence_ratio * median:
+        return Decision(
+            False,
+            ReasonCode.UPSIDE_DOWN,
+            f"the detector finds a chest in this image turned by 180 degrees (median confidence {turned:.3f}) at least "
+            f"{rules.max_turned_confidence_ratio:g} times as readily as in the image as it is ({median:.3f}): "
+            "the film is upside down or flipped top to bottom",
+        )
+
+    index = {n: i for i, n in enumerate(LANDMARK_NAMES)}
+    for roi, names in ROI_LANDMARKS.items():
+        roi_conf = float(np.median(landmarks.confidence[[index[n] for n in names]]))
+        if roi_conf < rules.min_roi_landmark_confidence:
+            return Decision(
+                False,
+                ReasonCode.ROI_LANDMARKS_UNSURE,
+                f"the {roi.replace('_', ' ')} landmarks have median confidence {roi_conf:.3f}, below the minimum of "
+                f"{rules.min_roi_landmark_confidence:g}: the detector did not find that structure (an abnormal or "
+                "cut-off film), so its ROI would be misplaced",
+            )
 
     span = landmarks.points.max(axis=0) - landmarks.points.min(axis=0)
     if span[0] < 0.1 * cols or span[1] < 0.1 * rows:
@@ -534,6 +583,49 @@ def check_image(pixels: np.ndarray, landmarks: Landmarks, rules: EligibilityRule
     """
     if pixels.ndim != 2:
         return Decision(False, ReasonCode.IMAGE_SHAPE, f"expected a 2-D grey image, got shape {pixels.shape}")
+    values = lung_and_mediastinum(pixels, landmarks)
+    if values is None:
+        return Decision(False, ReasonCode.LUNG_FIELDS_OUTSIDE_IMAGE, "the lung fields or the mediastinum fall outside the image: cannot check the grey scale")
+    lung_value, centre_value = values
+    if lung_value - centre_value > rules.inverted_margin:
+        return Decision(
+            False,
+            ReasonCode.INVERTED,
+            f"the lung fields (median display value {lung_value:.2f}) are brighter than the mediastinum and spine ({centre_value:.2f}): "
+            "the image displays inverted; check PhotometricInterpretation (0028,0004) and PresentationLUTShape (2050,0020)",
+        )
+    if centre_value - lung_value < rules.min_mediastinum_contrast:
+        return Decision(
+            False,
+            ReasonCode.NO_MEDIASTINUM,
+            f"the band along the midline (median display value {centre_value:.2f}) is not brighter than the lung fields "
+            f"({lung_value:.2f}) by at least {rules.min_mediastinum_contrast:g}: no mediastinum and spine between two lungs, "
+            "as on a lateral film or a film of one side",
+        )
+    contrast = heart_side_contrast(pixels, landmarks)
+    if contrast is None:
+        return Decision(False, ReasonCode.LUNG_FIELDS_OUTSIDE_IMAGE,
+                        "a lower lung zone beside the midline falls outside the image: cannot check on which side the heart lies")
+    if contrast < rules.min_heart_side_contrast:
+        return Decision(
+            False,
+            ReasonCode.HEART_ON_IMAGE_LEFT,
+            f"the lower zone beside the midline is {contrast:+.2f} brighter on the image's right than on its left "
+            f"(at least {rules.min_heart_side_contrast:+.2f} expected): the heart shadow is not on the image's right, "
+            "so the film is mirrored (or the patient has dextrocardia); the left/right ROIs would be swapped",
+        )
+    return Decision(True, ELIGIBLE, f"eligible: lung fields {lung_value:.2f} darker than the mediastinum {centre_value:.2f} "
+                    f"(or within {rules.inverted_margin:g}), heart shadow on the image's right ({contrast:+.2f})")
+
+
+def lung_and_mediastinum(pixels: np.ndarray, landmarks: Landmarks, min_samples: int = 20) -> tuple[float, float] | None:
+    """Median display values of the lung fields and of the midline band (mediastinum and
+    spine) at the 20-60 % rib-cage levels; None when either has under ``min_samples`` pixels
+    on the image.
+
+    The lungs: 25-60 % of the way from each rib-cage border to the midline; the band: 4 % of
+    the thorax width either side of the cervical-to-T12 line.
+    """
     width = float(np.hypot(*(landmarks["ribcage_left_40"] - landmarks["ribcage_right_40"])))
     fractions = np.linspace(0.25, 0.6, 8)  # of the way from the rib border to the midline
     lung_points = []
@@ -554,30 +646,10 @@ def check_image(pixels: np.ndarray, landmarks: Landmarks, rules: EligibilityRule
     band = np.stack([np.repeat(mx, offsets.size) + np.tile(offsets, ys.size), np.repeat(ys, offsets.size)], axis=1)
     lungs = _sample(pixels, np.concatenate(lung_points))
     centre = _sample(pixels, band)
-    if lungs.size < 20 or centre.size < 20:
-        return Decision(False, ReasonCode.LUNG_FIELDS_OUTSIDE_IMAGE, "the lung fields or the mediastinum fall outside the image: cannot check the grey scale")
-    lung_value, centre_value = float(np.median(lungs)), float(np.median(centre))
-    if lung_value - centre_value > rules.inverted_margin:
-        return Decision(
-            False,
-            ReasonCode.INVERTED,
-            f"the lung fields (median display value {lung_value:.2f}) are brighter than the mediastinum and spine ({centre_value:.2f}): "
-            "the image displays inverted; check PhotometricInterpretation (0028,0004) and PresentationLUTShape (2050,0020)",
-        )
-    contrast = heart_side_contrast(pixels, landmarks)
-    if contrast is None:
-        return Decision(False, ReasonCode.LUNG_FIELDS_OUTSIDE_IMAGE,
-                        "a lower lung zone beside the midline falls outside the image: cannot check on which side the heart lies")
-    if contrast < rules.min_heart_side_contrast:
-        return Decision(
-            False,
-            ReasonCode.HEART_ON_IMAGE_LEFT,
-            f"the lower zone beside the midline is {contrast:+.2f} brighter on the image's right than on its left "
-            f"(at least {rules.min_heart_side_contrast:+.2f} expected): the heart shadow is not on the image's right, "
-            "so the film is mirrored (or the patient has dextrocardia); the left/right ROIs would be swapped",
-        )
-    return Decision(True, ELIGIBLE, f"eligible: lung fields {lung_value:.2f} darker than the mediastinum {centre_value:.2f} "
-                    f"(or within {rules.inverted_margin:g}), heart shadow on the image's right ({contrast:+.2f})")
+    lungs, centre = lungs[np.isfinite(lungs)], centre[np.isfinite(centre)]
+    if lungs.size < min_samples or centre.size < min_samples:
+        return None
+    return float(np.median(lungs)), float(np.median(centre))
 
 
 def heart_side_contrast(pixels: np.ndarray, landmarks: Landmarks, min_samples: int = 20) -> float | None:

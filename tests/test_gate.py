@@ -1,0 +1,152 @@
+"""The landmark gate against films that are not a frontal chest: each check on its own, then
+the shipped detector and gate on negatives generated from a real CR and on a real non-chest
+radiograph (pydicom-data's lower-leg CR)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from screener.pipeline.eligibility import EligibilityRules, check_image, check_landmarks
+from screener.pipeline.landmarks import (
+    LANDMARK_NAMES,
+    VIEWS,
+    Landmarks,
+    apply_spine_rule,
+    spine_points_by_rule,
+)
+from tests.support.common import rg1_file, synthetic_contours
+from training.jsrt import landmarks_from_contours
+
+SHAPE = (512, 512)
+
+
+def _landmarks(confidence: float = 0.6, turned: float = float("nan")) -> Landmarks:
+    pts = landmarks_from_contours(synthetic_contours())
+    return Landmarks(points=pts, confidence=np.full(16, confidence), turned_confidence=turned)
+
+
+def _film() -> np.ndarray:
+    img = np.full(SHAPE, 0.8, np.float32)
+    for key in ("RL", "LL"):
+        (x0, y0), (x1, y1) = synthetic_contours()[key].min(axis=0), synthetic_contours()[key].max(axis=0)
+        img[int(y0) : int(y1), int(x0) : int(x1)] = 0.25
+    img[:, 240:272] = 0.95  # spine
+    (x0, y0), (x1, y1) = synthetic_contours()["LL"].min(axis=0), synthetic_contours()["LL"].max(axis=0)
+    img[int((y0 + y1) / 2) : int(y1), int(x0) : int(x0 + (x1 - x0) / 2)] = 0.7  # heart, image right
+    return img
+
+
+def _refused(decision, code: str, *words: str) -> None:
+    assert not decision.eligible and decision.code == code, decision
+    for w in words:
+        assert w in decision.reason, (w, decision.reason)
+
+
+def test_the_spine_rule_reproduces_the_label_rule_exactly() -> None:
+    labels = landmarks_from_contours(synthetic_contours((12.0, -7.0)))
+    np.testing.assert_allclose(spine_points_by_rule(labels), labels[14:], atol=1e-9)
+    moved = labels.copy()
+    moved[LANDMARK_NAMES.index("t12")] += [30.0, 40.0]
+    moved[LANDMARK_NAMES.index("cervical_spine")] += [-20.0, 10.0]
+    ruled = apply_spine_rule(moved, {"cervical_spine": 0.5, "t12": 1.0})
+    np.testing.assert_allclose(ruled[15], labels[15], atol=1e-9)  # T12 all from the rule
+    np.testing.assert_allclose(ruled[14], labels[14] + [-10.0, 5.0], atol=1e-9)  # half way
+    np.testing.assert_allclose(apply_spine_rule(moved, {}), moved)  # weights 0: the network's
+
+
+def test_upside_down_when_the_turned_image_fits_better() -> None:
+    assert check_landmarks(_landmarks(0.3, turned=0.05), SHAPE).eligible
+    assert check_landmarks(_landmarks(0.3), SHAPE).eligible  # not measured: no opinion
+    _refused(check_landmarks(_landmarks(0.2, turned=0.3), SHAPE), "upside-down", "180 degrees", "0.300", "0.200")
+    _refused(check_landmarks(_landmarks(0.3, turned=0.25), SHAPE), "upside-down")  # 0.83 >= 0.8
+    assert check_landmarks(_landmarks(0.3, turned=0.25), SHAPE, EligibilityRules(max_turned_confidence_ratio=1.0)).eligible
+    with pytest.raises(ValueError, match="max_turned_confidence_ratio"):
+        EligibilityRules(max_turned_confidence_ratio=0.0)
+
+
+@pytest.mark.parametrize("roi", ["left_clavicle", "right_clavicle", "left_ribcage", "right_ribcage"])
+def test_a_structure_the_detector_did_not_find_refuses_the_film(roi: str) -> None:
+    side, part = roi.split("_")
+    lm = _landmarks(0.4)
+    conf = lm.confidence.copy()
+    conf[[i for i, n in enumerate(LANDMARK_NAMES) if n.startswith(f"{part}_{side}_")]] = 0.005
+    unsure = Landmarks(lm.points, conf)
+    assert np.median(conf) >= EligibilityRules().min_landmark_confidence  # the film as a whole looks fine
+    _refused(check_landmarks(unsure, SHAPE), "roi-landmarks-unsure", f"{side} {part}", "misplaced")
+    assert check_landmarks(unsure, SHAPE, EligibilityRules(min_roi_landmark_confidence=0.0)).eligible
+
+
+def test_no_mediastinum_between_the_lungs_is_a_lateral_like_film() -> None:
+    film, lm = _film(), _landmarks()
+    assert check_image(film, lm).eligible
+    lateral = film.copy()
+    lateral[60:460, 60:452] = 0.25  # lung from one side to the other: no bright midline band
+    _refused(check_image(lateral, lm), "no-mediastinum", "lateral")
+    assert check_image(lateral, lm, EligibilityRules(min_mediastinum_contrast=-1.0)).code != "no-mediastinum"
+
+
+@pytest.fixture(scope="module")
+def detector():
+    from screener.pipeline.bundle import ModelBundle
+
+    return ModelBundle.load().detector()
+
+
+@pytest.fixture(scope="module")
+def rg1() -> np.ndarray:
+    from screener.pipeline.decode import decode_file
+
+    return decode_file(rg1_file()).pixels
+
+
+def _gate(detector, pixels: np.ndarray):
+    found = detector.detect([pixels])[0]
+    decision = check_landmarks(found, pixels.shape)
+    return check_image(pixels, found) if decision.eligible else decision
+
+
+def test_the_shipped_gate_accepts_the_real_cr_and_measures_its_turned_score(detector, rg1) -> None:
+    found = detector.detect([rg1])[0]
+    assert np.isfinite(found.turned_confidence) and found.turned_confidence < 0.5 * np.median(found.confidence)
+    assert _gate(detector, rg1).eligible
+
+
+@pytest.mark.parametrize(
+    "kind, codes",
+    [
+        ("rotated_180", {"upside-down", "low-landmark-confidence"}),
+        ("upside_down", {"upside-down", "low-landmark-confidence"}),
+        ("rotated_90", {"low-landmark-confidence", "spine-tilted", "upside-down", "roi-landmarks-unsure"}),
+        ("mirrored", {"heart-on-image-left"}),
+        ("lateral_like", {"no-mediastinum", "low-landmark-confidence", "inverted", "roi-landmarks-unsure"}),
+        ("lower_half", {"low-landmark-confidence", "thorax-aspect", "roi-landmarks-unsure", "upside-down"}),
+    ],
+)
+def test_the_shipped_gate_refuses_negatives_made_from_the_real_cr(detector, rg1, kind: str, codes: set[str]) -> None:
+    from training.landmarks import make_negative
+
+    probe = make_negative(rg1, kind, np.random.default_rng(0))
+    decision = _gate(detector, probe)
+    assert not decision.eligible and decision.code in codes, decision
+
+
+def test_the_shipped_gate_refuses_a_real_lower_leg_radiograph(detector) -> None:
+    from screener.pipeline.decode import decode_file
+
+    leg = decode_file(rg1_file("RG3_UNCI.dcm")).pixels
+    for k in range(4):  # however it is turned
+        assert not _gate(detector, np.ascontiguousarray(np.rot90(leg, k))).eligible
+
+
+def test_views_and_turned_check_are_options_of_the_detector(detector, rg1) -> None:
+    from screener.pipeline.landmarks import LandmarkDetector
+
+    points, conf, turned = LandmarkDetector(detector.net, detector.input_size, views=3).detect_views([rg1, rg1[::2, ::2]])
+    assert points.shape == (2, 3, 16, 2) and conf.shape == (2, 16) and np.all(np.isfinite(turned))
+    # the half-size copy's points are the full-size ones halved (to within a few pixels)
+    assert np.median(np.abs(points[1] * 2 - points[0])) < 0.01 * rg1.shape[1]
+    _, _, off = LandmarkDetector(detector.net, detector.input_size, check_turned=False).detect_views([rg1])
+    assert np.isnan(off).all()
+    with pytest.raises(ValueError, match="views"):
+        LandmarkDetector(detector.net, detector.input_size, views=len(VIEWS) + 1)
