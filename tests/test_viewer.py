@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from screener.pipeline.bundle import ModelBundle
+from screener.pipeline.eligibility import EligibilityRules
 from screener.process import Outcome, Processor
 from screener.report.text import ROI_LABELS
 from tests.support.common import ROOT, SHARED, rg1_file
@@ -65,10 +66,15 @@ def _with_pixel_spacing(tmp: Path) -> Path:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OhifServer, dict[str, Case]]]:
     tmp = tmp_path_factory.mktemp("viewer")
     sources = {"philips_cr": _with_pixel_spacing(tmp), "philips_cr_spacing_0": rg1_file()}
+    bundle = ModelBundle.load()
+    outcomes = list(Processor(bundle, tmp / "out", batch_size=4).run(list(sources.values())))
     if CANON.is_file():  # ../shared (CI has it); the other two cases need only pydicom-data
+        # The shipped gate refuses this film (its left clavicle is not found beside the
+        # herniation: roi-landmarks-unsure, tests/test_gate.py); let through here only to see
+        # OHIF draw an SR on another vendor's JPEG 2000 DX without PatientSex.
+        lenient = EligibilityRules(min_roi_landmark_confidence=0.0)
         sources["canon_dx_j2k"] = CANON
-    processor = Processor(ModelBundle.load(), tmp / "out", batch_size=4)
-    outcomes = list(processor.run(list(sources.values())))
+        outcomes += list(Processor(bundle, tmp / "out", batch_size=4, rules=lenient).run([CANON]))
     cases = {}
     for (name, source), outcome in zip(sources.items(), outcomes, strict=True):
         assert outcome.status == "reported", (name, outcome.code, outcome.reason)

@@ -532,7 +532,9 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
                 decision = check_image(probe, found, rules)
             conf = found.confidence
             median = float(np.median(conf))
-            rows.append({"image": name, "kind": kind, "median": median, "min": float(conf.min()),
+            p = found.__getitem__
+            aspect = float(np.hypot(*(p("t12") - p("cervical_spine"))) / max(np.hypot(*(p("ribcage_left_40") - p("ribcage_right_40"))), 1e-6))
+            rows.append({"image": name, "kind": kind, "median": median, "min": float(conf.min()), "thorax_aspect": aspect,
                          "turned_ratio": float(found.turned_confidence) / max(median, 1e-9),
                          "roi_min": min(float(np.median(conf[[LANDMARK_NAMES.index(n) for n in names]]))
                                         for names in ROI_LANDMARKS.values()),
@@ -553,6 +555,7 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
                        for k in ("frontal", "mirrored") for v in [_heart_sides(rows, k)]},
         "turned_ratio": {k: _spread(rows, k, "turned_ratio") for k in ("frontal", "upside_down", "rotated_180")},
         "roi_landmark_confidence": {k: _spread(rows, k, "roi_min") for k in kinds},
+        "thorax_aspect": {k: _spread(rows, k, "thorax_aspect") for k in ("frontal", "lower_half", "upper_half")},
         "mediastinum_contrast": {k: _spread([r for r in rows if r["mediastinum"] is not None], k, "mediastinum")
                                  for k in ("frontal", "lateral_like", "upper_half", "mirrored")},
         "rows": rows,
@@ -577,6 +580,10 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
     for k in kinds:
         t, r_ = _spread(rows, k, "turned_ratio"), _spread(rows, k, "roi_min")
         print(f"{k:<14}{t['min']:>10.3f}{t['p05']:>8.3f}{t['p95']:>8.3f}{t['max']:>8.3f}{r_['min']:>10.3f}{r_['p05']:>8.3f}")
+    print(f"\nthorax aspect, cervical-to-T12 over the 40 % rib-cage width (the gate wants {rules.min_thorax_aspect:g} to {rules.max_thorax_aspect:g})")
+    print(f"{'input':<14}{'min':>8}{'p05':>8}{'p95':>8}{'max':>8}")
+    for k, v in summary["thorax_aspect"].items():
+        print(f"{k:<14}{v['min']:>8.3f}{v['p05']:>8.3f}{v['p95']:>8.3f}{v['max']:>8.3f}")
     print(f"\nmediastinum minus lung fields (display values; the gate wants >= {rules.min_mediastinum_contrast:g})")
     print(f"{'input':<14}{'min':>8}{'p05':>8}{'p95':>8}{'max':>8}")
     for k, v in summary["mediastinum_contrast"].items():
