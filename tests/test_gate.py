@@ -15,7 +15,7 @@ from screener.pipeline.landmarks import (
     apply_spine_rule,
     spine_points_by_rule,
 )
-from tests.support.common import rg1_file, synthetic_contours
+from tests.support.common import SHARED, rg1_file, synthetic_contours
 from training.jsrt import landmarks_from_contours
 
 SHAPE = (512, 512)
@@ -131,6 +131,35 @@ def test_the_shipped_gate_refuses_negatives_made_from_the_real_cr(detector, rg1,
     assert not decision.eligible and decision.code in codes, decision
 
 
+@pytest.mark.parametrize(
+    "kind, rules, code",
+    [
+        ("rotated_180", EligibilityRules(min_landmark_confidence=0.0), "upside-down"),
+        ("upside_down", EligibilityRules(min_landmark_confidence=0.0), "upside-down"),
+        ("lateral_like", EligibilityRules(min_landmark_confidence=0.0, min_roi_landmark_confidence=0.0), "no-mediastinum"),
+    ],
+)
+def test_each_new_check_catches_its_negative_on_its_own(detector, rg1, kind: str, rules: EligibilityRules, code: str) -> None:
+    """With the checks before it switched off, the real network's evidence alone refuses it."""
+    from training.landmarks import make_negative
+
+    for seed in range(2):
+        probe = make_negative(rg1, kind, np.random.default_rng(seed))
+        found = detector.detect([probe])[0]
+        decision = check_landmarks(found, probe.shape, rules)
+        if decision.eligible:
+            decision = check_image(probe, found, rules)
+        assert decision.code == code, (seed, decision)
+
+
+@pytest.mark.skipif(not (SHARED / "dicom").is_dir(), reason="extended check: ../shared/data/dicom not present")
+def test_the_canon_film_with_a_herniation_is_refused_not_given_crossed_boxes(detector) -> None:
+    from screener.pipeline.decode import decode_file
+
+    pixels = decode_file(SHARED / "dicom" / "canon_dx_chest_j2k.dcm").pixels
+    _refused(_gate(detector, pixels), "roi-landmarks-unsure", "left clavicle")
+
+
 def test_the_shipped_gate_refuses_a_real_lower_leg_radiograph(detector) -> None:
     from screener.pipeline.decode import decode_file
 
@@ -142,11 +171,50 @@ def test_the_shipped_gate_refuses_a_real_lower_leg_radiograph(detector) -> None:
 def test_views_and_turned_check_are_options_of_the_detector(detector, rg1) -> None:
     from screener.pipeline.landmarks import LandmarkDetector
 
-    points, conf, turned = LandmarkDetector(detector.net, detector.input_size, views=3).detect_views([rg1, rg1[::2, ::2]])
+    three = LandmarkDetector(detector.net, detector.input_size, views=3)
+    other = np.ascontiguousarray(rg1[200:, ::-1])  # another image in the same batch
+    points, conf, turned = three.detect_views([rg1, other])
     assert points.shape == (2, 3, 16, 2) and conf.shape == (2, 16) and np.all(np.isfinite(turned))
-    # the half-size copy's points are the full-size ones halved (to within a few pixels)
-    assert np.median(np.abs(points[1] * 2 - points[0])) < 0.01 * rg1.shape[1]
+    for i, im in enumerate((rg1, other)):  # batched or alone: each image gets its own views and turned score
+        p1, c1, t1 = three.detect_views([im])
+        np.testing.assert_allclose(points[i], p1[0], atol=0.05)
+        np.testing.assert_allclose(conf[i], c1[0], atol=1e-4)
+        assert turned[i] == pytest.approx(t1[0], abs=1e-4)
+    assert not np.allclose(points[0], points[1], atol=5.0)
+    plain = LandmarkDetector(detector.net, detector.input_size, views=1).detect_views([rg1])[0]
+    np.testing.assert_allclose(points[0, 0], plain[0, 0], atol=0.05)  # view 0 is the plain letterbox
+    assert three.detect([]) == [] and three.detect_views([])[0].shape == (0, 3, 16, 2)
     _, _, off = LandmarkDetector(detector.net, detector.input_size, check_turned=False).detect_views([rg1])
     assert np.isnan(off).all()
     with pytest.raises(ValueError, match="views"):
         LandmarkDetector(detector.net, detector.input_size, views=len(VIEWS) + 1)
+    with pytest.raises(ValueError, match="spine rule weight of t12"):
+        LandmarkDetector(detector.net, detector.input_size, spine_rule={"t12": 1.5})
+    with pytest.raises(ValueError, match="only"):
+        LandmarkDetector(detector.net, detector.input_size, spine_rule={"clavicle_left_mid": 1.0})
+
+
+def test_bundle_manifest_fixes_views_and_spine_rule_and_old_bundles_keep_theirs(tmp_path) -> None:
+    import json
+    import shutil
+
+    from screener.pipeline.bundle import BundleError, ModelBundle, demo_bundle_path
+
+    assert ModelBundle.load().detector().spine_rule == {"cervical_spine": 0.5, "t12": 1.0}
+    root = tmp_path / "b"
+    shutil.copytree(demo_bundle_path(), root)
+    manifest = json.loads((root / "manifest.json").read_text())
+
+    def write(**landmarks: object) -> None:
+        lm = {k: v for k, v in manifest["landmarks"].items() if k not in ("views", "spine_from_rule")}
+        (root / "manifest.json").write_text(json.dumps({**manifest, "landmarks": {**lm, **landmarks}}))
+
+    write()  # written before the keys existed: the network alone, one view, as it ran then
+    old = ModelBundle.load(root).detector()
+    assert old.spine_rule == {} and old.views == 1
+    for bad, message in (({"views": 0}, "landmarks.views"), ({"views": True}, "landmarks.views"),
+                         ({"spine_from_rule": {"t12": 2}}, "landmarks.spine_from_rule"),
+                         ({"spine_from_rule": ["t12"]}, "landmarks.spine_from_rule")):
+        write(**bad)
+        with pytest.raises(BundleError, match=message):
+            ModelBundle.load(root)

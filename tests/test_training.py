@@ -213,6 +213,22 @@ def test_landmark_cross_validation_predicts_every_image_once_and_resumes(tiny_js
     assert (tmp_path / "cv" / "cv_errors.png").stat().st_size > 0
 
 
+def test_a_checkpoint_from_before_amp_and_folds_loads_and_resumes_as_trained(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from training.common import check_resumable
+    from training.landmarks import LandmarkTrainConfig, _saved_config, load_landmark_checkpoint, save_checkpoint
+    from screener.pipeline.landmarks import LandmarkNet
+
+    old = {k: v for k, v in asdict(LandmarkTrainConfig(width=8, amp=False)).items() if k not in ("amp", "folds", "fold")}
+    save_checkpoint(tmp_path / "best.pt", {"model": LandmarkNet(width=8).state_dict(), "config": old})
+    _, cfg = load_landmark_checkpoint(tmp_path / "best.pt")
+    assert cfg.amp is False and cfg.folds == 0  # it ran in fp32 on the fixed split
+    check_resumable(_saved_config({"config": old}), asdict(LandmarkTrainConfig(width=8, amp=False)))
+    with pytest.raises(ValueError, match="amp"):
+        check_resumable(_saved_config({"config": old}), asdict(LandmarkTrainConfig(width=8, amp=True)))
+
+
 def test_folds_cover_every_image_exactly_once() -> None:
     from training.jsrt import fold_ids
 

@@ -148,7 +148,7 @@ def _load_detector(source: str) -> LandmarkDetector:
     if p is None or p.is_dir():
         return ModelBundle.load(p).detector()
     net, cfg = load_landmark_checkpoint(p)
-    return LandmarkDetector(net, cfg.input_size)
+    return LandmarkDetector(net, cfg.input_size, check_turned=False)  # crops never need the turned score
 
 
 def _detector_identity(source: str) -> str:
@@ -157,8 +157,11 @@ def _detector_identity(source: str) -> str:
 
     p = Path(source) if source else None
     if p is None or p.is_dir():
-        return ModelBundle.load(p).model_id
-    return sha256_file(p)
+        return ModelBundle.load(p).model_id  # covers the manifest's views and spine rule
+    from screener.pipeline.landmarks import SPINE_FROM_RULE
+
+    # a checkpoint runs with the detector's defaults: they move the derived points, so they key too
+    return f"{sha256_file(p)}:views=1:spine_rule={sorted(SPINE_FROM_RULE.items())}"
 
 
 def prepare_crops(rows: list[ManifestRow], roi_size: int, landmarks_from: str, cache: Path | None) -> torch.Tensor:

@@ -29,7 +29,8 @@ def _landmarks_train(a: argparse.Namespace) -> int:
     from training.landmarks import LandmarkTrainConfig, train_landmarks
 
     cfg = LandmarkTrainConfig(jsrt_root=a.jsrt_root, out_dir=a.out, input_size=a.input_size, epochs=a.epochs,
-                              batch_size=a.batch_size, lr=a.lr, seed=a.seed, limit=a.limit, threads=a.threads)
+                              batch_size=a.batch_size, lr=a.lr, seed=a.seed, limit=a.limit, threads=a.threads,
+                              **({} if a.amp is None else {"amp": a.amp}))
     result = train_landmarks(cfg, resume=a.resume)
     print(f"best validation mean radial error: {result['best_val_mre_mm']:.2f} mm -> {Path(a.out) / 'best.pt'}")
     return 0
@@ -39,7 +40,8 @@ def _landmarks_cv(a: argparse.Namespace) -> int:
     from training.landmarks import LandmarkTrainConfig, cross_validate_landmarks
 
     cfg = LandmarkTrainConfig(jsrt_root=a.jsrt_root, out_dir=a.out, input_size=a.input_size, epochs=a.epochs,
-                              batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads)
+                              batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads,
+                              **({} if a.amp is None else {"amp": a.amp}))
     cross_validate_landmarks(cfg, folds=a.folds, max_folds=a.max_folds)
     print(f"wrote {Path(a.out) / 'cv_metrics.txt'}, cv_metrics.json and cv_errors.png")
     return 0
@@ -163,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast + channels-last (default: on where the CPU has native bf16, AMX or AVX512-BF16)")
     t.set_defaults(func=_landmarks_train)
     v = lm.add_parser("cv", help="k-fold cross-validation of the training recipe on JSRT: per-landmark mean, median, p95 (resumable)",
                       description="Trains one detector per fold into OUT/fold<k> (a complete fold is skipped, an interrupted "
@@ -179,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--input-size", type=int, default=256)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    v.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast + channels-last (default: on where the CPU has native bf16, AMX or AVX512-BF16)")
     v.set_defaults(func=_landmarks_cv)
     h = lm.add_parser("sheet", help="a PNG sheet of the detector's points, ROIs and gate decision on DICOM files (to check other vendors by eye)")
     h.add_argument("files", nargs="+", help="DICOM files")

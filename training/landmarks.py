@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +56,29 @@ class LandmarkTrainConfig:
     threads: int = 0
     # bf16 autocast + channels-last: 3.7x faster on a CPU with AMX (measured on this machine's
     # 2 cores: 0.70 s vs 2.6 s per batch of 16 at 256 px); the loss and soft-argmax stay fp32.
-    amp: bool = True
+    # On by default only where the CPU has native bf16 (elsewhere it can be slower than fp32).
+    amp: bool = field(default_factory=lambda: cpu_has_fast_bf16())
     # k-fold cross-validation: fold k of `folds` is the validation set (0 folds: the fixed split)
     folds: int = 0
     fold: int = 0
+
+
+#: Settings added after the first release, with the value a checkpoint saved before them ran
+#: with (so such a run still resumes and reloads as it was trained).
+_LEGACY_DEFAULTS = {"amp": False, "folds": 0, "fold": 0}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16; Linux /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _saved_config(state: dict) -> dict:
+    return {**_LEGACY_DEFAULTS, **state["config"]}
 
 
 def random_box(rng: np.random.Generator, h: int, w: int) -> OrientedBox:
@@ -169,7 +188,7 @@ def train_landmarks(config: LandmarkTrainConfig, resume: bool = False) -> dict:
     if resume and (out / "last.pt").exists():
         state = load_checkpoint(out / "last.pt")
         # epochs too: the one-cycle schedule's length is fixed by it
-        check_resumable({**state["config"], "epochs": 0}, {**asdict(config), "epochs": 0})
+        check_resumable({**_saved_config(state), "epochs": 0}, {**asdict(config), "epochs": 0})
         if state["config"]["epochs"] != config.epochs:
             raise ValueError(f"cannot --resume with epochs {config.epochs}: the run's one-cycle schedule was built for {state['config']['epochs']}")
         net.load_state_dict(state["model"])
@@ -284,12 +303,18 @@ def cross_validate_landmarks(config: LandmarkTrainConfig, folds: int = 5, resume
         fold_cfg = LandmarkTrainConfig(**{**asdict(config), "folds": folds, "fold": k, "out_dir": str(out / f"fold{k}")})
         fold_dir = Path(fold_cfg.out_dir)
         history = fold_dir / "history.json"
-        complete = history.is_file() and len(json.loads(history.read_text())) >= fold_cfg.epochs
-        if not complete:
+        complete = (history.is_file() and (fold_dir / "best.pt").is_file()
+                    and len(json.loads(history.read_text())) >= fold_cfg.epochs)
+        if complete:  # a fold trained with other settings is not this recipe's: refuse to mix
+            saved = {**_saved_config(load_checkpoint(fold_dir / "best.pt")), "jsrt_root": None, "out_dir": None, "threads": 0}
+            check_resumable(saved, {**asdict(fold_cfg), "jsrt_root": None, "out_dir": None, "threads": 0})
+        else:
             if max_folds is not None and trained_now >= max_folds:
                 continue
             train_landmarks(fold_cfg, resume=resume and (fold_dir / "last.pt").exists())
             trained_now += 1
+            if not (fold_dir / "best.pt").is_file():
+                raise RuntimeError(f"fold {k} trained but wrote no {fold_dir / 'best.pt'}: its validation error was never finite")
         net, _ = load_landmark_checkpoint(fold_dir / "best.pt", config.jsrt_root)
         _, val = _split(fold_cfg)
         detector = LandmarkDetector(net, fold_cfg.input_size, views=views_all, check_turned=False)
@@ -370,7 +395,7 @@ def load_landmark_checkpoint(path: str | Path, jsrt_root: str | None = None) -> 
         cfg = LandmarkTrainConfig(jsrt_root=jsrt_root, input_size=int(spec["input_size"]), width=int(spec["width"]))
         weights = state
     else:
-        cfg = LandmarkTrainConfig(**{**state["config"], "jsrt_root": jsrt_root or state["config"].get("jsrt_root")})
+        cfg = LandmarkTrainConfig(**{**_saved_config(state), "jsrt_root": jsrt_root or state["config"].get("jsrt_root")})
         weights = state["model"]
     net = LandmarkNet(width=cfg.width)
     net.load_state_dict(weights)
@@ -468,7 +493,9 @@ def make_negative(img: np.ndarray, kind: str, rng: np.random.Generator,
 
 
 def _spread(rows: list[dict], kind: str, key: str) -> dict:
-    v = np.array([r[key] for r in rows if r["kind"] == kind], dtype=float)
+    v = np.array([r[key] for r in rows if r["kind"] == kind and r[key] is not None], dtype=float)
+    if v.size == 0:
+        return {"min": math.nan, "p05": math.nan, "p95": math.nan, "max": math.nan}
     return {"min": float(v.min()), "p05": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95)), "max": float(v.max())}
 
 
@@ -482,7 +509,7 @@ def default_non_chest_files() -> list[Path]:
     try:
         from pydicom.data import get_testdata_file
 
-        path = get_testdata_file("RG3_UNCI.dcm")
+        path = get_testdata_file("RG3_UNCI.dcm", download=False)
     except Exception:  # pydicom-data not installed: the kind is left out, and the table says so
         return []
     return [Path(path)] if path else []
@@ -506,14 +533,25 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
         check_landmarks,
         heart_side_contrast,
         lung_and_mediastinum,
+        thorax_aspect,
     )
 
     rules = EligibilityRules()
     non_chest_files = default_non_chest_files() if non_chest_files is None else non_chest_files
-    non_chest = [decode_file(f).pixels for f in non_chest_files]
+    non_chest = []
+    for f in non_chest_files:
+        try:
+            non_chest.append(decode_file(f).pixels)
+        except DecodeError as exc:
+            print(f"skipped non-chest {f}: {exc}")
     kinds = ("frontal",) + tuple(k for k in NEGATIVES if k != "non_chest" or non_chest)
     net, cfg = load_landmark_checkpoint(checkpoint, jsrt_root)
-    detector = LandmarkDetector(net, cfg.input_size)
+    if (Path(checkpoint).parent / "manifest.json").is_file():  # a bundle's weights: its views and spine rule
+        from screener.pipeline.bundle import ModelBundle
+
+        detector = ModelBundle.load(Path(checkpoint).parent).detector()
+    else:
+        detector = LandmarkDetector(net, cfg.input_size)
     _, val = _split(cfg)
     positives = {c.case_id: load_grey_png(c.image_path) for c in val}
     for f in dicom_files:
@@ -532,8 +570,7 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
                 decision = check_image(probe, found, rules)
             conf = found.confidence
             median = float(np.median(conf))
-            p = found.__getitem__
-            aspect = float(np.hypot(*(p("t12") - p("cervical_spine"))) / max(np.hypot(*(p("ribcage_left_40") - p("ribcage_right_40"))), 1e-6))
+            aspect = thorax_aspect(found)
             rows.append({"image": name, "kind": kind, "median": median, "min": float(conf.min()), "thorax_aspect": aspect,
                          "turned_ratio": float(found.turned_confidence) / max(median, 1e-9),
                          "roi_min": min(float(np.median(conf[[LANDMARK_NAMES.index(n) for n in names]]))
@@ -556,7 +593,7 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
         "turned_ratio": {k: _spread(rows, k, "turned_ratio") for k in ("frontal", "upside_down", "rotated_180")},
         "roi_landmark_confidence": {k: _spread(rows, k, "roi_min") for k in kinds},
         "thorax_aspect": {k: _spread(rows, k, "thorax_aspect") for k in ("frontal", "lower_half", "upper_half")},
-        "mediastinum_contrast": {k: _spread([r for r in rows if r["mediastinum"] is not None], k, "mediastinum")
+        "mediastinum_contrast": {k: _spread(rows, k, "mediastinum")
                                  for k in ("frontal", "lateral_like", "upper_half", "mirrored")},
         "rows": rows,
     }
@@ -640,9 +677,7 @@ def prediction_sheet(files: list[Path], out_path: str | Path, bundle: str | Path
             boxes = {}
         for roi in LOCAL_ROI_NAMES:
             if roi in boxes:
-                b = boxes[roi]
-                c, ex, ey, h = np.asarray(b.center), np.asarray(b.ex), np.asarray(b.ey), b.side / 2
-                corners = np.stack([c - h * ex - h * ey, c + h * ex - h * ey, c + h * ex + h * ey, c - h * ex + h * ey])
+                corners = boxes[roi].corners()
                 ax.plot(*np.vstack([corners, corners[:1]]).T, lw=1.0, color="orange" if decision.eligible else "grey")
         ax.scatter(*found.points.T, s=14, c=found.confidence, cmap="RdYlGn", vmin=0, vmax=0.5, edgecolors="black", linewidths=0.3)
         ax.set_title(f"{name}\n{decision.code.value} (median confidence {np.median(found.confidence):.2f})", fontsize=9)

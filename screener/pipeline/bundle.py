@@ -26,13 +26,13 @@ from typing import Any
 import torch
 
 from screener.pipeline.landmarks import (
-    DERIVED_LANDMARKS,
     LANDMARK_NAMES,
     LANDMARK_SCHEME,
     SPINE_FROM_RULE,
     VIEWS,
     LandmarkDetector,
     LandmarkNet,
+    check_spine_rule,
 )
 from screener.pipeline.model import Ensemble, MultiRoiConfig, MultiRoiNet
 from screener.pipeline.rois import ROI_NAMES, ROI_RECIPE
@@ -95,6 +95,8 @@ def write_bundle(
     detector's output becomes the 16 points; they are part of the bundle's identity because
     they change every result.
     """
+    if isinstance(landmark_views, bool) or not isinstance(landmark_views, int) or not 1 <= landmark_views <= len(VIEWS):
+        raise BundleError(f"landmark_views = {landmark_views!r}: must be an integer within 1..{len(VIEWS)}")
     if demo and not demo_statement:
         raise BundleError("a demo bundle needs demo_statement: say what its labels are and why it is not for use")
     sizes = {n.config.roi_size for n in bmd_nets}
@@ -126,7 +128,7 @@ def write_bundle(
             "weights": "landmarks.pt",
             "sha256": sha256_file(out / "landmarks.pt"),
             "views": int(landmark_views),
-            "spine_from_rule": dict(SPINE_FROM_RULE if spine_from_rule is None else spine_from_rule),
+            "spine_from_rule": check_spine_rule(SPINE_FROM_RULE if spine_from_rule is None else spine_from_rule),
         },
         "rois": {"recipe": ROI_RECIPE, "names": list(ROI_NAMES), "size": sizes.pop()},
         "input_normalisation": {
@@ -268,13 +270,12 @@ def _check_manifest(manifest: dict, root: Path) -> None:
     for key in ("landmarks.width", "landmarks.input_size", "tscore_table.sha256"):
         _require(manifest, key)
     views = manifest["landmarks"].get("views", 1)
-    if not isinstance(views, int) or not 1 <= views <= len(VIEWS):
+    if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= len(VIEWS):
         raise BundleError(f"manifest landmarks.views is {views!r}: must be an integer within 1..{len(VIEWS)}")
-    rule = manifest["landmarks"].get("spine_from_rule", {})
-    if not isinstance(rule, dict) or set(rule) - set(DERIVED_LANDMARKS) or not all(
-        isinstance(w, (int, float)) and 0.0 <= w <= 1.0 for w in rule.values()
-    ):
-        raise BundleError(f"manifest landmarks.spine_from_rule is {rule!r}: must map {list(DERIVED_LANDMARKS)} to weights within 0..1")
+    try:
+        check_spine_rule(manifest["landmarks"].get("spine_from_rule", {}))
+    except ValueError as exc:
+        raise BundleError(f"manifest landmarks.spine_from_rule: {exc}") from exc
     table = root / str(manifest["tscore_table"]["file"])
     if not _inside(root, table) or not table.is_file() or sha256_file(table) != manifest["tscore_table"]["sha256"]:
         raise BundleError(f"manifest tscore_table.sha256 does not match {table.name} (or the file is missing): the table was changed")

@@ -4,8 +4,10 @@ Three gates, in the order the worker meets them:
 
 1. :func:`check_header` (before decoding): SOP class, Modality, BodyPartExamined,
    ViewPosition, ImageType and patient age.
-2. :func:`check_landmarks` (after the detector): confidence and the geometry of the 16 points.
-3. :func:`check_image` (with pixels and landmarks): a film that displays inverted.
+2. :func:`check_landmarks` (after the detector): confidence, the film turned by 180 degrees
+   scoring higher (upside down), each ROI's landmarks found, and the geometry of the 16 points.
+3. :func:`check_image` (with pixels and landmarks): a film that displays inverted, one with
+   no mediastinum between two lungs (lateral-like), the heart shadow on the wrong side.
 
 Each returns a :class:`Decision`; ``code`` is a stable :class:`~screener.codes.ReasonCode` for audit queries and
 ``reason`` is a sentence for a person, naming the DICOM attribute and its value.
@@ -67,6 +69,7 @@ __all__ = [
     "check_image",
     "ROI_LANDMARKS",
     "lung_and_mediastinum",
+    "thorax_aspect",
     "patient_age",
 ]
 
@@ -110,7 +113,7 @@ class EligibilityRules:
     # (soft_argmax). `screener-train landmarks calibrate` on the demo detector: frontal films
     # (JSRT validation + Philips CR + Canon DX) 0.100-0.45, p05 0.215; rotated, inverted,
     # blank and noise images at most 0.059. Upside-down and cropped films overlap and are
-    # refused by the geometry checks below.
+    # refused by the turned-by-180, ROI-landmark and geometry checks below.
     min_landmark_confidence: float = 0.08
     # The detector also scores each input turned by 180 degrees (Landmarks.turned_confidence).
     # A frontal film scores several times lower turned (calibrate: at most 0.37 of its own
@@ -408,6 +411,13 @@ ROI_LANDMARKS: dict[str, tuple[str, ...]] = {
 }
 
 
+def thorax_aspect(landmarks: Landmarks) -> float:
+    """Cervical-to-T12 length over the thorax width (between the 40 % rib-cage points)."""
+    p = landmarks.__getitem__
+    width = float(np.hypot(*(p("ribcage_left_40") - p("ribcage_right_40"))))
+    return float(np.hypot(*(p("t12") - p("cervical_spine")))) / max(width, 1e-6)
+
+
 def _roi_inside_fraction(box: Any, image_shape: tuple[int, int], n: int = 16) -> float:
     """Share of the box's area inside the image (pixel centres at integer coordinates)."""
     t = (np.arange(n) + 0.5) / n - 0.5
@@ -525,7 +535,7 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
 
     # Spine length over thorax width: a whole chest is about as tall as it is wide, while a
     # field cut to the lower chest and abdomen squeezes the detected thorax flat.
-    aspect = float(np.hypot(*(p("t12") - p("cervical_spine")))) / (width * cols)
+    aspect = thorax_aspect(landmarks)
     if not rules.min_thorax_aspect <= aspect <= rules.max_thorax_aspect:
         return Decision(
             False,
@@ -573,13 +583,15 @@ def _midline_x(landmarks: Landmarks, y: np.ndarray) -> np.ndarray:
 
 
 def check_image(pixels: np.ndarray, landmarks: Landmarks, rules: EligibilityRules = EligibilityRules()) -> Decision:
-    """Does the film display the right way round (bright bone, dark lungs)?
+    """Does the film display the right way round, with a mediastinum, and the heart on the left?
 
     Some MONOCHROME2 files are stored inverted (lungs bright, spine dark). Between the rib-cage
     border and the midline, at the 20-60 % levels, lies aerated lung; along the midline lies
     the mediastinum and spine. On a correctly displayed film the lungs are the darker of the
     two; when they are clearly brighter the grey scale is inverted, and the model, trained on
-    bright bone, would read it upside down. Call after :func:`check_landmarks` has passed.
+    bright bone, would read it upside down. When they are about as bright, there is no
+    mediastinum between two lungs where the detector put it (a lateral or one side only).
+    Call after :func:`check_landmarks` has passed.
     """
     if pixels.ndim != 2:
         return Decision(False, ReasonCode.IMAGE_SHAPE, f"expected a 2-D grey image, got shape {pixels.shape}")
@@ -614,8 +626,8 @@ def check_image(pixels: np.ndarray, landmarks: Landmarks, rules: EligibilityRule
             f"(at least {rules.min_heart_side_contrast:+.2f} expected): the heart shadow is not on the image's right, "
             "so the film is mirrored (or the patient has dextrocardia); the left/right ROIs would be swapped",
         )
-    return Decision(True, ELIGIBLE, f"eligible: lung fields {lung_value:.2f} darker than the mediastinum {centre_value:.2f} "
-                    f"(or within {rules.inverted_margin:g}), heart shadow on the image's right ({contrast:+.2f})")
+    return Decision(True, ELIGIBLE, f"eligible: lung fields {lung_value:.2f} darker than the mediastinum {centre_value:.2f}, "
+                    f"heart shadow on the image's right ({contrast:+.2f})")
 
 
 def lung_and_mediastinum(pixels: np.ndarray, landmarks: Landmarks, min_samples: int = 20) -> tuple[float, float] | None:

@@ -13,7 +13,8 @@ predicted point, so a diffuse heatmap (a lateral film, a hand, a blank image) sc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from types import MappingProxyType
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +35,10 @@ __all__ = [
     "soft_argmax",
     "spine_points_by_rule",
     "apply_spine_rule",
+    "check_spine_rule",
+    "view_boxes",
+    "DERIVED_LANDMARKS",
+    "SPINE_FROM_RULE",
     "RIB_LEVELS",
     "VIEWS",
 ]
@@ -72,7 +77,22 @@ RIB_LEVELS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
 #: (it is defined by the lung bases, not by an edge at the point): by the rule its
 #: cross-validated error falls by about a third (README, "Landmark accuracy"). The cervical
 #: point gains most from the mean of the two.
-SPINE_FROM_RULE: dict[str, float] = {"cervical_spine": 0.5, "t12": 1.0}
+SPINE_FROM_RULE: Mapping[str, float] = MappingProxyType({"cervical_spine": 0.5, "t12": 1.0})
+
+
+def check_spine_rule(weights: Mapping[str, object]) -> dict[str, float]:
+    """Validated spine-rule weights (derived landmark -> share within 0..1); ValueError names the fault."""
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"spine rule {weights!r}: must map {list(DERIVED_LANDMARKS)} to weights within 0..1")
+    unknown = sorted(set(weights) - set(DERIVED_LANDMARKS))
+    if unknown:
+        raise ValueError(f"spine rule names {unknown}: only {list(DERIVED_LANDMARKS)} are derived")
+    out = {}
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= float(w) <= 1.0:
+            raise ValueError(f"spine rule weight of {name} is {w!r}: must be a number within 0..1")
+        out[str(name)] = float(w)
+    return out
 
 #: Test-time views: (scale of the letterbox side, shift x, shift y as shares of it). The first
 #: is the plain letterbox; the detector was trained on boxes jittered by about this much.
@@ -181,7 +201,7 @@ def spine_points_by_rule(points: np.ndarray) -> np.ndarray:
     return np.stack([cervical, t12], axis=-2)
 
 
-def apply_spine_rule(points: np.ndarray, weights: dict[str, float] = SPINE_FROM_RULE) -> np.ndarray:
+def apply_spine_rule(points: np.ndarray, weights: Mapping[str, float] = SPINE_FROM_RULE) -> np.ndarray:
     """``points`` (..., 16, 2) with the derived points moved towards where the rule puts them."""
     out = np.array(points, dtype=np.float64, copy=True)
     ruled = spine_points_by_rule(out)
@@ -243,21 +263,23 @@ class LandmarkDetector:
     """
 
     def __init__(self, net: LandmarkNet, input_size: int, device: torch.device | str = "cpu", *, views: int = 1,
-                 check_turned: bool = True, spine_rule: dict[str, float] = SPINE_FROM_RULE) -> None:
-        if not 1 <= int(views) <= len(VIEWS):
-            raise ValueError(f"landmark views = {views}: must be within 1..{len(VIEWS)}")
+                 check_turned: bool = True, spine_rule: Mapping[str, float] = SPINE_FROM_RULE) -> None:
+        if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= len(VIEWS):
+            raise ValueError(f"landmark views = {views!r}: must be an integer within 1..{len(VIEWS)}")
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.input_size = int(input_size)
         self.views = int(views)
         self.check_turned = bool(check_turned)
-        self.spine_rule = dict(spine_rule)
+        self.spine_rule = check_spine_rule(spine_rule)
 
     @torch.inference_mode()
     def detect_views(self, images: Sequence[np.ndarray | Pyramid]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw network output per view: points (N, V, 16, 2) in source pixels, the plain view's
         confidence (N, 16) and the turned input's median confidence (N,) (NaN unless checked)."""
         n, v, s = len(images), self.views, self.input_size
+        if n == 0:
+            return np.zeros((0, v, NUM_LANDMARKS, 2)), np.zeros((0, NUM_LANDMARKS)), np.zeros(0)
         pyramids = [im if isinstance(im, Pyramid) else Pyramid(im) for im in images]
         boxes = [view_boxes(*p.base.shape, v) for p in pyramids]
         crops = [landmark_input(p, s, b)[0] for p, bs in zip(pyramids, boxes) for b in bs]
