@@ -75,7 +75,7 @@ RIB_LEVELS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
 #: How much of each derived point comes from the label rule applied to the other predicted
 #: points (1) rather than from its own heatmap (0). A heatmap has nothing to lock onto at T12
 #: (it is defined by the lung bases, not by an edge at the point): in the cross-validation
-#: (README, "Landmark accuracy") its error falls from 10.3 mm to 6.3 mm by the rule. For the
+#: (README, "Landmark accuracy") its error falls from 10.5 mm to 6.3 mm by the rule. For the
 #: cervical point the mean of the two was chosen on the fixed validation split (the
 #: cross-validation puts 0.25 slightly ahead).
 SPINE_FROM_RULE: Mapping[str, float] = MappingProxyType({"cervical_spine": 0.5, "t12": 1.0})
