@@ -27,7 +27,7 @@ from screener.safe_text import scrub
 
 from screener.pipeline.bundle import ModelBundle
 from screener.pipeline.decode import DEFAULT_LIMITS, DecodedImage, DecodeError, DecodeLimits, decode_dataset, read_dataset
-from screener.pipeline.eligibility import EligibilityRules, check_header, check_image, check_landmarks
+from screener.pipeline.eligibility import EligibilityRules, check_film, check_header
 from screener.pipeline.estimate import BmdEstimate, BmdEstimator, Inference
 from screener.pipeline.geometry import Pyramid
 
@@ -228,9 +228,7 @@ class Processor:
         for item, pyr, lm in zip(live, pyramids, found):
             item.seconds["landmarks"] = per
             assert item.image is not None
-            decision = check_landmarks(lm, item.image.shape, self.rules)
-            if decision.eligible:
-                decision = check_image(item.image.pixels, lm, self.rules)
+            decision = check_film(item.image.pixels, lm, self.rules)
             if decision.eligible:
                 eligible.append((item, pyr, lm))
             else:

@@ -21,7 +21,7 @@ from screener.pipeline.eligibility import (
     patient_age,
 )
 from screener.pipeline.landmarks import LANDMARK_NAMES, Landmarks
-from tests.support.common import edit_dataset, SHARED, rg1_file, synthetic_contours
+from tests.support.common import edit_dataset, SHARED, rg1_file, synthetic_contours, synthetic_film
 from training.jsrt import landmarks_from_contours
 
 # ---------------------------------------------------------------------------------------------
@@ -287,18 +287,8 @@ def test_rois_must_be_mostly_inside_the_image() -> None:
 # inverted grey scale
 
 
-def _synthetic_film() -> np.ndarray:
-    """Bright body and mediastinum, dark lungs where synthetic_contours() puts them."""
-    img = np.full(SHAPE, 0.8, np.float32)
-    for key in ("RL", "LL"):
-        (x0, y0), (x1, y1) = synthetic_contours()[key].min(axis=0), synthetic_contours()[key].max(axis=0)
-        img[int(y0) : int(y1), int(x0) : int(x1)] = 0.25
-    img[:, 240:272] = 0.95  # spine
-    return img
-
-
 def test_synthetic_film_and_its_inverse() -> None:
-    film, lm = _synthetic_film(), _landmarks()
+    film, lm = synthetic_film(), _landmarks()
     assert check_image(film, lm).eligible
     _refused(check_image(1.0 - film, lm), "inverted", "lung fields", "PhotometricInterpretation")
 
@@ -354,9 +344,7 @@ def _mirrored(pixels: np.ndarray, lm: Landmarks) -> tuple[np.ndarray, Landmarks]
 
 
 def test_heart_shadow_on_the_image_left_is_a_mirrored_film() -> None:
-    film, lm = _synthetic_film(), _landmarks()
-    (x0, y0), (x1, y1) = synthetic_contours()["LL"].min(axis=0), synthetic_contours()["LL"].max(axis=0)
-    film[int((y0 + y1) / 2) : int(y1), int(x0) : int(x0 + (x1 - x0) / 2)] = 0.7  # the heart, beside the spine
+    film, lm = synthetic_film(heart=True), _landmarks()  # the heart beside the spine
     assert film[:, : SHAPE[1] // 2].mean() < film[:, SHAPE[1] // 2 :].mean()  # on the image's right
     assert check_landmarks(lm, SHAPE).eligible and check_image(film, lm).eligible
     mirrored, found = _mirrored(film, lm)
@@ -379,13 +367,13 @@ def test_real_cr_mirrored_is_refused() -> None:
 
 def test_image_regions_outside_the_image() -> None:
     pts = _landmarks().points + [2000.0, 0.0]
-    _refused(check_image(_synthetic_film(), _landmarks(pts)), "lung-fields-outside-image")
+    _refused(check_image(synthetic_film(), _landmarks(pts)), "lung-fields-outside-image")
 
 
 def test_heart_side_needs_both_lower_zones_on_the_image() -> None:
     from screener.pipeline.eligibility import heart_side_contrast
 
-    film, lm = _synthetic_film(), _landmarks()
+    film, lm = synthetic_film(), _landmarks()
     assert heart_side_contrast(film, lm) is not None
     film[:, SHAPE[1] // 2 :] = np.nan  # the image's right half unreadable: no zone to compare
     assert heart_side_contrast(film, lm) is None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from screener.pipeline.eligibility import EligibilityRules, check_image, check_landmarks
+from screener.pipeline.eligibility import EligibilityRules, check_film, check_image, check_landmarks
 from screener.pipeline.landmarks import (
     LANDMARK_NAMES,
     VIEWS,
@@ -15,7 +15,7 @@ from screener.pipeline.landmarks import (
     apply_spine_rule,
     spine_points_by_rule,
 )
-from tests.support.common import SHARED, rg1_file, synthetic_contours
+from tests.support.common import SHARED, rg1_file, synthetic_contours, synthetic_film
 from training.jsrt import landmarks_from_contours
 
 SHAPE = (512, 512)
@@ -24,17 +24,6 @@ SHAPE = (512, 512)
 def _landmarks(confidence: float = 0.6, turned: float = float("nan")) -> Landmarks:
     pts = landmarks_from_contours(synthetic_contours())
     return Landmarks(points=pts, confidence=np.full(16, confidence), turned_confidence=turned)
-
-
-def _film() -> np.ndarray:
-    img = np.full(SHAPE, 0.8, np.float32)
-    for key in ("RL", "LL"):
-        (x0, y0), (x1, y1) = synthetic_contours()[key].min(axis=0), synthetic_contours()[key].max(axis=0)
-        img[int(y0) : int(y1), int(x0) : int(x1)] = 0.25
-    img[:, 240:272] = 0.95  # spine
-    (x0, y0), (x1, y1) = synthetic_contours()["LL"].min(axis=0), synthetic_contours()["LL"].max(axis=0)
-    img[int((y0 + y1) / 2) : int(y1), int(x0) : int(x0 + (x1 - x0) / 2)] = 0.7  # heart, image right
-    return img
 
 
 def _refused(decision, code: str, *words: str) -> None:
@@ -77,8 +66,8 @@ def test_a_structure_the_detector_did_not_find_refuses_the_film(roi: str) -> Non
     assert check_landmarks(unsure, SHAPE, EligibilityRules(min_roi_landmark_confidence=0.0)).eligible
 
 
-def test_no_mediastinum_between_the_lungs_is_a_lateral_like_film() -> None:
-    film, lm = _film(), _landmarks()
+def test_no_mediastinum_between_the_lungs_is_a_lateral_likesynthetic_film(heart=True) -> None:
+    film, lm = synthetic_film(heart=True), _landmarks()
     assert check_image(film, lm).eligible
     lateral = film.copy()
     lateral[60:460, 60:452] = 0.25  # lung from one side to the other: no bright midline band
@@ -101,9 +90,7 @@ def rg1() -> np.ndarray:
 
 
 def _gate(detector, pixels: np.ndarray):
-    found = detector.detect([pixels])[0]
-    decision = check_landmarks(found, pixels.shape)
-    return check_image(pixels, found) if decision.eligible else decision
+    return check_film(pixels, detector.detect([pixels])[0])
 
 
 def test_the_shipped_gate_accepts_the_real_cr_and_measures_its_turned_score(detector, rg1) -> None:
@@ -145,10 +132,7 @@ def test_each_new_check_catches_its_negative_on_its_own(detector, rg1, kind: str
 
     for seed in range(2):
         probe = make_negative(rg1, kind, np.random.default_rng(seed))
-        found = detector.detect([probe])[0]
-        decision = check_landmarks(found, probe.shape, rules)
-        if decision.eligible:
-            decision = check_image(probe, found, rules)
+        decision = check_film(probe, detector.detect([probe])[0], rules)
         assert decision.code == code, (seed, decision)
 
 

@@ -527,12 +527,11 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
     """
     from screener.pipeline.decode import DecodeError, decode_file
     from screener.pipeline.eligibility import (
-        ROI_LANDMARKS,
         EligibilityRules,
-        check_image,
-        check_landmarks,
+        check_film,
         heart_side_contrast,
         lung_and_mediastinum,
+        roi_landmark_confidence,
         thorax_aspect,
     )
 
@@ -565,16 +564,13 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
         for kind in kinds:
             probe = img if kind == "frontal" else make_negative(img, kind, rng, non_chest)
             found = detector.detect([probe])[0]
-            decision = check_landmarks(found, probe.shape, rules)
-            if decision.eligible:
-                decision = check_image(probe, found, rules)
+            decision = check_film(probe, found, rules)
             conf = found.confidence
             median = float(np.median(conf))
             aspect = thorax_aspect(found)
             rows.append({"image": name, "kind": kind, "median": median, "min": float(conf.min()), "thorax_aspect": aspect,
                          "turned_ratio": float(found.turned_confidence) / max(median, 1e-9),
-                         "roi_min": min(float(np.median(conf[[LANDMARK_NAMES.index(n) for n in names]]))
-                                        for names in ROI_LANDMARKS.values()),
+                         "roi_min": min(roi_landmark_confidence(found).values()),
                          "heart_side": heart_side_contrast(probe, found),
                          "mediastinum": None if (lm := lung_and_mediastinum(probe, found)) is None else lm[1] - lm[0],
                          "eligible": decision.eligible,
@@ -647,7 +643,7 @@ def prediction_sheet(files: list[Path], out_path: str | Path, bundle: str | Path
 
     from screener.pipeline.bundle import ModelBundle
     from screener.pipeline.decode import DecodeError, decode_file
-    from screener.pipeline.eligibility import check_image, check_landmarks
+    from screener.pipeline.eligibility import check_film
     from screener.pipeline.rois import LOCAL_ROI_NAMES, roi_boxes
 
     detector = ModelBundle.load(bundle).detector()
@@ -659,9 +655,7 @@ def prediction_sheet(files: list[Path], out_path: str | Path, bundle: str | Path
             rows.append({"file": Path(f).name, "code": exc.code.value, "median_confidence": None})
             continue
         found = detector.detect([pixels])[0]
-        decision = check_landmarks(found, pixels.shape)
-        if decision.eligible:
-            decision = check_image(pixels, found)
+        decision = check_film(pixels, found)
         rows.append({"file": Path(f).name, "code": decision.code.value, "median_confidence": float(np.median(found.confidence))})
         panels.append((Path(f).name, pixels, found, decision))
     cols = min(3, max(1, len(panels)))

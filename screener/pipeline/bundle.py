@@ -29,10 +29,10 @@ from screener.pipeline.landmarks import (
     LANDMARK_NAMES,
     LANDMARK_SCHEME,
     SPINE_FROM_RULE,
-    VIEWS,
     LandmarkDetector,
     LandmarkNet,
     check_spine_rule,
+    check_views,
 )
 from screener.pipeline.model import Ensemble, MultiRoiConfig, MultiRoiNet
 from screener.pipeline.rois import ROI_NAMES, ROI_RECIPE
@@ -95,8 +95,10 @@ def write_bundle(
     detector's output becomes the 16 points; they are part of the bundle's identity because
     they change every result.
     """
-    if isinstance(landmark_views, bool) or not isinstance(landmark_views, int) or not 1 <= landmark_views <= len(VIEWS):
-        raise BundleError(f"landmark_views = {landmark_views!r}: must be an integer within 1..{len(VIEWS)}")
+    try:
+        check_views(landmark_views)
+    except ValueError as exc:
+        raise BundleError(f"write_bundle(landmark_views=...): {exc}") from exc
     if demo and not demo_statement:
         raise BundleError("a demo bundle needs demo_statement: say what its labels are and why it is not for use")
     sizes = {n.config.roi_size for n in bmd_nets}
@@ -269,9 +271,10 @@ def _check_manifest(manifest: dict, root: Path) -> None:
         raise BundleError("manifest bmd.models must list at least one model")
     for key in ("landmarks.width", "landmarks.input_size", "tscore_table.sha256"):
         _require(manifest, key)
-    views = manifest["landmarks"].get("views", 1)
-    if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= len(VIEWS):
-        raise BundleError(f"manifest landmarks.views is {views!r}: must be an integer within 1..{len(VIEWS)}")
+    try:
+        check_views(manifest["landmarks"].get("views", 1))
+    except ValueError as exc:
+        raise BundleError(f"manifest landmarks.views: {exc}") from exc
     try:
         check_spine_rule(manifest["landmarks"].get("spine_from_rule", {}))
     except ValueError as exc:

@@ -67,7 +67,9 @@ __all__ = [
     "check_header",
     "check_landmarks",
     "check_image",
+    "check_film",
     "ROI_LANDMARKS",
+    "roi_landmark_confidence",
     "lung_and_mediastinum",
     "thorax_aspect",
     "patient_age",
@@ -412,6 +414,14 @@ ROI_LANDMARKS: dict[str, tuple[str, ...]] = {
 }
 
 
+def roi_landmark_confidence(landmarks: Landmarks) -> dict[str, float]:
+    """Median confidence of the landmarks that place each lateral ROI (:data:`ROI_LANDMARKS`)."""
+    from screener.pipeline.landmarks import LANDMARK_NAMES  # torch-heavy module, imported late
+
+    index = {n: i for i, n in enumerate(LANDMARK_NAMES)}
+    return {roi: float(np.median(landmarks.confidence[[index[n] for n in names]])) for roi, names in ROI_LANDMARKS.items()}
+
+
 def thorax_aspect(landmarks: Landmarks) -> float:
     """Cervical-to-T12 length over the thorax width (between the 40 % rib-cage points)."""
     p = landmarks.__getitem__
@@ -464,9 +474,7 @@ def check_landmarks(landmarks: Landmarks, image_shape: tuple[int, int], rules: E
             "the film is upside down or flipped top to bottom",
         )
 
-    index = {n: i for i, n in enumerate(LANDMARK_NAMES)}
-    for roi, names in ROI_LANDMARKS.items():
-        roi_conf = float(np.median(landmarks.confidence[[index[n] for n in names]]))
+    for roi, roi_conf in roi_landmark_confidence(landmarks).items():
         if roi_conf < rules.min_roi_landmark_confidence:
             return Decision(
                 False,
@@ -663,6 +671,12 @@ def lung_and_mediastinum(pixels: np.ndarray, landmarks: Landmarks, min_samples: 
     if lungs.size < min_samples or centre.size < min_samples:
         return None
     return float(np.median(lungs)), float(np.median(centre))
+
+
+def check_film(pixels: np.ndarray, landmarks: Landmarks, rules: EligibilityRules = EligibilityRules()) -> Decision:
+    """The whole image gate: :func:`check_landmarks`, then :func:`check_image` if that passed."""
+    decision = check_landmarks(landmarks, pixels.shape, rules)
+    return check_image(pixels, landmarks, rules) if decision.eligible else decision
 
 
 def heart_side_contrast(pixels: np.ndarray, landmarks: Landmarks, min_samples: int = 20) -> float | None:

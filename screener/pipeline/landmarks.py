@@ -36,6 +36,7 @@ __all__ = [
     "spine_points_by_rule",
     "apply_spine_rule",
     "check_spine_rule",
+    "check_views",
     "view_boxes",
     "DERIVED_LANDMARKS",
     "SPINE_FROM_RULE",
@@ -94,6 +95,13 @@ def check_spine_rule(weights: Mapping[str, object]) -> dict[str, float]:
             raise ValueError(f"spine rule weight of {name} is {w!r}: must be a number within 0..1")
         out[str(name)] = float(w)
     return out
+
+def check_views(views: object) -> int:
+    """A validated test-time view count (an integer within 1..len(VIEWS)); ValueError otherwise."""
+    if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= len(VIEWS):
+        raise ValueError(f"landmark views = {views!r}: must be an integer within 1..{len(VIEWS)}")
+    return views
+
 
 #: Test-time views: (scale of the letterbox side, shift x, shift y as shares of it). The first
 #: is the plain letterbox; the detector was trained on boxes jittered by about this much.
@@ -265,12 +273,10 @@ class LandmarkDetector:
 
     def __init__(self, net: LandmarkNet, input_size: int, device: torch.device | str = "cpu", *, views: int = 1,
                  check_turned: bool = True, spine_rule: Mapping[str, float] = SPINE_FROM_RULE) -> None:
-        if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= len(VIEWS):
-            raise ValueError(f"landmark views = {views!r}: must be an integer within 1..{len(VIEWS)}")
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.input_size = int(input_size)
-        self.views = int(views)
+        self.views = check_views(views)
         self.check_turned = bool(check_turned)
         self.spine_rule = check_spine_rule(spine_rule)
 

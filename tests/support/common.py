@@ -73,3 +73,18 @@ def edit_dataset(ds, **changes: object):
         else:
             setattr(ds, keyword, value)
     return ds
+
+
+def synthetic_film(heart: bool = False) -> np.ndarray:
+    """A 512 x 512 display-value film matching synthetic_contours(): bright body and spine,
+    dark lungs; ``heart`` adds a heart shadow beside the spine on the image's right."""
+    contours = synthetic_contours()
+    img = np.full((512, 512), 0.8, np.float32)
+    for key in ("RL", "LL"):
+        (x0, y0), (x1, y1) = contours[key].min(axis=0), contours[key].max(axis=0)
+        img[int(y0) : int(y1), int(x0) : int(x1)] = 0.25
+    img[:, 240:272] = 0.95  # spine
+    if heart:
+        (x0, y0), (x1, y1) = contours["LL"].min(axis=0), contours["LL"].max(axis=0)
+        img[int((y0 + y1) / 2) : int(y1), int(x0) : int(x0 + (x1 - x0) / 2)] = 0.7
+    return img
