@@ -54,8 +54,8 @@ class LandmarkTrainConfig:
     limit: int = 0  # use only the first N training images (quick runs, tests)
     heatmap_sigma: float = 1.5
     threads: int = 0
-    # bf16 autocast + channels-last: 3.7x faster on a CPU with AMX (measured on this machine's
-    # 2 cores: 0.70 s vs 2.6 s per batch of 16 at 256 px); the loss and soft-argmax stay fp32.
+    # bf16 autocast + channels-last: several times faster on a CPU with AMX (figures from
+    # bench/landmark_training_step.py in the README); the loss and soft-argmax stay fp32.
     # On by default only where the CPU has native bf16 (elsewhere it can be slower than fp32).
     amp: bool = field(default_factory=lambda: cpu_has_fast_bf16())
     # k-fold cross-validation: fold k of `folds` is the validation set (0 folds: the fixed split)
