@@ -96,7 +96,10 @@ def _cmd_bundle(a: argparse.Namespace) -> int:
         f"model id    {bundle.model_id}",
         f"intended    {m['intended_use']}",
         f"demo        {'YES - ' + m['demo_statement'] if bundle.demo else 'no'}",
-        f"landmarks   {m['landmarks']['scheme']} ({len(m['landmarks']['names'])} points), input {m['landmarks']['input_size']} px",
+        f"landmarks   {m['landmarks']['scheme']} ({len(m['landmarks']['names'])} points), input {m['landmarks']['input_size']} px, "
+        f"{m['landmarks'].get('views', 1)} view(s)"
+        + ("" if "extent_points" not in m["landmarks"] else ", with the lungs' apex and base (extent rule "
+           + ", ".join(f"{k} {v:g}" for k, v in m["landmarks"].get("extent_rule", {}).items()) + ")"),
         f"ROIs        {m['rois']['recipe']}: {', '.join(m['rois']['names'])} at {m['rois']['size']} px",
         "BMD models  " + "; ".join(f"{x['config']['backbone']}/{x['config']['head']} on {len(x['config']['rois'])} ROIs" for x in m['bmd']['models']),
         f"T-scores    {m['tscore_table']['name']}",

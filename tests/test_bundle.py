@@ -99,6 +99,32 @@ def test_any_result_shaping_edit_changes_the_model_id(tmp_path: Path, edit) -> N
     assert after != before
 
 
+def test_a_detector_with_extent_points_round_trips_with_its_rule(tmp_path: Path) -> None:
+    from screener.pipeline.landmarks import EXTENT_POINTS, EXTENT_RULE
+
+    torch.manual_seed(0)
+    net = MultiRoiNet(MultiRoiConfig(backbone="resnet18", roi_size=32)).eval()
+    common = dict(name="x", version="1", intended_use="t", demo=False, landmark_input_size=64, landmark_width=16,
+                  bmd_nets=[net], table=ReferenceTable.default(), training_data={}, validation={})
+    write_bundle(tmp_path / "e", landmark_net=LandmarkNet(width=16, extent_points=True),
+                 extent_rule={"lung_extent": 1.0, "ribcage_rows": 0.25}, **common)
+    bundle = ModelBundle.load(tmp_path / "e")
+    assert bundle.landmark_net.extent_points and bundle.manifest["landmarks"]["extent_points"] == list(EXTENT_POINTS)
+    assert bundle.detector().extent_rule == {"lung_extent": 1.0, "ribcage_rows": 0.25}
+    write_bundle(tmp_path / "d", landmark_net=LandmarkNet(width=16, extent_points=True), **common)
+    assert ModelBundle.load(tmp_path / "d").detector().extent_rule == dict(EXTENT_RULE)
+    assert ModelBundle.load(tmp_path / "d").model_id != bundle.model_id  # the rule shapes every result
+    with pytest.raises(BundleError, match="no extent points"):
+        write_bundle(tmp_path / "n", landmark_net=LandmarkNet(width=16), extent_rule=dict(EXTENT_RULE), **common)
+    for edit, message in ((lambda m: m["landmarks"]["extent_points"].reverse(), "landmarks.extent_points"),
+                          (lambda m: m["landmarks"].pop("extent_points"), "landmarks.extent_rule"),
+                          (lambda m: m["landmarks"]["extent_rule"].update(lung_extent=2), "landmarks.extent_rule")):
+        write_bundle(tmp_path / "e", landmark_net=LandmarkNet(width=16, extent_points=True), **common)
+        _edit_manifest(tmp_path / "e", edit)
+        with pytest.raises(BundleError, match=message):
+            ModelBundle.load(tmp_path / "e")
+
+
 def test_edited_tscore_table_is_refused(tmp_path: Path) -> None:
     path, _ = make_bundle(tmp_path / "b")
     text = (path / "tscore_reference.csv").read_text().replace("0.106", "0.206")

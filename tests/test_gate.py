@@ -9,14 +9,19 @@ import pytest
 
 from screener.pipeline.eligibility import EligibilityRules, check_film, check_image, check_landmarks
 from screener.pipeline.landmarks import (
+    EXTENT_POINTS,
     LANDMARK_NAMES,
     VIEWS,
+    LandmarkDetector,
+    LandmarkNet,
     Landmarks,
     apply_spine_rule,
+    check_extent_rule,
+    lung_rows,
     spine_points_by_rule,
 )
 from tests.support.common import SHARED, rg1_file, synthetic_contours, synthetic_film
-from training.jsrt import landmarks_from_contours
+from training.jsrt import extent_points_from_contours, landmarks_from_contours
 
 SHAPE = (512, 512)
 
@@ -42,6 +47,45 @@ def test_the_spine_rule_reproduces_the_label_rule_exactly() -> None:
     np.testing.assert_allclose(ruled[15], labels[15], atol=1e-9)  # T12 all from the rule
     np.testing.assert_allclose(ruled[14], labels[14] + [-10.0, 5.0], atol=1e-9)  # half way
     np.testing.assert_allclose(apply_spine_rule(moved, {}), moved)  # weights 0: the network's
+
+
+def test_the_extent_rule_places_rib_rows_and_spine_points_from_the_lungs_apex_and_base() -> None:
+    contours = synthetic_contours((5.0, 9.0))
+    labels, extent = landmarks_from_contours(contours), extent_points_from_contours(contours)
+    # right lung 69..429, left 59..449 (the rectangles' rows), each at its mean column
+    np.testing.assert_allclose(extent[:, 1], [69.0, 429.0, 59.0, 449.0])
+    np.testing.assert_allclose(extent[:, 0], [165.0, 165.0, 357.0, 357.0])
+    apex, base = lung_rows(labels)  # the rib-row fit alone recovers them from exact labels
+    np.testing.assert_allclose(apex, [69.0, 59.0], atol=1e-9)
+    np.testing.assert_allclose(base, [429.0, 449.0], atol=1e-9)
+    rows = [LANDMARK_NAMES.index(f"ribcage_{s}_{p}") for s in ("right", "left") for p in (20, 40, 60, 80)]
+    moved = labels.copy()
+    moved[rows, 1] += np.array([8.0, -6.0, 5.0, 9.0, -7.0, 4.0, 6.0, -3.0])  # rib rows off by a few px
+    moved[14:] += [[-20.0, 10.0], [30.0, 40.0]]
+    full = apply_spine_rule(moved, {"cervical_spine": 1.0, "t12": 1.0}, extent, {"lung_extent": 1.0, "ribcage_rows": 1.0})
+    np.testing.assert_allclose(full[rows], labels[rows], atol=1e-9)  # rows back where the rule puts them
+    np.testing.assert_allclose(full[14:], labels[14:], atol=1e-9)  # and the spine points by the true apex/base
+    half = apply_spine_rule(moved, {}, extent, {"lung_extent": 1.0, "ribcage_rows": 0.5})
+    np.testing.assert_allclose(half[rows, 1], (moved[rows, 1] + labels[rows, 1]) / 2, atol=1e-9)
+    np.testing.assert_allclose(apply_spine_rule(moved, {}, None, {"lung_extent": 1.0, "ribcage_rows": 1.0}), moved)
+    fit_only = apply_spine_rule(moved, {}, extent, {"lung_extent": 0.0, "ribcage_rows": 1.0})  # rows by their own fit
+    assert np.abs(fit_only[rows, 1] - labels[rows, 1]).mean() < np.abs(moved[rows, 1] - labels[rows, 1]).mean()
+    for bad, word in (({"lung_extent": 1.5}, "within 0..1"), ({"ribs": 0.5}, "only"), ({"lung_extent": True}, "number"),
+                      ([0.5], "must map")):
+        with pytest.raises(ValueError, match=word):
+            check_extent_rule(bad)
+
+
+def test_a_detector_with_extent_points_still_returns_the_16() -> None:
+    net = LandmarkNet(width=8, extent_points=True).eval()
+    assert net.head.out_channels == 16 + len(EXTENT_POINTS)
+    detector = LandmarkDetector(net, 64)
+    pts, conf, turned = detector.detect_views([synthetic_film()])
+    assert pts.shape == (1, 1, 20, 2) and conf.shape == (1, 16) and np.isfinite(turned).all()
+    found = detector.detect([synthetic_film()])[0]
+    assert found.points.shape == (16, 2) and found.confidence.shape == (16,)
+    assert detector.detect_views([])[0].shape == (0, 1, 20, 2)
+    assert LandmarkDetector(LandmarkNet(width=8), 64).extent_rule == {}  # nothing to apply it to
 
 
 def test_upside_down_when_the_turned_image_fits_better() -> None:
@@ -123,7 +167,8 @@ def test_the_shipped_gate_refuses_negatives_made_from_the_real_cr(detector, rg1,
     [
         ("rotated_180", EligibilityRules(min_landmark_confidence=0.0), "upside-down"),
         ("upside_down", EligibilityRules(min_landmark_confidence=0.0), "upside-down"),
-        ("lateral_like", EligibilityRules(min_landmark_confidence=0.0, min_roi_landmark_confidence=0.0), "no-mediastinum"),
+        ("lateral_like", EligibilityRules(min_landmark_confidence=0.0, min_roi_landmark_confidence=0.0, inverted_margin=1.0),
+         "no-mediastinum"),
     ],
 )
 def test_each_new_check_catches_its_negative_on_its_own(detector, rg1, kind: str, rules: EligibilityRules, code: str) -> None:
@@ -158,7 +203,8 @@ def test_views_and_turned_check_are_options_of_the_detector(detector, rg1) -> No
     three = LandmarkDetector(detector.net, detector.input_size, views=3)
     other = np.ascontiguousarray(rg1[200:, ::-1])  # another image in the same batch
     points, conf, turned = three.detect_views([rg1, other])
-    assert points.shape == (2, 3, 16, 2) and conf.shape == (2, 16) and np.all(np.isfinite(turned))
+    n_points = 16 + (len(EXTENT_POINTS) if detector.extent_points else 0)  # the shipped one has extent points
+    assert points.shape == (2, 3, n_points, 2) and conf.shape == (2, 16) and np.all(np.isfinite(turned))
     for i, im in enumerate((rg1, other)):  # batched or alone: each image gets its own views and turned score
         p1, c1, t1 = three.detect_views([im])
         np.testing.assert_allclose(points[i], p1[0], atol=0.05)
@@ -167,7 +213,7 @@ def test_views_and_turned_check_are_options_of_the_detector(detector, rg1) -> No
     assert not np.allclose(points[0], points[1], atol=5.0)
     plain = LandmarkDetector(detector.net, detector.input_size, views=1).detect_views([rg1])[0]
     np.testing.assert_allclose(points[0, 0], plain[0, 0], atol=0.05)  # view 0 is the plain letterbox
-    assert three.detect([]) == [] and three.detect_views([])[0].shape == (0, 3, 16, 2)
+    assert three.detect([]) == [] and three.detect_views([])[0].shape == (0, 3, n_points, 2)
     _, _, off = LandmarkDetector(detector.net, detector.input_size, check_turned=False).detect_views([rg1])
     assert np.isnan(off).all()
     with pytest.raises(ValueError, match="views"):
@@ -176,6 +222,8 @@ def test_views_and_turned_check_are_options_of_the_detector(detector, rg1) -> No
         LandmarkDetector(detector.net, detector.input_size, spine_rule={"t12": 1.5})
     with pytest.raises(ValueError, match="only"):
         LandmarkDetector(detector.net, detector.input_size, spine_rule={"clavicle_left_mid": 1.0})
+    with pytest.raises(ValueError, match="extent rule weight"):
+        LandmarkDetector(detector.net, detector.input_size, extent_rule={"ribcage_rows": -1})
 
 
 def test_bundle_manifest_fixes_views_and_spine_rule_and_old_bundles_keep_theirs(tmp_path) -> None:

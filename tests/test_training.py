@@ -205,12 +205,45 @@ def test_landmark_cross_validation_predicts_every_image_once_and_resumes(tiny_js
     full = cross_validate_landmarks(cfg, folds=3)
     assert full["folds_done"] == [0, 1, 2] and full["n_images"] == 10
     assert (tmp_path / "cv" / "fold0" / "best.pt").stat().st_mtime_ns == stamp  # a complete fold is not retrained
-    assert set(full["variants"]) == {name for name, _, _ in CV_VARIANTS}
+    assert set(full["variants"]) == {name for name, *_ in CV_VARIANTS}
     for table in full["variants"].values():
         o = table["overall"]
         assert 0 < o["median"] <= o["p95"] and 0 <= o["within_10mm"] <= 1
         assert set(table["per_landmark"]) == set(LANDMARK_NAMES)
     assert (tmp_path / "cv" / "cv_errors.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_extent_points_train_report_their_rule_and_calibrate_by_the_folds_that_never_saw_each_film(
+        tiny_jsrt: Path, tmp_path: Path) -> None:
+    from training.landmarks import (
+        CV_EXTENT_VARIANTS, NEGATIVES, RULE_SHARES, LandmarkTrainConfig, calibrate_confidence, cross_validate_landmarks,
+        load_landmark_checkpoint, make_batch)
+    from training.jsrt import load_jsrt
+
+    cases = load_jsrt(tiny_jsrt)
+    images = {c.case_id: np.zeros((512, 512), np.float32) for c in cases[:2]}
+    x, y = make_batch(cases[:2], images, 64, 4, None, extent_points=True)
+    assert x.shape == (2, 1, 64, 64) and y.shape == (2, 20, 2)
+    # plain letterbox of a 512 px film at 64 px (pixel centres: crop = (p + 0.5) / 8 - 0.5), then stride 4
+    expect = (np.stack([c.extent for c in cases[:2]]) + 0.5) / 8 - 0.5
+    np.testing.assert_allclose(y[:, 16:].numpy(), (expect - 1.5) / 4, atol=1e-4)
+    np.testing.assert_allclose(y[:, :16].numpy(), make_batch(cases[:2], images, 64, 4, None)[1].numpy())
+    cfg = LandmarkTrainConfig(jsrt_root=str(tiny_jsrt), out_dir=str(tmp_path / "cv"), input_size=64, width=16,
+                              epochs=2, batch_size=4, extent_points=True)
+    summary = cross_validate_landmarks(cfg, folds=2)
+    assert summary["extent_points"] and {n for n, *_ in CV_EXTENT_VARIANTS} <= set(summary["variants"])
+    assert len(summary["extent_rule_mre_mm"]) == len(RULE_SHARES) ** 2
+    assert "extent rule's shares" in (tmp_path / "cv" / "cv_metrics.txt").read_text()
+    net, fold_cfg = load_landmark_checkpoint(tmp_path / "cv" / "fold1" / "best.pt")
+    assert net.extent_points and fold_cfg.extent_points and fold_cfg.fold == 1
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate_confidence(tmp_path / "cv" / "fold0" / "best.pt", tmp_path / "cal", [], cv_dir=tmp_path / "cv")
+    calib = calibrate_confidence(None, tmp_path / "cal", [], jsrt_root=str(tiny_jsrt), non_chest_files=[],
+                                 cv_dir=tmp_path / "cv")
+    frontal = [r["image"] for r in calib["rows"] if r["kind"] == "frontal"]
+    assert sorted(frontal) == sorted(c.case_id for c in cases)  # every film once, by the fold that held it out
+    assert len(calib["rows"]) == len(cases) * len([k for k in NEGATIVES if k != "non_chest"] + ["frontal"])
 
 
 def test_a_checkpoint_from_before_amp_and_folds_loads_and_resumes_as_trained(tmp_path: Path) -> None:

@@ -131,6 +131,15 @@ def _check_pictures(steps: dict[str, dict]) -> None:
     assert _red_pixels(pdf["screenshot"]) > 2000, "the PDF page (and its demo banner) is not on screen"
 
 
+def _as_ohif(value: float, stored: int) -> str:
+    """What OHIF prints for a value the SR stores with ``stored`` decimals: JavaScript's
+    toFixed(2) of it, which rounds a tie away from zero (Python's format rounds it to even:
+    1.125 is "1.13" in the viewer and "1.12" in Python)."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    return str(Decimal(round(value, stored)).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+
+
 def test_ohif_shows_every_number_label_and_caveat_of_the_sr(site: tuple[OhifServer, dict[str, Case]]) -> None:
     server, cases = site
     case = cases["philips_cr"]
@@ -141,8 +150,8 @@ def test_ohif_shows_every_number_label_and_caveat_of_the_sr(site: tuple[OhifServ
     assert estimate is not None and estimate.tscores.tscore is not None and estimate.tscores.category is not None
     for site_name in ("L1", "L2", "L3", "L4", "L1-L4"):
         # OHIF prints two decimals; the SR holds three (BMD) and two (T-score)
-        assert f"Lumbar spine BMD: {estimate.tscores.bmd[site_name]:.2f} g/cm2" in texts, (site_name, texts)
-        assert f"T-score: {estimate.tscores.tscore[site_name]:.2f} {{T-score}}" in texts, (site_name, texts)
+        assert f"Lumbar spine BMD: {_as_ohif(estimate.tscores.bmd[site_name], 3)} g/cm2" in texts, (site_name, texts)
+        assert f"T-score: {_as_ohif(estimate.tscores.tscore[site_name], 2)} {{T-score}}" in texts, (site_name, texts)
     for vertebra in ("L1", "L2", "L3", "L4"):
         assert f"{vertebra} vertebra:" in texts
     assert f"L1-L4 (WHO: {estimate.tscores.category.value}):" in texts
@@ -180,6 +189,6 @@ def test_ohif_shows_a_jpeg2000_dx_from_another_vendor(site: tuple[OhifServer, di
     assert estimate is not None and estimate.tscores.tscore is None  # the film has no PatientSex
     assert "L1-L4 (no T-score: sex unknown):" in texts
     for site_name in ("L1", "L2", "L3", "L4", "L1-L4"):
-        assert f"Lumbar spine BMD: {estimate.tscores.bmd[site_name]:.2f} g/cm2" in texts
+        assert f"Lumbar spine BMD: {_as_ohif(estimate.tscores.bmd[site_name], 3)} g/cm2" in texts
     assert not any(t.startswith("T-score:") for t in texts)
     _check_pictures(steps)

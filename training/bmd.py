@@ -158,10 +158,10 @@ def _detector_identity(source: str) -> str:
     p = Path(source) if source else None
     if p is None or p.is_dir():
         return ModelBundle.load(p).model_id  # covers the manifest's views and spine rule
-    from screener.pipeline.landmarks import SPINE_FROM_RULE
+    from screener.pipeline.landmarks import EXTENT_RULE, SPINE_FROM_RULE
 
     # a checkpoint runs with the detector's defaults: they move the derived points, so they key too
-    return f"{sha256_file(p)}:views=1:spine_rule={sorted(SPINE_FROM_RULE.items())}"
+    return f"{sha256_file(p)}:views=1:spine_rule={sorted(SPINE_FROM_RULE.items())}:extent_rule={sorted(EXTENT_RULE.items())}"
 
 
 def prepare_crops(rows: list[ManifestRow], roi_size: int, landmarks_from: str, cache: Path | None) -> torch.Tensor:

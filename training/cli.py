@@ -30,7 +30,7 @@ def _landmarks_train(a: argparse.Namespace) -> int:
 
     cfg = LandmarkTrainConfig(jsrt_root=a.jsrt_root, out_dir=a.out, input_size=a.input_size, epochs=a.epochs,
                               batch_size=a.batch_size, lr=a.lr, seed=a.seed, limit=a.limit, threads=a.threads,
-                              **({} if a.amp is None else {"amp": a.amp}))
+                              extent_points=a.extent_points, **({} if a.amp is None else {"amp": a.amp}))
     result = train_landmarks(cfg, resume=a.resume)
     print(f"best validation mean radial error: {result['best_val_mre_mm']:.2f} mm -> {Path(a.out) / 'best.pt'}")
     return 0
@@ -41,7 +41,7 @@ def _landmarks_cv(a: argparse.Namespace) -> int:
 
     cfg = LandmarkTrainConfig(jsrt_root=a.jsrt_root, out_dir=a.out, input_size=a.input_size, epochs=a.epochs,
                               batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads,
-                              **({} if a.amp is None else {"amp": a.amp}))
+                              extent_points=a.extent_points, **({} if a.amp is None else {"amp": a.amp}))
     cross_validate_landmarks(cfg, folds=a.folds, max_folds=a.max_folds)
     print(f"wrote {Path(a.out) / 'cv_metrics.txt'}, cv_metrics.json and cv_errors.png")
     return 0
@@ -69,7 +69,11 @@ def _landmarks_calibrate(a: argparse.Namespace) -> int:
     from training.landmarks import calibrate_confidence
 
     non_chest = None if a.non_chest is None else [Path(f) for f in a.non_chest]
-    calibrate_confidence(a.checkpoint, a.out, [Path(f) for f in a.dicom], a.jsrt_root, non_chest)
+    if bool(a.checkpoint) == bool(a.cv_dir):
+        print("calibrate: give exactly one of --checkpoint (a detector) and --cv-dir (a `landmarks cv` run)", file=sys.stderr)
+        return 2
+    calibrate_confidence(a.checkpoint or None, a.out, [Path(f) for f in a.dicom], a.jsrt_root, non_chest,
+                         cv_dir=a.cv_dir or None)
     print(f"wrote {Path(a.out) / 'confidence_calibration.json'}")
     return 0
 
@@ -122,21 +126,34 @@ def _export(a: argparse.Namespace) -> int:
     from training.landmarks import load_landmark_checkpoint
 
     lm_net, lm_cfg = load_landmark_checkpoint(a.landmarks)
-    bmd_nets = [load_bmd_checkpoint(c)[0] for c in a.bmd]
-    table = ReferenceTable.from_csv(Path(a.tscore_table)) if a.tscore_table else ReferenceTable.default()
+    if bool(a.bmd) == bool(a.bmd_bundle):
+        print("export: give the BMD networks either as --bmd checkpoints or as --bmd-bundle DIR, not both", file=sys.stderr)
+        return 2
+    source = ModelBundle.load(a.bmd_bundle) if a.bmd_bundle else None
+    if source is not None:  # a new detector for an existing BMD model: its networks, table and records
+        bmd_nets = list(source.bmd.members)
+        table = ReferenceTable.from_csv(Path(a.tscore_table)) if a.tscore_table else source.table
+    else:
+        bmd_nets = [load_bmd_checkpoint(c)[0] for c in a.bmd]
+        table = ReferenceTable.from_csv(Path(a.tscore_table)) if a.tscore_table else ReferenceTable.default()
     validation = {}
-    for key, path in (("landmarks", a.landmark_metrics), ("bmd", a.bmd_metrics)):
+    for key, path in (("landmarks", a.landmark_metrics), ("landmarks_cv", a.landmark_cv_metrics), ("bmd", a.bmd_metrics)):
         if path:
             validation[key] = json.loads(Path(path).read_text())
+        elif key == "bmd" and source is not None and "bmd" in source.manifest.get("validation", {}):
+            validation[key] = source.manifest["validation"]["bmd"]
     from training.bmd import summarise_manifest
 
-    training_data = summarise_manifest(a.training_manifest, a.label_source) if a.training_manifest else {}
+    if a.training_manifest:
+        training_data = summarise_manifest(a.training_manifest, a.label_source)
+    else:
+        training_data = dict(source.manifest.get("training_data", {})) if source is not None else {}
     out = write_bundle(
         a.out, name=a.name, version=a.version, intended_use=a.intended_use, demo=a.demo,
         demo_statement=a.demo_statement or (DEMO_STATEMENT if a.demo else ""),
         landmark_net=lm_net, landmark_input_size=lm_cfg.input_size,
         landmark_width=lm_cfg.width, bmd_nets=bmd_nets, table=table,
-        training_data=training_data, validation=validation,
+        training_data=training_data, validation=validation, landmark_views=a.landmark_views,
     )
     bundle = ModelBundle.load(out)  # prove it loads before anyone ships it
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
@@ -167,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast + channels-last (default: on where the CPU has native bf16, AMX or AVX512-BF16)")
+    t.add_argument("--extent-points", action="store_true",
+                   help="also learn each lung's apex and base, which the label rule places the rib-cage rows and spine points by")
     t.set_defaults(func=_landmarks_train)
     v = lm.add_parser("cv", help="k-fold cross-validation of the training recipe on JSRT: per-landmark mean, median, p95 (resumable)",
                       description="Trains one detector per fold into OUT/fold<k> (a complete fold is skipped, an interrupted "
@@ -185,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     v.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast + channels-last (default: on where the CPU has native bf16, AMX or AVX512-BF16)")
+    v.add_argument("--extent-points", action="store_true",
+                   help="also learn each lung's apex and base, which the label rule places the rib-cage rows and spine points by")
     v.set_defaults(func=_landmarks_cv)
     h = lm.add_parser("sheet", help="a PNG sheet of the detector's points, ROIs and gate decision on DICOM files (to check other vendors by eye)")
     h.add_argument("files", nargs="+", help="DICOM files")
@@ -197,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--jsrt-root")
     e.set_defaults(func=_landmarks_evaluate)
     c = lm.add_parser("calibrate", help="median landmark confidence on frontal films vs non-chest negatives (sets the eligibility gate)")
-    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--checkpoint", default="", help="the detector to calibrate: a training checkpoint or a bundle's landmarks.pt")
+    c.add_argument("--cv-dir", default="",
+                   help="instead of --checkpoint: a `landmarks cv` run; every JSRT film is probed by the fold detector that never saw it")
     c.add_argument("--out", required=True)
     c.add_argument("--jsrt-root")
     c.add_argument("--dicom", nargs="*", default=[], help="frontal chest DICOM files to add to the positives")
@@ -253,7 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a model bundle (weights + manifest) and check that it loads")
     x.add_argument("--landmarks", required=True, help="landmark checkpoint (best.pt)")
-    x.add_argument("--bmd", required=True, action="append", help="BMD checkpoint; repeat for an ensemble")
+    x.add_argument("--bmd", action="append", default=[], help="BMD checkpoint; repeat for an ensemble")
+    x.add_argument("--bmd-bundle", default="",
+                   help="instead of --bmd: take the BMD networks, T-score table, BMD metrics and training summary of this "
+                        "bundle (a new landmark detector for a model whose ROIs came from label landmarks, as the demo's)")
     x.add_argument("--out", required=True)
     x.add_argument("--name", required=True)
     x.add_argument("--version", required=True)
@@ -262,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--demo-statement", default="")
     x.add_argument("--tscore-table", default="")
     x.add_argument("--landmark-metrics", default="", help="landmark_metrics.json to record")
+    x.add_argument("--landmark-cv-metrics", default="", help="cv_metrics.json of `landmarks cv` to record")
+    x.add_argument("--landmark-views", type=int, default=1,
+                   help="test-time views the detector runs per image (1..15; more: a little more accurate, one pass each)")
     x.add_argument("--bmd-metrics", default="", help="metrics.json to record")
     x.add_argument("--training-manifest", default="", help="the BMD training manifest, summarised into the bundle")
     x.add_argument("--label-source", default="DXA", help="what the BMD labels are, e.g. 'DXA (Hologic), 2019-2023'")

@@ -16,6 +16,10 @@ The 16-point scheme (screener.pipeline.landmarks.LANDMARK_NAMES) is derived here
 - cervical spine (derived, not annotated): on the midline (x halfway between the clavicles'
   medial ends) at the level of the higher lung apex, where C7/T1 project on a PA film;
 - T12 (derived, not annotated): on the same midline at the mean level of the two lung bases.
+
+Detectors with extent points (screener.pipeline.landmarks.EXTENT_POINTS) also learn each
+lung's apex and base: the contour's highest and lowest row, at the mean column of the contour
+points within half a pixel of that row (a flat dome has no single lowest point).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 
 from screener.pipeline.landmarks import LANDMARK_NAMES, NUM_LANDMARKS, RIB_LEVELS
 
-__all__ = ["JsrtCase", "load_jsrt", "landmarks_from_contours", "PIXEL_MM", "default_jsrt_root", "split_ids", "fold_ids"]
+__all__ = ["JsrtCase", "load_jsrt", "landmarks_from_contours", "extent_points_from_contours", "PIXEL_MM", "default_jsrt_root", "split_ids", "fold_ids"]
 
 PIXEL_MM = 0.7  # JSRT resized to 512 x 512 from 2048 x 2048 at 0.175 mm
 
@@ -42,6 +46,7 @@ class JsrtCase:
     age: int
     landmarks: np.ndarray  # (16, 2) pixel coordinates in the 512 x 512 image
     contours: dict[str, np.ndarray]
+    extent: np.ndarray  # (4, 2) each lung's apex and base (EXTENT_POINTS order)
 
 
 def default_jsrt_root() -> Path:
@@ -99,6 +104,17 @@ def landmarks_from_contours(contours: dict[str, np.ndarray]) -> np.ndarray:
     return pts
 
 
+def extent_points_from_contours(contours: dict[str, np.ndarray]) -> np.ndarray:
+    """Each lung's apex and base (4, 2), in EXTENT_POINTS order, from its contour."""
+    out = []
+    for key in ("RL", "LL"):
+        c = np.asarray(contours[key], float)
+        for row in (c[:, 1].min(), c[:, 1].max()):
+            near = np.abs(c[:, 1] - row) <= 0.5
+            out.append([c[near, 0].mean(), row])
+    return np.asarray(out)
+
+
 def load_jsrt(root: Path | str | None = None) -> list[JsrtCase]:
     """All cases, sorted by id. Raises FileNotFoundError naming the missing file."""
     root = Path(root) if root is not None else default_jsrt_root()
@@ -125,6 +141,7 @@ def load_jsrt(root: Path | str | None = None) -> list[JsrtCase]:
                 age=int(age_text) if age_text.isdigit() else -1,
                 landmarks=landmarks_from_contours(contours),
                 contours=contours,
+                extent=extent_points_from_contours(contours),
             )
         )
     return cases

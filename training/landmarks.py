@@ -23,7 +23,9 @@ from tqdm import tqdm
 from screener.pipeline.geometry import OrientedBox, Pyramid, letterbox_box
 from screener.pipeline.landmarks import (
     DERIVED_LANDMARKS,
+    EXTENT_RULE,
     LANDMARK_NAMES,
+    NUM_LANDMARKS,
     SPINE_FROM_RULE,
     VIEWS,
     apply_spine_rule,
@@ -61,11 +63,14 @@ class LandmarkTrainConfig:
     # k-fold cross-validation: fold k of `folds` is the validation set (0 folds: the fixed split)
     folds: int = 0
     fold: int = 0
+    # also learn each lung's apex and base (EXTENT_POINTS), which the label rule hangs the
+    # rib-cage rows and the spine points on
+    extent_points: bool = False
 
 
 #: Settings added after the first release, with the value a checkpoint saved before them ran
 #: with (so such a run still resumes and reloads as it was trained).
-_LEGACY_DEFAULTS = {"amp": False, "folds": 0, "fold": 0}
+_LEGACY_DEFAULTS = {"amp": False, "folds": 0, "fold": 0, "extent_points": False}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -136,7 +141,8 @@ def landmark_loss(logits: torch.Tensor, target_xy: torch.Tensor, sigma: float) -
 
 
 def make_batch(
-    cases: list[JsrtCase], images: dict[str, np.ndarray], size: int, stride: int, rng: np.random.Generator | None
+    cases: list[JsrtCase], images: dict[str, np.ndarray], size: int, stride: int, rng: np.random.Generator | None,
+    extent_points: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for case in cases:
@@ -147,7 +153,8 @@ def make_batch(
         else:
             box = None
         crop, box = landmark_input(Pyramid(img), size, box)
-        crop_pts = box.source_to_crop(case.landmarks, size)
+        targets = np.concatenate([case.landmarks, case.extent]) if extent_points else case.landmarks
+        crop_pts = box.source_to_crop(targets, size)
         xs.append(normalise_crop(crop))
         ys.append((crop_pts - (stride - 1) / 2.0) / stride)
     return torch.from_numpy(np.stack(xs))[:, None], torch.from_numpy(np.stack(ys)).float()
@@ -176,7 +183,7 @@ def train_landmarks(config: LandmarkTrainConfig, resume: bool = False) -> dict:
     train, val = _split(config)
     images = {c.case_id: load_grey_png(c.image_path) for c in train + val}
     stride = 4
-    net = LandmarkNet(width=config.width)
+    net = LandmarkNet(width=config.width, extent_points=config.extent_points)
     if config.amp:
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -204,7 +211,7 @@ def train_landmarks(config: LandmarkTrainConfig, resume: bool = False) -> dict:
         bar = tqdm(range(steps_per_epoch), desc=f"landmarks epoch {epoch + 1}/{config.epochs}", leave=False)
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y = make_batch([train[i] for i in idx], images, config.input_size, stride, rng)
+            x, y = make_batch([train[i] for i in idx], images, config.input_size, stride, rng, config.extent_points)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.amp):
                 logits = net(x.contiguous(memory_format=torch.channels_last) if config.amp else x)
             loss = landmark_loss(logits.float(), y, config.heatmap_sigma)
@@ -276,18 +283,28 @@ def error_table(err_mm: np.ndarray) -> dict:
 
 
 #: What the cross-validation compares: (name, test-time views, spine-rule weights).
-CV_VARIANTS: tuple[tuple[str, int, dict[str, float]], ...] = (
-    ("network only", 1, {}),
-    ("+ spine rule", 1, SPINE_FROM_RULE),
-    ("+ spine rule, 5 views", 5, SPINE_FROM_RULE),
-    ("+ spine rule, 15 views", 15, SPINE_FROM_RULE),
+CV_VARIANTS: tuple[tuple[str, int, dict[str, float], dict[str, float]], ...] = (
+    ("network only", 1, {}, {}),
+    ("+ spine rule", 1, SPINE_FROM_RULE, {}),
+    ("+ spine rule, 5 views", 5, SPINE_FROM_RULE, {}),
+    ("+ spine rule, 15 views", 15, SPINE_FROM_RULE, {}),
 )
+
+#: The variants added for a detector with extent points (the first is what the node runs).
+CV_EXTENT_VARIANTS: tuple[tuple[str, int, dict[str, float], dict[str, float]], ...] = (
+    ("+ spine and extent rule", 1, SPINE_FROM_RULE, EXTENT_RULE),
+    ("+ spine and extent rule, 5 views", 5, SPINE_FROM_RULE, EXTENT_RULE),
+    ("+ spine and extent rule, 15 views", 15, SPINE_FROM_RULE, EXTENT_RULE),
+)
+
+RULE_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def cross_validate_landmarks(config: LandmarkTrainConfig, folds: int = 5, resume: bool = True,
                              max_folds: int | None = None) -> dict:
     """k-fold cross-validation of the detector recipe on JSRT: every image predicted by a model
     that never saw it, errors per landmark (mean, median, p95) for each :data:`CV_VARIANTS`.
+    Each fold is scored with its last epoch's weights, so nothing is chosen on the images scored.
 
     Each fold trains into ``out_dir/fold<k>`` and is skipped when already complete, so an
     interrupted run resumes where it stopped; ``max_folds`` trains at most that many folds in
@@ -315,9 +332,12 @@ def cross_validate_landmarks(config: LandmarkTrainConfig, folds: int = 5, resume
             trained_now += 1
             if not (fold_dir / "best.pt").is_file():
                 raise RuntimeError(f"fold {k} trained but wrote no {fold_dir / 'best.pt'}: its validation error was never finite")
-        net, _ = load_landmark_checkpoint(fold_dir / "best.pt", config.jsrt_root)
+        # The last epoch's weights, not best.pt: best.pt was picked on these very images, which
+        # would flatter the figure; the one-cycle schedule ends annealed, so little is lost.
+        net, _ = load_landmark_checkpoint(fold_dir / "last.pt", config.jsrt_root)
         _, val = _split(fold_cfg)
         detector = LandmarkDetector(net, fold_cfg.input_size, views=views_all, check_turned=False)
+        extent = detector.extent_points
         for i in range(0, len(val), 8):
             chunk = val[i : i + 8]
             pts, _, _ = detector.detect_views([load_grey_png(c.image_path) for c in chunk])
@@ -327,38 +347,55 @@ def cross_validate_landmarks(config: LandmarkTrainConfig, folds: int = 5, resume
         done.append(k)
     if not done:
         raise RuntimeError(f"no fold of {folds} is complete in {out}")
-    views = np.concatenate(pred_views)  # (N, V, 16, 2)
+    views = np.concatenate(pred_views)  # (N, V, P, 2): the 16, then the extent points if any
     true = np.stack(truth)
 
-    def errors(n_views: int, weights: dict[str, float]) -> np.ndarray:
-        pred = apply_spine_rule(np.median(views[:, :n_views], axis=1), weights)
+    def errors(n_views: int, weights: dict[str, float], extent_rule: dict[str, float] | None = None) -> np.ndarray:
+        median = np.median(views[:, :n_views], axis=1)
+        ext = median[:, NUM_LANDMARKS:] if extent else None
+        pred = apply_spine_rule(median[:, :NUM_LANDMARKS], weights, ext, extent_rule)
         return np.linalg.norm(pred - true, axis=-1) * PIXEL_MM
 
-    variants = {name: error_table(errors(v, w)) for name, v, w in CV_VARIANTS}
+    runs = CV_VARIANTS + (CV_EXTENT_VARIANTS if extent else ())
+    variants = {name: error_table(errors(v, w, e)) for name, v, w, e in runs}
+    node_rule = EXTENT_RULE if extent else {}
     # How much of each derived point to take from the rule: the evidence for SPINE_FROM_RULE.
-    rule_weights = {name: {f"{w:.2f}": float(errors(1, {name: w})[:, LANDMARK_NAMES.index(name)].mean())
-                           for w in (0.0, 0.25, 0.5, 0.75, 1.0)} for name in DERIVED_LANDMARKS}
+    rule_weights = {name: {f"{w:.2f}": float(errors(1, {name: w}, node_rule)[:, LANDMARK_NAMES.index(name)].mean())
+                           for w in RULE_SHARES} for name in DERIVED_LANDMARKS}
     summary = {"folds": folds, "folds_done": done, "n_images": len(ids), "epochs": config.epochs,
-               "input_size": config.input_size, "variants": variants, "spine_rule_weight_mre_mm": rule_weights}
+               "input_size": config.input_size, "extent_points": bool(extent), "variants": variants,
+               "spine_rule_weight_mre_mm": rule_weights}
+    if extent:  # the evidence for EXTENT_RULE: overall mean error by both shares
+        summary["extent_rule_mre_mm"] = {
+            f"lung_extent={a:.2f} ribcage_rows={b:.2f}": float(errors(1, SPINE_FROM_RULE, {"lung_extent": a, "ribcage_rows": b}).mean())
+            for a in RULE_SHARES for b in RULE_SHARES}
     (out / "cv_metrics.json").write_text(json.dumps(summary, indent=2))
-    shipped = variants["+ spine rule"]
+    node_variant = "+ spine and extent rule" if extent else "+ spine rule"
+    shipped = variants[node_variant]
     lines = [f"{len(done)} of {folds} folds ({len(ids)} JSRT images, each predicted by a model that never saw it); "
-             f"{config.epochs} epochs at {config.input_size} px; errors in mm (0.7 mm per pixel)", "",
+             f"{config.epochs} epochs at {config.input_size} px{', with extent points' if extent else ''}; "
+             f"errors in mm (0.7 mm per pixel)", "",
              f"{'variant':<26}{'mean':>8}{'median':>8}{'p95':>8}{'<=10mm':>9}"]
     for name, table in variants.items():
         o = table["overall"]
         lines.append(f"{name:<26}{o['mean']:>8.2f}{o['median']:>8.2f}{o['p95']:>8.2f}{100 * o['within_10mm']:>8.1f}%")
-    lines += ["", "per landmark, + spine rule (what the node runs by default):",
+    lines += ["", f"per landmark, {node_variant} (what the node runs by default):",
               f"{'landmark':<26}{'mean':>8}{'median':>8}{'p95':>8}{'<=10mm':>9}"]
     for name, o in shipped["per_landmark"].items():
         lines.append(f"{name:<26}{o['mean']:>8.2f}{o['median']:>8.2f}{o['p95']:>8.2f}{100 * o['within_10mm']:>8.1f}%")
     lines += ["", "mean error of each derived point by the share taken from the rule (0 = its heatmap, 1 = the rule):"]
     for name, by_w in rule_weights.items():
         lines.append(f"{name:<26}" + "  ".join(f"{w}: {v:.2f}" for w, v in by_w.items()))
+    if extent:
+        lines += ["", "overall mean error by the extent rule's shares (rows: lung_extent, columns: ribcage_rows):",
+                  f"{'':<26}" + "".join(f"{b:>8.2f}" for b in RULE_SHARES)]
+        for a in RULE_SHARES:
+            lines.append(f"{a:<26.2f}" + "".join(
+                f"{summary['extent_rule_mre_mm'][f'lung_extent={a:.2f} ribcage_rows={b:.2f}']:>8.2f}" for b in RULE_SHARES))
     text = "\n".join(lines)
     print(text)
     (out / "cv_metrics.txt").write_text(text + "\n")
-    _plot_errors(errors(1, SPINE_FROM_RULE), out / "cv_errors.png", f"{len(done)}-fold CV, {len(ids)} JSRT images")
+    _plot_errors(errors(1, SPINE_FROM_RULE, node_rule), out / "cv_errors.png", f"{len(done)}-fold CV, {len(ids)} JSRT images")
     return summary
 
 
@@ -392,12 +429,13 @@ def load_landmark_checkpoint(path: str | Path, jsrt_root: str | None = None) -> 
         if not manifest.is_file():
             raise ValueError(f"{path}: neither a training checkpoint (no 'config') nor a bundle's weights (no manifest.json beside it)")
         spec = json.loads(manifest.read_text())["landmarks"]
-        cfg = LandmarkTrainConfig(jsrt_root=jsrt_root, input_size=int(spec["input_size"]), width=int(spec["width"]))
+        cfg = LandmarkTrainConfig(jsrt_root=jsrt_root, input_size=int(spec["input_size"]), width=int(spec["width"]),
+                                  extent_points="extent_points" in spec)
         weights = state
     else:
         cfg = LandmarkTrainConfig(**{**_saved_config(state), "jsrt_root": jsrt_root or state["config"].get("jsrt_root")})
         weights = state["model"]
-    net = LandmarkNet(width=cfg.width)
+    net = LandmarkNet(width=cfg.width, extent_points=cfg.extent_points)
     net.load_state_dict(weights)
     return net.eval(), cfg
 
@@ -515,8 +553,9 @@ def default_non_chest_files() -> list[Path]:
     return [Path(path)] if path else []
 
 
-def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_files: list[Path],
-                         jsrt_root: str | None = None, non_chest_files: list[Path] | None = None) -> dict:
+def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dicom_files: list[Path],
+                         jsrt_root: str | None = None, non_chest_files: list[Path] | None = None,
+                         cv_dir: str | Path | None = None) -> dict:
     """Acceptance by the whole gate of frontal films vs each kind of negative, to set the gate.
 
     Positives (held out from the detector's training): the JSRT validation split and the
@@ -524,6 +563,10 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
     270 degrees, flipped top to bottom or left to right, inverted, cut to its lower or upper
     half, a lateral-like stretch of one hemithorax, a variant of a non-chest radiograph
     (``non_chest_files``, default pydicom-data's lower-leg CR), blank and noise.
+
+    With ``cv_dir`` (a ``landmarks cv`` run) instead of ``checkpoint``: every JSRT film is
+    probed by the fold's detector that never saw it, five times as many films as the fixed
+    split holds, by detectors of the same recipe; the DICOM files by fold 0's.
     """
     from screener.pipeline.decode import DecodeError, decode_file
     from screener.pipeline.eligibility import (
@@ -535,6 +578,8 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
         thorax_aspect,
     )
 
+    if (checkpoint is None) == (cv_dir is None):
+        raise ValueError("calibrate needs exactly one of a checkpoint and a cross-validation folder")
     rules = EligibilityRules()
     non_chest_files = default_non_chest_files() if non_chest_files is None else non_chest_files
     non_chest = []
@@ -544,23 +589,34 @@ def calibrate_confidence(checkpoint: str | Path, out_dir: str | Path, dicom_file
         except DecodeError as exc:
             print(f"skipped non-chest {f}: {exc}")
     kinds = ("frontal",) + tuple(k for k in NEGATIVES if k != "non_chest" or non_chest)
-    net, cfg = load_landmark_checkpoint(checkpoint, jsrt_root)
-    if (Path(checkpoint).parent / "manifest.json").is_file():  # a bundle's weights: its views and spine rule
-        from screener.pipeline.bundle import ModelBundle
-
-        detector = ModelBundle.load(Path(checkpoint).parent).detector()
+    groups: list[tuple[LandmarkDetector, list[JsrtCase]]] = []
+    if cv_dir is not None:
+        fold_dirs = sorted(Path(cv_dir).glob("fold*/last.pt"))  # as the cv report: not picked on these films
+        if not fold_dirs:
+            raise FileNotFoundError(f"{cv_dir}: no fold*/last.pt (run `screener-train landmarks cv` first)")
+        for path in fold_dirs:
+            net, cfg = load_landmark_checkpoint(path, jsrt_root)
+            groups.append((LandmarkDetector(net, cfg.input_size), _split(cfg)[1]))
     else:
-        detector = LandmarkDetector(net, cfg.input_size)
-    _, val = _split(cfg)
-    positives = {c.case_id: load_grey_png(c.image_path) for c in val}
+        net, cfg = load_landmark_checkpoint(checkpoint, jsrt_root)
+        if (Path(checkpoint).parent / "manifest.json").is_file():  # a bundle's weights: its views and spine rule
+            from screener.pipeline.bundle import ModelBundle
+
+            detector = ModelBundle.load(Path(checkpoint).parent).detector()
+        else:
+            detector = LandmarkDetector(net, cfg.input_size)
+        groups.append((detector, _split(cfg)[1]))
+    films = []  # (detector, name, image)
+    for detector, val in groups:
+        films.extend((detector, c.case_id, load_grey_png(c.image_path)) for c in val)
     for f in dicom_files:
         try:
-            positives[f.name] = decode_file(f).pixels
+            films.append((groups[0][0], f.name, decode_file(f).pixels))
         except DecodeError as exc:  # one bad file is named and left out, the others still count
             print(f"skipped {f}: {exc}")
     rng = np.random.default_rng(0)
     rows = []
-    for name, img in tqdm(positives.items(), desc="calibrating", leave=False):
+    for detector, name, img in tqdm(films, desc="calibrating", leave=False):
         for kind in kinds:
             probe = img if kind == "frontal" else make_negative(img, kind, rng, non_chest)
             found = detector.detect([probe])[0]

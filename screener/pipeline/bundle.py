@@ -26,11 +26,14 @@ from typing import Any
 import torch
 
 from screener.pipeline.landmarks import (
+    EXTENT_POINTS,
+    EXTENT_RULE,
     LANDMARK_NAMES,
     LANDMARK_SCHEME,
     SPINE_FROM_RULE,
     LandmarkDetector,
     LandmarkNet,
+    check_extent_rule,
     check_spine_rule,
     check_views,
 )
@@ -88,10 +91,12 @@ def write_bundle(
     demo_statement: str = "",
     landmark_views: int = 1,
     spine_from_rule: dict[str, float] | None = None,
+    extent_rule: dict[str, float] | None = None,
 ) -> Path:
     """Write a complete bundle directory (overwriting files of the same name).
 
-    ``landmark_views`` and ``spine_from_rule`` (default :data:`SPINE_FROM_RULE`) fix how the
+    ``landmark_views``, ``spine_from_rule`` (default :data:`SPINE_FROM_RULE`) and, for a
+    detector with extent points, ``extent_rule`` (default :data:`EXTENT_RULE`) fix how the
     detector's output becomes the 16 points; they are part of the bundle's identity because
     they change every result.
     """
@@ -99,6 +104,9 @@ def write_bundle(
         check_views(landmark_views)
     except ValueError as exc:
         raise BundleError(f"write_bundle(landmark_views=...): {exc}") from exc
+    has_extent = bool(getattr(landmark_net, "extent_points", False))
+    if extent_rule is not None and not has_extent:
+        raise BundleError("write_bundle(extent_rule=...): the landmark net has no extent points to apply it to")
     if demo and not demo_statement:
         raise BundleError("a demo bundle needs demo_statement: say what its labels are and why it is not for use")
     sizes = {n.config.roi_size for n in bmd_nets}
@@ -131,6 +139,8 @@ def write_bundle(
             "sha256": sha256_file(out / "landmarks.pt"),
             "views": int(landmark_views),
             "spine_from_rule": check_spine_rule(SPINE_FROM_RULE if spine_from_rule is None else spine_from_rule),
+            **({"extent_points": list(EXTENT_POINTS),
+                "extent_rule": check_extent_rule(EXTENT_RULE if extent_rule is None else extent_rule)} if has_extent else {}),
         },
         "rois": {"recipe": ROI_RECIPE, "names": list(ROI_NAMES), "size": sizes.pop()},
         "input_normalisation": {
@@ -190,14 +200,14 @@ class ModelBundle:
         # A bundle written before these keys existed ran the network alone on one view.
         lm = self.manifest["landmarks"]
         return LandmarkDetector(self.landmark_net, self.landmark_input_size, device, views=int(lm.get("views", 1)),
-                                spine_rule=dict(lm.get("spine_from_rule", {})))
+                                spine_rule=dict(lm.get("spine_from_rule", {})), extent_rule=dict(lm.get("extent_rule", {})))
 
     @classmethod
     def load(cls, path: Path | str | None = None) -> "ModelBundle":
         """Load and check a bundle directory (the shipped demo bundle when ``path`` is None)."""
         root, manifest = read_manifest(path)
         lm = manifest["landmarks"]
-        landmark_net = LandmarkNet(width=int(lm["width"]))
+        landmark_net = LandmarkNet(width=int(lm["width"]), extent_points="extent_points" in lm)
         _load_state(landmark_net, root / lm["weights"], "landmarks.weights")
         members = []
         for i, spec in enumerate(manifest["bmd"]["models"]):
@@ -279,6 +289,15 @@ def _check_manifest(manifest: dict, root: Path) -> None:
         check_spine_rule(manifest["landmarks"].get("spine_from_rule", {}))
     except ValueError as exc:
         raise BundleError(f"manifest landmarks.spine_from_rule: {exc}") from exc
+    lm = manifest["landmarks"]
+    if "extent_points" in lm and list(lm["extent_points"]) != list(EXTENT_POINTS):
+        raise BundleError(f"manifest landmarks.extent_points must be {list(EXTENT_POINTS)} (in that order) or absent")
+    if "extent_rule" in lm and "extent_points" not in lm:
+        raise BundleError("manifest landmarks.extent_rule is set but landmarks.extent_points is not: the detector has no extent points")
+    try:
+        check_extent_rule(lm.get("extent_rule", {}))
+    except ValueError as exc:
+        raise BundleError(f"manifest landmarks.extent_rule: {exc}") from exc
     table = root / str(manifest["tscore_table"]["file"])
     if not _inside(root, table) or not table.is_file() or sha256_file(table) != manifest["tscore_table"]["sha256"]:
         raise BundleError(f"manifest tscore_table.sha256 does not match {table.name} (or the file is missing): the table was changed")
