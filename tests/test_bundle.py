@@ -118,6 +118,7 @@ def test_a_detector_with_extent_points_round_trips_with_its_rule(tmp_path: Path)
         write_bundle(tmp_path / "n", landmark_net=LandmarkNet(width=16), extent_rule=dict(EXTENT_RULE), **common)
     for edit, message in ((lambda m: m["landmarks"]["extent_points"].reverse(), "landmarks.extent_points"),
                           (lambda m: m["landmarks"].pop("extent_points"), "landmarks.extent_rule"),
+                          (lambda m: m["landmarks"].pop("extent_rule"), "landmarks.extent_rule is not"),
                           (lambda m: m["landmarks"]["extent_rule"].update(lung_extent=2), "landmarks.extent_rule")):
         write_bundle(tmp_path / "e", landmark_net=LandmarkNet(width=16, extent_points=True), **common)
         _edit_manifest(tmp_path / "e", edit)

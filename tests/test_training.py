@@ -244,6 +244,9 @@ def test_extent_points_train_report_their_rule_and_calibrate_by_the_folds_that_n
     frontal = [r["image"] for r in calib["rows"] if r["kind"] == "frontal"]
     assert sorted(frontal) == sorted(c.case_id for c in cases)  # every film once, by the fold that held it out
     assert len(calib["rows"]) == len(cases) * len([k for k in NEGATIVES if k != "non_chest"] + ["frontal"])
+    (tmp_path / "cv" / "fold1" / "history.json").write_text("[]")  # a fold that stopped early is not calibrated on
+    with pytest.raises(ValueError, match="stopped before"):
+        calibrate_confidence(None, tmp_path / "cal", [], jsrt_root=str(tiny_jsrt), non_chest_files=[], cv_dir=tmp_path / "cv")
 
 
 def test_a_checkpoint_from_before_amp_and_folds_loads_and_resumes_as_trained(tmp_path: Path) -> None:

@@ -126,7 +126,10 @@ def _export(a: argparse.Namespace) -> int:
     from training.landmarks import load_landmark_checkpoint
 
     lm_net, lm_cfg = load_landmark_checkpoint(a.landmarks)
-    if bool(a.bmd) == bool(a.bmd_bundle):
+    if not a.bmd and not a.bmd_bundle:
+        print("export needs the BMD networks: --bmd CHECKPOINT (repeatable) or --bmd-bundle DIR", file=sys.stderr)
+        return 2
+    if a.bmd and a.bmd_bundle:
         print("export: give the BMD networks either as --bmd checkpoints or as --bmd-bundle DIR, not both", file=sys.stderr)
         return 2
     source = ModelBundle.load(a.bmd_bundle) if a.bmd_bundle else None

@@ -320,7 +320,7 @@ def cross_validate_landmarks(config: LandmarkTrainConfig, folds: int = 5, resume
         fold_cfg = LandmarkTrainConfig(**{**asdict(config), "folds": folds, "fold": k, "out_dir": str(out / f"fold{k}")})
         fold_dir = Path(fold_cfg.out_dir)
         history = fold_dir / "history.json"
-        complete = (history.is_file() and (fold_dir / "best.pt").is_file()
+        complete = (history.is_file() and (fold_dir / "best.pt").is_file() and (fold_dir / "last.pt").is_file()
                     and len(json.loads(history.read_text())) >= fold_cfg.epochs)
         if complete:  # a fold trained with other settings is not this recipe's: refuse to mix
             saved = {**_saved_config(load_checkpoint(fold_dir / "best.pt")), "jsrt_root": None, "out_dir": None, "threads": 0}
@@ -591,11 +591,23 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
     kinds = ("frontal",) + tuple(k for k in NEGATIVES if k != "non_chest" or non_chest)
     groups: list[tuple[LandmarkDetector, list[JsrtCase]]] = []
     if cv_dir is not None:
-        fold_dirs = sorted(Path(cv_dir).glob("fold*/last.pt"))  # as the cv report: not picked on these films
-        if not fold_dirs:
-            raise FileNotFoundError(f"{cv_dir}: no fold*/last.pt (run `screener-train landmarks cv` first)")
-        for path in fold_dirs:
-            net, cfg = load_landmark_checkpoint(path, jsrt_root)
+        first = Path(cv_dir) / "fold0" / "last.pt"  # last.pt as the cv report: not picked on these films
+        if not first.is_file():
+            raise FileNotFoundError(f"{first} is missing (run `screener-train landmarks cv` first)")
+        folds = load_landmark_checkpoint(first, jsrt_root)[1].folds
+        settings = None
+        for k in range(folds):  # every fold complete and of one recipe, or the table would mix detectors
+            fold_dir = Path(cv_dir) / f"fold{k}"
+            history = fold_dir / "history.json"
+            if not (fold_dir / "last.pt").is_file() or not history.is_file():
+                raise FileNotFoundError(f"fold {k} of {folds} in {cv_dir} is not complete (run `screener-train landmarks cv`)")
+            net, cfg = load_landmark_checkpoint(fold_dir / "last.pt", jsrt_root)
+            if len(json.loads(history.read_text())) < cfg.epochs:
+                raise ValueError(f"fold {k} in {cv_dir} stopped before its {cfg.epochs} epochs (resume `landmarks cv` first)")
+            mine = {**asdict(cfg), "fold": 0, "out_dir": None, "threads": 0}
+            if settings is not None and mine != settings:
+                raise ValueError(f"fold {k} in {cv_dir} was trained with other settings than fold 0: not one recipe")
+            settings = mine
             groups.append((LandmarkDetector(net, cfg.input_size), _split(cfg)[1]))
     else:
         net, cfg = load_landmark_checkpoint(checkpoint, jsrt_root)

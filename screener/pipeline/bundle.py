@@ -294,6 +294,8 @@ def _check_manifest(manifest: dict, root: Path) -> None:
         raise BundleError(f"manifest landmarks.extent_points must be {list(EXTENT_POINTS)} (in that order) or absent")
     if "extent_rule" in lm and "extent_points" not in lm:
         raise BundleError("manifest landmarks.extent_rule is set but landmarks.extent_points is not: the detector has no extent points")
+    if "extent_points" in lm and "extent_rule" not in lm:
+        raise BundleError("manifest landmarks.extent_points is set but landmarks.extent_rule is not: say how they enter the 16 points")
     try:
         check_extent_rule(lm.get("extent_rule", {}))
     except ValueError as exc:

@@ -102,33 +102,28 @@ EXTENT_POINTS: tuple[str, ...] = ("lung_right_apex", "lung_right_base", "lung_le
 EXTENT_RULE: Mapping[str, float] = MappingProxyType({"lung_extent": 1.0, "ribcage_rows": 1.0})
 
 
-def check_spine_rule(weights: Mapping[str, object]) -> dict[str, float]:
-    """Validated spine-rule weights (derived landmark -> share within 0..1); ValueError names the fault."""
+def _check_shares(weights: Mapping[str, object], known: Sequence[str], what: str, known_as: str) -> dict[str, float]:
     if not isinstance(weights, Mapping):
-        raise ValueError(f"spine rule {weights!r}: must map {list(DERIVED_LANDMARKS)} to weights within 0..1")
-    unknown = sorted(set(weights) - set(DERIVED_LANDMARKS))
+        raise ValueError(f"{what} {weights!r}: must map {list(known)} to weights within 0..1")
+    unknown = sorted(set(weights) - set(known))
     if unknown:
-        raise ValueError(f"spine rule names {unknown}: only {list(DERIVED_LANDMARKS)} are derived")
+        raise ValueError(f"{what} names {unknown}: only {list(known)} are {known_as}")
     out = {}
     for name, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= float(w) <= 1.0:
-            raise ValueError(f"spine rule weight of {name} is {w!r}: must be a number within 0..1")
+            raise ValueError(f"{what} weight of {name} is {w!r}: must be a number within 0..1")
         out[str(name)] = float(w)
     return out
 
+
+def check_spine_rule(weights: Mapping[str, object]) -> dict[str, float]:
+    """Validated spine-rule weights (derived landmark -> share within 0..1); ValueError names the fault."""
+    return _check_shares(weights, DERIVED_LANDMARKS, "spine rule", "derived")
+
+
 def check_extent_rule(weights: Mapping[str, object]) -> dict[str, float]:
     """Validated extent-rule weights (see :data:`EXTENT_RULE`); ValueError names the fault."""
-    if not isinstance(weights, Mapping):
-        raise ValueError(f"extent rule {weights!r}: must map {list(EXTENT_RULE)} to weights within 0..1")
-    unknown = sorted(set(weights) - set(EXTENT_RULE))
-    if unknown:
-        raise ValueError(f"extent rule names {unknown}: only {list(EXTENT_RULE)} are known")
-    out = {}
-    for name, w in weights.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= float(w) <= 1.0:
-            raise ValueError(f"extent rule weight of {name} is {w!r}: must be a number within 0..1")
-        out[str(name)] = float(w)
-    return out
+    return _check_shares(weights, tuple(EXTENT_RULE), "extent rule", "known")
 
 
 def check_views(views: object) -> int:
