@@ -133,12 +133,12 @@ def _export(a: argparse.Namespace) -> int:
         print("export: give the BMD networks either as --bmd checkpoints or as --bmd-bundle DIR, not both", file=sys.stderr)
         return 2
     source = ModelBundle.load(a.bmd_bundle) if a.bmd_bundle else None
-    if source is not None:  # a new detector for an existing BMD model: its networks, table and records
-        bmd_nets = list(source.bmd.members)
-        table = ReferenceTable.from_csv(Path(a.tscore_table)) if a.tscore_table else source.table
+    # a new detector for an existing BMD model: its networks, table and records
+    bmd_nets = list(source.bmd.members) if source is not None else [load_bmd_checkpoint(c)[0] for c in a.bmd]
+    if a.tscore_table:
+        table = ReferenceTable.from_csv(Path(a.tscore_table))
     else:
-        bmd_nets = [load_bmd_checkpoint(c)[0] for c in a.bmd]
-        table = ReferenceTable.from_csv(Path(a.tscore_table)) if a.tscore_table else ReferenceTable.default()
+        table = source.table if source is not None else ReferenceTable.default()
     validation = {}
     for key, path in (("landmarks", a.landmark_metrics), ("landmarks_cv", a.landmark_cv_metrics), ("bmd", a.bmd_metrics)):
         if path:

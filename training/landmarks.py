@@ -300,6 +300,13 @@ CV_EXTENT_VARIANTS: tuple[tuple[str, int, dict[str, float], dict[str, float]], .
 RULE_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def fold_complete(fold_dir: Path, epochs: int) -> bool:
+    """Has this cross-validation fold trained all its epochs (history, best.pt and last.pt)?"""
+    history = fold_dir / "history.json"
+    return (history.is_file() and (fold_dir / "best.pt").is_file() and (fold_dir / "last.pt").is_file()
+            and len(json.loads(history.read_text())) >= epochs)
+
+
 def cross_validate_landmarks(config: LandmarkTrainConfig, folds: int = 5, resume: bool = True,
                              max_folds: int | None = None) -> dict:
     """k-fold cross-validation of the detector recipe on JSRT: every image predicted by a model
@@ -319,10 +326,7 @@ def cross_validate_landmarks(config: LandmarkTrainConfig, folds: int = 5, resume
     for k in range(folds):
         fold_cfg = LandmarkTrainConfig(**{**asdict(config), "folds": folds, "fold": k, "out_dir": str(out / f"fold{k}")})
         fold_dir = Path(fold_cfg.out_dir)
-        history = fold_dir / "history.json"
-        complete = (history.is_file() and (fold_dir / "best.pt").is_file() and (fold_dir / "last.pt").is_file()
-                    and len(json.loads(history.read_text())) >= fold_cfg.epochs)
-        if complete:  # a fold trained with other settings is not this recipe's: refuse to mix
+        if fold_complete(fold_dir, fold_cfg.epochs):  # a fold trained with other settings is not this recipe's: refuse to mix
             saved = {**_saved_config(load_checkpoint(fold_dir / "best.pt")), "jsrt_root": None, "out_dir": None, "threads": 0}
             check_resumable(saved, {**asdict(fold_cfg), "jsrt_root": None, "out_dir": None, "threads": 0})
         else:
@@ -598,11 +602,10 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
         settings = None
         for k in range(folds):  # every fold complete and of one recipe, or the table would mix detectors
             fold_dir = Path(cv_dir) / f"fold{k}"
-            history = fold_dir / "history.json"
-            if not (fold_dir / "last.pt").is_file() or not history.is_file():
+            if not (fold_dir / "last.pt").is_file():
                 raise FileNotFoundError(f"fold {k} of {folds} in {cv_dir} is not complete (run `screener-train landmarks cv`)")
             net, cfg = load_landmark_checkpoint(fold_dir / "last.pt", jsrt_root)
-            if len(json.loads(history.read_text())) < cfg.epochs:
+            if not fold_complete(fold_dir, cfg.epochs):
                 raise ValueError(f"fold {k} in {cv_dir} stopped before its {cfg.epochs} epochs (resume `landmarks cv` first)")
             mine = {**asdict(cfg), "fold": 0, "out_dir": None, "threads": 0}
             if settings is not None and mine != settings:
