@@ -100,6 +100,8 @@ def _cmd_bundle(a: argparse.Namespace) -> int:
         f"{m['landmarks'].get('views', 1)} view(s)"
         + ("" if "extent_points" not in m["landmarks"] else ", with the lungs' apex and base (extent rule "
            + ", ".join(f"{k} {v:g}" for k, v in m["landmarks"].get("extent_rule", {}).items()) + ")"),
+        "view check  " + (f"classifier at {m['view']['input_size']} px over {len(m['view']['kinds'])} kinds (frontal, "
+                          + ", ".join(m["view"]["kinds"][1:]) + ")" if "view" in m else "none (the landmark gate alone)"),
         f"ROIs        {m['rois']['recipe']}: {', '.join(m['rois']['names'])} at {m['rois']['size']} px",
         "BMD models  " + "; ".join(f"{x['config']['backbone']}/{x['config']['head']} on {len(x['config']['rois'])} ROIs" for x in m['bmd']['models']),
         f"T-scores    {m['tscore_table']['name']}",

@@ -57,6 +57,8 @@ class ReasonCode(StrEnum):
     INVERTED = "inverted"
     NO_MEDIASTINUM = "no-mediastinum"
     HEART_ON_IMAGE_LEFT = "heart-on-image-left"
+    MIRRORED = "mirrored"
+    NOT_FRONTAL_CHEST = "not-frontal-chest"
 
     # -- decoding (screener.pipeline.decode.DecodeError)
     UNREADABLE_FILE = "unreadable-file"

@@ -124,6 +124,7 @@ class EligibilitySettings:
     inverted_margin: float = _RULES.inverted_margin
     min_heart_side_contrast: float = _RULES.min_heart_side_contrast
     min_mediastinum_contrast: float = _RULES.min_mediastinum_contrast
+    min_view_frontal_probability: float = _RULES.min_view_frontal_probability
 
     def __post_init__(self) -> None:
         for uid in self.sop_classes:

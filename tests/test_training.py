@@ -276,3 +276,38 @@ def test_folds_cover_every_image_exactly_once() -> None:
         assert not set(train) & set(val) and len(train) + len(val) == 197
     with pytest.raises(ValueError, match="fold 5 of 5"):
         fold_ids(ids, 5, 5)
+
+
+@pytest.mark.slow
+def test_view_cv_trains_on_the_landmark_folds_and_calibrate_pairs_them(tiny_jsrt: Path, tmp_path: Path) -> None:
+    from screener.pipeline.eligibility import EligibilityRules
+    from screener.pipeline.view import VIEW_KINDS
+    from training.landmarks import LandmarkTrainConfig, calibrate_confidence, cross_validate_landmarks
+    from training.view import ViewTrainConfig, cross_validate_view, load_view_checkpoint, make_view_batch, _kind_weights
+
+    root = tiny_jsrt
+    rng = np.random.default_rng(0)
+    films = [np.random.default_rng(i).random((200, 180), dtype=np.float32) for i in range(3)]
+    x, y = make_view_batch(films, 64, rng, _kind_weights(0.3))
+    assert x.shape == (6, 1, 64, 64) and (y[::2] == 0).all() and (y[1::2] > 0).all()  # each film and one negative
+    with pytest.raises(ValueError, match="mirrored_share"):
+        _kind_weights(1.0)
+    view_cfg = ViewTrainConfig(jsrt_root=str(root), out_dir=str(tmp_path / "vcv"), input_size=64, width=4, epochs=2,
+                               batch_size=8, source_size=128)
+    report = cross_validate_view(view_cfg, folds=2)
+    assert report["n"] == 10 and set(report["accepted"]["0.5"]) == set(VIEW_KINDS)
+    assert "mirrored" in (tmp_path / "vcv" / "cv_view.txt").read_text()
+    _, fold1 = load_view_checkpoint(tmp_path / "vcv" / "fold1" / "last.pt")
+    assert (fold1.folds, fold1.fold) == (2, 1)
+    lm_cfg = LandmarkTrainConfig(jsrt_root=str(root), out_dir=str(tmp_path / "lcv"), input_size=64, width=16, epochs=1, batch_size=4)
+    cross_validate_landmarks(lm_cfg, folds=2)
+    calib = calibrate_confidence(None, tmp_path / "cal", [], jsrt_root=str(root), non_chest_files=[],
+                                 cv_dir=tmp_path / "lcv", view_cv_dir=tmp_path / "vcv")
+    assert calib["view_threshold"] == EligibilityRules().min_view_frontal_probability
+    assert all(r["view_frontal"] is not None for r in calib["rows"])
+    with pytest.raises(ValueError, match="goes with"):
+        calibrate_confidence(tmp_path / "lcv" / "fold0" / "last.pt", tmp_path / "cal", [], view_cv_dir=tmp_path / "vcv")
+    cross_validate_view(ViewTrainConfig(**{**view_cfg.__dict__, "out_dir": str(tmp_path / "v3")}), folds=3)
+    with pytest.raises(ValueError, match="landmark cv's folds"):
+        calibrate_confidence(None, tmp_path / "cal", [], jsrt_root=str(root), non_chest_files=[],
+                             cv_dir=tmp_path / "lcv", view_cv_dir=tmp_path / "v3")

@@ -5,6 +5,8 @@ Typical site workflow::
     screener-train landmarks train --jsrt-root ../shared/data/jsrt --out runs/landmarks
     screener-train landmarks evaluate --checkpoint runs/landmarks/best.pt --out runs/landmarks/eval
     screener-train landmarks cv --jsrt-root ../shared/data/jsrt --folds 5 --out runs/landmarks-cv
+    screener-train view cv --folds 5 --out runs/view-cv
+    screener-train landmarks calibrate --cv-dir runs/landmarks-cv --view-cv-dir runs/view-cv --out runs/calib
     screener-train bmd train --manifest site/manifest.csv --out runs/bmd --landmarks-from BUNDLE_DIR
     screener-train bmd evaluate --checkpoint runs/bmd/best.pt --manifest site/manifest.csv --out runs/bmd/eval
     screener-train export --landmarks runs/landmarks/best.pt --bmd runs/bmd/best.pt --out my-bundle \\
@@ -50,9 +52,11 @@ def _landmarks_cv(a: argparse.Namespace) -> int:
 def _landmarks_sheet(a: argparse.Namespace) -> int:
     from training.landmarks import prediction_sheet
 
+    print(f"{'file':<44}{'gate':<28}{'conf':>8}{'frontal':>8}   (median landmark confidence, view classifier's P(frontal))")
     for row in prediction_sheet([Path(f) for f in a.files], a.out, a.bundle or None):
         conf = "-" if row["median_confidence"] is None else f"{row['median_confidence']:.3f}"
-        print(f"{row['file']:<44}{row['code']:<28}{conf:>8}")
+        view = "-" if row["view_frontal"] is None else f"{row['view_frontal']:.3f}"
+        print(f"{row['file']:<44}{row['code']:<28}{conf:>8}{view:>8}")
     print(f"wrote {a.out}")
     return 0
 
@@ -72,9 +76,36 @@ def _landmarks_calibrate(a: argparse.Namespace) -> int:
     if bool(a.checkpoint) == bool(a.cv_dir):
         print("calibrate: give exactly one of --checkpoint (a detector) and --cv-dir (a `landmarks cv` run)", file=sys.stderr)
         return 2
+    if a.view_cv_dir and not a.cv_dir:
+        print("calibrate: --view-cv-dir goes with --cv-dir (fold k's classifier with fold k's detector); use --view with --checkpoint",
+              file=sys.stderr)
+        return 2
     calibrate_confidence(a.checkpoint or None, a.out, [Path(f) for f in a.dicom], a.jsrt_root, non_chest,
-                         cv_dir=a.cv_dir or None)
+                         cv_dir=a.cv_dir or None, view_cv_dir=a.view_cv_dir or None, view=a.view or None)
     print(f"wrote {Path(a.out) / 'confidence_calibration.json'}")
+    return 0
+
+
+def _view_config(a: argparse.Namespace):
+    from training.view import ViewTrainConfig
+
+    return ViewTrainConfig(jsrt_root=a.jsrt_root, out_dir=a.out, epochs=a.epochs, lr=a.lr, seed=a.seed, threads=a.threads,
+                           mirrored_share=a.mirrored_share, **({} if a.amp is None else {"amp": a.amp}))
+
+
+def _view_train(a: argparse.Namespace) -> int:
+    from training.view import train_view
+
+    train_view(_view_config(a), resume=a.resume)
+    print(f"wrote {Path(a.out) / 'last.pt'} (export it with --view)")
+    return 0
+
+
+def _view_cv(a: argparse.Namespace) -> int:
+    from training.view import cross_validate_view
+
+    cross_validate_view(_view_config(a), folds=a.folds)
+    print(f"wrote {Path(a.out) / 'cv_view.txt'} and cv_view.json")
     return 0
 
 
@@ -140,9 +171,18 @@ def _export(a: argparse.Namespace) -> int:
     else:
         table = source.table if source is not None else ReferenceTable.default()
     validation = {}
-    for key, path in (("landmarks", a.landmark_metrics), ("landmarks_cv", a.landmark_cv_metrics), ("bmd", a.bmd_metrics)):
+    view_net = view_size = None
+    if a.view:
+        from training.view import load_view_checkpoint
+
+        view_net, view_cfg = load_view_checkpoint(a.view)
+        view_size = view_cfg.input_size
+    for key, path in (("landmarks", a.landmark_metrics), ("landmarks_cv", a.landmark_cv_metrics), ("bmd", a.bmd_metrics),
+                      ("view_cv", a.view_cv_metrics), ("gate", a.gate_calibration)):
         if path:
             validation[key] = json.loads(Path(path).read_text())
+            if key == "gate":  # the acceptance table, not the per-film rows
+                validation[key] = {k: v for k, v in validation[key].items() if k in ("accepted_share", "threshold", "view_threshold")}
         elif key == "bmd" and source is not None and "bmd" in source.manifest.get("validation", {}):
             validation[key] = source.manifest["validation"]["bmd"]
     from training.bmd import summarise_manifest
@@ -157,6 +197,7 @@ def _export(a: argparse.Namespace) -> int:
         landmark_net=lm_net, landmark_input_size=lm_cfg.input_size,
         landmark_width=lm_cfg.width, bmd_nets=bmd_nets, table=table,
         training_data=training_data, validation=validation, landmark_views=a.landmark_views,
+        view_net=view_net, **({"view_input_size": view_size} if view_size else {}),
     )
     bundle = ModelBundle.load(out)  # prove it loads before anyone ships it
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
@@ -224,12 +265,38 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", default="", help="the detector to calibrate: a training checkpoint or a bundle's landmarks.pt")
     c.add_argument("--cv-dir", default="",
                    help="instead of --checkpoint: a `landmarks cv` run; every JSRT film is probed by the fold detector that never saw it")
+    c.add_argument("--view-cv-dir", default="",
+                   help="with --cv-dir: a `view cv` run of the same folds; each film is also classified by the fold's classifier")
+    c.add_argument("--view", default="",
+                   help="with --checkpoint: a view classifier checkpoint (a bundle's own classifier is used without it)")
     c.add_argument("--out", required=True)
     c.add_argument("--jsrt-root")
     c.add_argument("--dicom", nargs="*", default=[], help="frontal chest DICOM files to add to the positives")
     c.add_argument("--non-chest", nargs="*", default=None,
                    help="non-chest radiographs (DICOM) for the non_chest negatives (default: pydicom-data's lower-leg CR, RG3_UNCI.dcm)")
     c.set_defaults(func=_landmarks_calibrate)
+
+    view = sub.add_parser("view", help="the gate's view classifier (frontal chest film the right way round, or not)"
+                          ).add_subparsers(dest="action", required=True)
+    for name, func, helptext in (
+        ("train", _view_train, "train on JSRT films and generated negatives (mirrored, halves, turned, lateral-like, inverted)"),
+        ("cv", _view_cv, "k-fold cross-validation on the landmark folds: share of held-out inputs called frontal, per kind"),
+    ):
+        t = view.add_parser(name, help=helptext, description=helptext)
+        t.add_argument("--jsrt-root", help="folder with images/, landmarks.json, clinical.csv (default ../shared/data/jsrt)")
+        t.add_argument("--out", default="runs/view" if name == "train" else "runs/view-cv")
+        if name == "cv":
+            t.add_argument("--folds", type=int, default=5, help="must match the `landmarks cv` run it is calibrated with")
+        else:
+            t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+        t.add_argument("--epochs", type=int, default=40)
+        t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle AdamW)")
+        t.add_argument("--mirrored-share", type=float, default=0.3, help="share of the negatives that are left-right flipped films")
+        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+        t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast + channels-last (default: on where the CPU has native bf16)")
+        t.set_defaults(func=func)
 
     bmd = sub.add_parser("bmd", help="the multi-ROI BMD network").add_subparsers(dest="action", required=True)
     t = bmd.add_parser("train", help="train from a CSV manifest (paper defaults; by-patient split; resumable)")
@@ -294,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--landmark-cv-metrics", default="", help="cv_metrics.json of `landmarks cv` to record")
     x.add_argument("--landmark-views", type=int, default=1,
                    help="test-time views the detector runs per image (1..15; more: a little more accurate, one pass each)")
+    x.add_argument("--view", default="", help="the gate's view classifier (`screener-train view train`'s last.pt); none: no view check")
+    x.add_argument("--view-cv-metrics", default="", help="cv_view.json of `screener-train view cv` to record")
+    x.add_argument("--gate-calibration", default="", help="confidence_calibration.json of `landmarks calibrate` (its acceptance table is recorded)")
     x.add_argument("--bmd-metrics", default="", help="metrics.json to record")
     x.add_argument("--training-manifest", default="", help="the BMD training manifest, summarised into the bundle")
     x.add_argument("--label-source", default="DXA", help="what the BMD labels are, e.g. 'DXA (Hologic), 2019-2023'")

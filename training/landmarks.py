@@ -559,7 +559,8 @@ def default_non_chest_files() -> list[Path]:
 
 def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dicom_files: list[Path],
                          jsrt_root: str | None = None, non_chest_files: list[Path] | None = None,
-                         cv_dir: str | Path | None = None) -> dict:
+                         cv_dir: str | Path | None = None, view_cv_dir: str | Path | None = None,
+                         view: str | Path | None = None) -> dict:
     """Acceptance by the whole gate of frontal films vs each kind of negative, to set the gate.
 
     Positives (held out from the detector's training): the JSRT validation split and the
@@ -570,7 +571,9 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
 
     With ``cv_dir`` (a ``landmarks cv`` run) instead of ``checkpoint``: every JSRT film is
     probed by the fold's detector that never saw it, five times as many films as the fixed
-    split holds, by detectors of the same recipe; the DICOM files by fold 0's.
+    split holds, by detectors of the same recipe; the DICOM files by fold 0's. With
+    ``view_cv_dir`` (a ``view cv`` run on the same folds) each fold's view classifier joins
+    its detector; with ``view`` (a classifier checkpoint) it joins the one ``checkpoint``.
     """
     from screener.pipeline.decode import DecodeError, decode_file
     from screener.pipeline.eligibility import (
@@ -584,6 +587,10 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
 
     if (checkpoint is None) == (cv_dir is None):
         raise ValueError("calibrate needs exactly one of a checkpoint and a cross-validation folder")
+    if view_cv_dir is not None and cv_dir is None or view is not None and checkpoint is None:
+        raise ValueError("calibrate: a view cv folder goes with a landmark cv folder, a view checkpoint with a detector checkpoint")
+    from screener.pipeline.view import ViewClassifier
+    from training.view import load_view_checkpoint, view_fold_complete
     rules = EligibilityRules()
     non_chest_files = default_non_chest_files() if non_chest_files is None else non_chest_files
     non_chest = []
@@ -611,7 +618,16 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
             if settings is not None and mine != settings:
                 raise ValueError(f"fold {k} in {cv_dir} was trained with other settings than fold 0: not one recipe")
             settings = mine
-            groups.append((LandmarkDetector(net, cfg.input_size), _split(cfg)[1]))
+            classifier = None
+            if view_cv_dir is not None:
+                view_dir = Path(view_cv_dir) / f"fold{k}"
+                if not (view_dir / "last.pt").is_file():
+                    raise FileNotFoundError(f"fold {k} of {folds} in {view_cv_dir} is missing (run `screener-train view cv --folds {folds}`)")
+                view_net, view_cfg = load_view_checkpoint(view_dir / "last.pt")
+                if (view_cfg.folds, view_cfg.fold) != (folds, k) or not view_fold_complete(view_dir, view_cfg.epochs):
+                    raise ValueError(f"{view_dir} is not a complete fold {k} of {folds}: the view cv must use the landmark cv's folds")
+                classifier = ViewClassifier(view_net, view_cfg.input_size)
+            groups.append((LandmarkDetector(net, cfg.input_size, view=classifier), _split(cfg)[1]))
     else:
         net, cfg = load_landmark_checkpoint(checkpoint, jsrt_root)
         if (Path(checkpoint).parent / "manifest.json").is_file():  # a bundle's weights: its views and spine rule
@@ -620,6 +636,9 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
             detector = ModelBundle.load(Path(checkpoint).parent).detector()
         else:
             detector = LandmarkDetector(net, cfg.input_size)
+        if view is not None:
+            view_net, view_cfg = load_view_checkpoint(view)
+            detector.view = ViewClassifier(view_net, view_cfg.input_size)
         groups.append((detector, _split(cfg)[1]))
     films = []  # (detector, name, image)
     for detector, val in groups:
@@ -644,6 +663,7 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
                          "roi_min": min(roi_landmark_confidence(found).values()),
                          "heart_side": heart_side_contrast(probe, found),
                          "mediastinum": None if (lm := lung_and_mediastinum(probe, found)) is None else lm[1] - lm[0],
+                         "view_frontal": None if found.view is None else found.view.frontal,
                          "eligible": decision.eligible,
                          "code": decision.code})
     negatives = kinds[1:]
@@ -652,6 +672,7 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
     accepted = {k: float(np.mean([r["eligible"] for r in rows if r["kind"] == k])) for k in kinds}
     summary = {
         "threshold": rules.min_landmark_confidence,
+        "view_threshold": rules.min_view_frontal_probability if rows and rows[0]["view_frontal"] is not None else None,
         "accepted_share": accepted,
         "frontal": {"n": int(pos.size), "min": float(pos.min()), "p05": float(np.percentile(pos, 5)), "median": float(np.median(pos))},
         "negatives": {k: {"n": int(v.size), "max": float(v.max()), "p95": float(np.percentile(v, 95))} for k, v in neg.items()},
@@ -662,13 +683,15 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
         "thorax_aspect": {k: _spread(rows, k, "thorax_aspect") for k in ("frontal", "lower_half", "upper_half")},
         "mediastinum_contrast": {k: _spread(rows, k, "mediastinum")
                                  for k in ("frontal", "lateral_like", "upper_half", "mirrored")},
+        "view_frontal": {k: _spread(rows, k, "view_frontal") for k in kinds},
         "rows": rows,
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "confidence_calibration.json").write_text(json.dumps(summary, indent=2))
     print(f"median landmark confidence per input; 'accepted' = share passing the whole gate "
-          f"(confidence >= {rules.min_landmark_confidence}, turned ratio, ROI landmarks, geometry, inversion, heart side)")
+          f"(confidence >= {rules.min_landmark_confidence}, turned ratio, ROI landmarks, geometry, inversion, heart side, "
+          f"view classifier when given)")
     print(f"{'input':<14}{'n':>5}{'min':>8}{'p05':>8}{'median':>8}{'p95':>8}{'max':>8}{'accepted':>10}")
     for k, v in {"frontal": pos, **neg}.items():
         print(f"{k:<14}{v.size:>5}{v.min():>8.3f}{np.percentile(v, 5):>8.3f}{np.median(v):>8.3f}"
@@ -692,6 +715,11 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
     print(f"{'input':<14}{'min':>8}{'p05':>8}{'p95':>8}{'max':>8}")
     for k, v in summary["mediastinum_contrast"].items():
         print(f"{k:<14}{v['min']:>8.3f}{v['p05']:>8.3f}{v['p95']:>8.3f}{v['max']:>8.3f}")
+    if summary["view_threshold"] is not None:
+        print(f"\nview classifier's P(frontal) (the gate wants >= {rules.min_view_frontal_probability:g})")
+        print(f"{'input':<14}{'min':>8}{'p05':>8}{'p95':>8}{'max':>8}")
+        for k, v in summary["view_frontal"].items():
+            print(f"{k:<14}{v['min']:>8.3f}{v['p05']:>8.3f}{v['p95']:>8.3f}{v['max']:>8.3f}")
     if "non_chest" not in kinds:
         print("non_chest: no non-chest radiograph given (--non-chest) and pydicom-data not installed: kind left out")
     for r in rows:
@@ -723,11 +751,12 @@ def prediction_sheet(files: list[Path], out_path: str | Path, bundle: str | Path
         try:
             pixels = decode_file(f).pixels
         except DecodeError as exc:
-            rows.append({"file": Path(f).name, "code": exc.code.value, "median_confidence": None})
+            rows.append({"file": Path(f).name, "code": exc.code.value, "median_confidence": None, "view_frontal": None})
             continue
         found = detector.detect([pixels])[0]
         decision = check_film(pixels, found)
-        rows.append({"file": Path(f).name, "code": decision.code.value, "median_confidence": float(np.median(found.confidence))})
+        rows.append({"file": Path(f).name, "code": decision.code.value, "median_confidence": float(np.median(found.confidence)),
+                     "view_frontal": None if found.view is None else found.view.frontal})
         panels.append((Path(f).name, pixels, found, decision))
     cols = min(3, max(1, len(panels)))
     n_rows = max(1, math.ceil(len(panels) / cols))
@@ -745,7 +774,8 @@ def prediction_sheet(files: list[Path], out_path: str | Path, bundle: str | Path
                 corners = boxes[roi].corners()
                 ax.plot(*np.vstack([corners, corners[:1]]).T, lw=1.0, color="orange" if decision.eligible else "grey")
         ax.scatter(*found.points.T, s=14, c=found.confidence, cmap="RdYlGn", vmin=0, vmax=0.5, edgecolors="black", linewidths=0.3)
-        ax.set_title(f"{name}\n{decision.code.value} (median confidence {np.median(found.confidence):.2f})", fontsize=9)
+        view = "" if found.view is None else f", frontal {found.view.frontal:.2f}"
+        ax.set_title(f"{name}\n{decision.code.value} (median confidence {np.median(found.confidence):.2f}{view})", fontsize=9)
     fig.suptitle("landmarks (colour = confidence, red low) and ROIs; orange boxes = eligible", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_path, dpi=80)

@@ -6,6 +6,7 @@ A bundle is a directory::
                            input normalisation, outputs, training data summary, metrics
     landmarks.pt           landmark detector weights (float16 state dict)
     bmd_0.pt [bmd_1.pt..]  BMD network weights; several files form an ensemble
+    view.pt                the gate's view classifier (optional; bundles before it had none)
     tscore_reference.csv   the T-score reference table the bundle was validated with
 
 Loading checks the manifest against what this code implements (format, landmark scheme and
@@ -38,6 +39,7 @@ from screener.pipeline.landmarks import (
     check_views,
 )
 from screener.pipeline.model import Ensemble, MultiRoiConfig, MultiRoiNet
+from screener.pipeline.view import VIEW_KINDS, ViewClassifier, ViewNet, check_view_kinds
 from screener.pipeline.rois import ROI_NAMES, ROI_RECIPE
 from screener.pipeline.tscore import VERTEBRAE, ReferenceTable
 
@@ -92,13 +94,15 @@ def write_bundle(
     landmark_views: int = 1,
     spine_from_rule: dict[str, float] | None = None,
     extent_rule: dict[str, float] | None = None,
+    view_net: ViewNet | None = None,
+    view_input_size: int = 128,
 ) -> Path:
     """Write a complete bundle directory (overwriting files of the same name).
 
     ``landmark_views``, ``spine_from_rule`` (default :data:`SPINE_FROM_RULE`) and, for a
     detector with extent points, ``extent_rule`` (default :data:`EXTENT_RULE`) fix how the
     detector's output becomes the 16 points; they are part of the bundle's identity because
-    they change every result.
+    they change every result. ``view_net`` is the gate's view classifier (optional).
     """
     try:
         check_views(landmark_views)
@@ -120,6 +124,11 @@ def write_bundle(
         fname = f"bmd_{i}.pt"
         torch.save(_half_state(net.state_dict()), out / fname)
         models.append({"config": net.config.to_dict(), "weights": fname, "sha256": sha256_file(out / fname)})
+    view = None
+    if view_net is not None:
+        torch.save(_half_state(view_net.state_dict()), out / "view.pt")
+        view = {"weights": "view.pt", "sha256": sha256_file(out / "view.pt"), "width": int(view_net.width),
+                "input_size": int(view_input_size), "kinds": list(VIEW_KINDS)}
     (out / "tscore_reference.csv").write_text(table.to_csv())
     table_sha = sha256_file(out / "tscore_reference.csv")
     manifest = {
@@ -142,6 +151,7 @@ def write_bundle(
             **({"extent_points": list(EXTENT_POINTS),
                 "extent_rule": check_extent_rule(EXTENT_RULE if extent_rule is None else extent_rule)} if has_extent else {}),
         },
+        **({"view": view} if view is not None else {}),
         "rois": {"recipe": ROI_RECIPE, "names": list(ROI_NAMES), "size": sizes.pop()},
         "input_normalisation": {
             "image": "display values in [0, 1] (VOI applied, MONOCHROME1 inverted); "
@@ -167,6 +177,7 @@ class ModelBundle:
     landmark_net: LandmarkNet
     bmd: Ensemble
     table: ReferenceTable
+    view_net: ViewNet | None = None
 
     @property
     def name(self) -> str:
@@ -199,8 +210,10 @@ class ModelBundle:
     def detector(self, device: torch.device | str = "cpu") -> LandmarkDetector:
         # A bundle written before these keys existed ran the network alone on one view.
         lm = self.manifest["landmarks"]
+        view = None if self.view_net is None else ViewClassifier(self.view_net, int(self.manifest["view"]["input_size"]), device)
         return LandmarkDetector(self.landmark_net, self.landmark_input_size, device, views=int(lm.get("views", 1)),
-                                spine_rule=dict(lm.get("spine_from_rule", {})), extent_rule=dict(lm.get("extent_rule", {})))
+                                spine_rule=dict(lm.get("spine_from_rule", {})), extent_rule=dict(lm.get("extent_rule", {})),
+                                view=view)
 
     @classmethod
     def load(cls, path: Path | str | None = None) -> "ModelBundle":
@@ -222,7 +235,13 @@ class ModelBundle:
             table = ReferenceTable.from_csv(root / manifest["tscore_table"]["file"], name=manifest["tscore_table"]["name"])
         except (OSError, ValueError) as exc:
             raise BundleError(f"manifest tscore_table.file: {exc}") from exc
-        return cls(path=root, manifest=manifest, landmark_net=landmark_net.eval(), bmd=Ensemble(members).eval(), table=table)
+        view_net = None
+        if "view" in manifest:
+            view_net = ViewNet(width=int(manifest["view"]["width"]))
+            _load_state(view_net, root / manifest["view"]["weights"], "view.weights")
+            view_net.eval()
+        return cls(path=root, manifest=manifest, landmark_net=landmark_net.eval(), bmd=Ensemble(members).eval(), table=table,
+                   view_net=view_net)
 
 
 def read_manifest(path: Path | str | None = None) -> tuple[Path, dict]:
@@ -244,11 +263,17 @@ def read_manifest(path: Path | str | None = None) -> tuple[Path, dict]:
 
 
 #: Manifest keys that change results or report text (the rest documents the bundle).
-IDENTITY_KEYS = ("name", "version", "demo", "demo_statement", "landmarks", "rois", "input_normalisation", "bmd", "outputs", "tscore_table")
+IDENTITY_KEYS = ("name", "version", "demo", "demo_statement", "landmarks", "view", "rois", "input_normalisation", "bmd", "outputs", "tscore_table")
+
+
+OPTIONAL_IDENTITY_KEYS = ("view",)
 
 
 def model_id_of(manifest: dict) -> str:
-    canonical = json.dumps({k: manifest.get(k) for k in IDENTITY_KEYS}, sort_keys=True, separators=(",", ":"))
+    # An optional key enters only when present, so adding one to the software keeps the ids
+    # of the bundles written before it.
+    keys = [k for k in IDENTITY_KEYS if k not in OPTIONAL_IDENTITY_KEYS or k in manifest]
+    canonical = json.dumps({k: manifest.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
     return f"{manifest['name']}@{manifest['version']}+{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
 
 
@@ -303,9 +328,17 @@ def _check_manifest(manifest: dict, root: Path) -> None:
     table = root / str(manifest["tscore_table"]["file"])
     if not _inside(root, table) or not table.is_file() or sha256_file(table) != manifest["tscore_table"]["sha256"]:
         raise BundleError(f"manifest tscore_table.sha256 does not match {table.name} (or the file is missing): the table was changed")
+    if "view" in manifest:
+        for key in ("view.weights", "view.sha256", "view.width", "view.input_size", "view.kinds"):
+            _require(manifest, key)
+        try:
+            check_view_kinds(manifest["view"]["kinds"])
+        except ValueError as exc:
+            raise BundleError(f"manifest view.kinds: {exc}") from exc
     checks = [("landmarks", manifest["landmarks"])] + [(f"bmd.models[{i}]", m) for i, m in enumerate(models)]
+    checks += [("view", manifest["view"])] if "view" in manifest else []
     for key, spec in checks:
-        if not isinstance(spec, dict) or "config" not in spec and key != "landmarks":
+        if not isinstance(spec, dict) or "config" not in spec and key not in ("landmarks", "view"):
             raise BundleError(f"manifest {key} must be an object with weights, sha256 and config")
         weights = root / str(spec.get("weights", ""))
         if not _inside(root, weights):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ import torchvision
 from torch import nn
 
 from screener.pipeline.geometry import OrientedBox, Pyramid, letterbox_box, sample_box
+
+if TYPE_CHECKING:  # view.py builds on this module's input helpers
+    from screener.pipeline.view import ViewClassifier, ViewScores
 
 __all__ = [
     "LANDMARK_SCHEME",
@@ -151,6 +154,8 @@ class Landmarks:
     #: Median confidence the detector gives the same input turned by 180 degrees (NaN: not
     #: measured). A frontal film scores several times lower turned; an upside-down one higher.
     turned_confidence: float = float("nan")
+    #: The view classifier's scores for the whole film (None: the bundle has no classifier).
+    view: ViewScores | None = None
 
     def __post_init__(self) -> None:
         if self.points.shape != (NUM_LANDMARKS, 2):
@@ -334,13 +339,15 @@ class LandmarkDetector:
     ``views`` > 1 runs the net on that many slightly scaled and shifted boxes (:data:`VIEWS`)
     and takes the per-coordinate median; the confidence is always the plain view's, so the
     gate's calibrated threshold keeps its meaning. ``check_turned`` also scores each input
-    turned by 180 degrees (one more view) for the gate's upside-down check.
+    turned by 180 degrees (one more view) for the gate's upside-down check. A ``view``
+    classifier, when given, scores each whole film for the gate (:attr:`Landmarks.view`).
     """
 
     def __init__(self, net: LandmarkNet, input_size: int, device: torch.device | str = "cpu", *, views: int = 1,
                  check_turned: bool = True, spine_rule: Mapping[str, float] = SPINE_FROM_RULE,
-                 extent_rule: Mapping[str, float] = EXTENT_RULE) -> None:
+                 extent_rule: Mapping[str, float] = EXTENT_RULE, view: ViewClassifier | None = None) -> None:
         self.device = torch.device(device)
+        self.view = view
         self.net = net.to(self.device).eval()
         self.input_size = int(input_size)
         self.views = check_views(views)
@@ -386,4 +393,6 @@ class LandmarkDetector:
         median = np.median(points, axis=1)
         extent = median[:, NUM_LANDMARKS:] if self.extent_points else None
         combined = apply_spine_rule(median[:, :NUM_LANDMARKS], self.spine_rule, extent, self.extent_rule)
-        return [Landmarks(points=p, confidence=c, turned_confidence=float(t)) for p, c, t in zip(combined, conf, turned)]
+        views = self.view.classify(images) if self.view is not None else [None] * len(images)
+        return [Landmarks(points=p, confidence=c, turned_confidence=float(t), view=s)
+                for p, c, t, s in zip(combined, conf, turned, views)]

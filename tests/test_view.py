@@ -1,0 +1,133 @@
+"""The gate's view classifier: its check and reasons, its place in the bundle, its training
+and cross-validation, and the shipped classifier on negatives made from a real CR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from screener.codes import ReasonCode
+from screener.pipeline.bundle import BundleError, ModelBundle, write_bundle
+from screener.pipeline.eligibility import EligibilityRules, check_film, check_view
+from screener.pipeline.landmarks import LandmarkNet, Landmarks
+from screener.pipeline.model import MultiRoiConfig, MultiRoiNet
+from screener.pipeline.tscore import ReferenceTable
+from screener.pipeline.view import VIEW_KINDS, ViewClassifier, ViewNet, ViewScores, check_view_kinds
+from tests.support.common import rg1_file, synthetic_contours, synthetic_film
+from training.jsrt import landmarks_from_contours
+
+
+def _scores(**p: float) -> ViewScores:
+    rest = 1.0 - sum(p.values())
+    probs = [p.get(k, rest / (len(VIEW_KINDS) - len(p))) for k in VIEW_KINDS]
+    return ViewScores(tuple(probs))
+
+
+def _landmarks(view: ViewScores | None, confidence: float = 0.6) -> Landmarks:
+    pts = landmarks_from_contours(synthetic_contours())
+    return Landmarks(points=pts, confidence=np.full(16, confidence), view=view)
+
+
+def test_the_view_check_refuses_by_the_likeliest_kind_and_names_it() -> None:
+    assert check_view(_landmarks(None)).eligible  # a bundle without a classifier: no check
+    assert check_view(_landmarks(_scores(frontal=0.9))).eligible
+    mirrored = check_view(_landmarks(_scores(frontal=0.2, mirrored=0.7)))
+    assert mirrored.code == ReasonCode.MIRRORED and "flipped left to right" in mirrored.reason and "0.20" in mirrored.reason
+    upper = check_view(_landmarks(_scores(frontal=0.1, upper_half=0.8)))
+    assert upper.code == ReasonCode.NOT_FRONTAL_CHEST and "upper half (0.80)" in upper.reason
+    assert check_view(_landmarks(_scores(frontal=0.2, mirrored=0.7)), EligibilityRules(min_view_frontal_probability=0.0)).eligible
+    with pytest.raises(ValueError, match="min_view_frontal_probability"):
+        EligibilityRules(min_view_frontal_probability=1.5)
+    with pytest.raises(ValueError, match="probabilities"):
+        ViewScores((0.5, 0.5))
+
+
+def test_the_view_check_comes_last_so_a_film_keeps_its_most_specific_reason() -> None:
+    film = synthetic_film(heart=True)
+    lm = _landmarks(_scores(frontal=0.05, mirrored=0.9))
+    assert check_film(film, lm).code == ReasonCode.MIRRORED  # every other check passed
+    low = _landmarks(_scores(frontal=0.05, mirrored=0.9), confidence=0.01)
+    assert check_film(film, low).code == ReasonCode.LOW_LANDMARK_CONFIDENCE
+
+
+def test_view_net_keeps_the_layout_and_any_input_size() -> None:
+    net = ViewNet(width=8).eval()
+    for size in (128, 96):
+        assert net(torch.zeros(2, 1, size, size)).shape == (2, len(VIEW_KINDS))
+    scores = ViewClassifier(net, 64).classify([np.random.default_rng(0).random((300, 200), dtype=np.float32)] * 2)
+    assert len(scores) == 2 and sum(scores[0].probabilities) == pytest.approx(1.0)
+    assert scores[0] == scores[1] and ViewClassifier(net).classify([]) == []
+    with pytest.raises(ValueError, match="in that order"):
+        check_view_kinds(list(reversed(VIEW_KINDS)))
+
+
+def _bundle(path: Path, view_net: ViewNet | None) -> Path:
+    torch.manual_seed(0)
+    return write_bundle(path, name="v", version="1", intended_use="t", demo=False, landmark_net=LandmarkNet(width=16),
+                        landmark_input_size=64, landmark_width=16,
+                        bmd_nets=[MultiRoiNet(MultiRoiConfig(backbone="resnet18", roi_size=32)).eval()],
+                        table=ReferenceTable.default(), training_data={}, validation={}, view_net=view_net, view_input_size=64)
+
+
+def test_a_bundle_carries_its_view_classifier_and_refuses_a_damaged_one(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    view = ViewNet(width=8).eval()
+    with_view = ModelBundle.load(_bundle(tmp_path / "v", view))
+    without = ModelBundle.load(_bundle(tmp_path / "n", None))
+    assert without.view_net is None and without.detector().view is None and "view" not in without.manifest
+    assert with_view.manifest["view"]["kinds"] == list(VIEW_KINDS) and with_view.manifest["view"]["input_size"] == 64
+    assert with_view.model_id != without.model_id  # the classifier decides which films get numbers
+    film = synthetic_film(heart=True)
+    got = with_view.detector().detect([film])[0].view
+    want = ViewClassifier(view, 64).classify([film])[0]
+    np.testing.assert_allclose(got.probabilities, want.probabilities, atol=2e-3)  # stored as float16
+    m = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    m["view"]["kinds"] = m["view"]["kinds"][::-1]
+    (tmp_path / "v" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="view.kinds"):
+        ModelBundle.load(tmp_path / "v")
+    _bundle(tmp_path / "v", view)
+    (tmp_path / "v" / "view.pt").write_bytes(b"0" * 100)
+    with pytest.raises(BundleError, match="view.sha256"):
+        ModelBundle.load(tmp_path / "v")
+
+
+def test_the_demo_bundle_keeps_its_model_id_unless_it_has_a_view_classifier() -> None:
+    from screener.pipeline.bundle import model_id_of
+
+    bundle = ModelBundle.load()
+    manifest = dict(bundle.manifest)
+    assert model_id_of(manifest) == bundle.model_id
+    manifest.pop("view", None)
+    assert model_id_of({**manifest, "view": {"weights": "view.pt"}}) != model_id_of(manifest)
+
+
+@pytest.fixture(scope="module")
+def demo_detector():
+    return ModelBundle.load().detector()
+
+
+@pytest.fixture(scope="module")
+def rg1() -> np.ndarray:
+    from screener.pipeline.decode import decode_file
+
+    return decode_file(rg1_file()).pixels
+
+
+def test_the_shipped_view_classifier_accepts_the_real_cr_and_refuses_it_mirrored_or_cut(demo_detector, rg1) -> None:
+    """The demo bundle's classifier on a film from a vendor it was never trained on."""
+    from training.landmarks import make_negative
+
+    assert demo_detector.view is not None, "the demo bundle ships a view classifier"
+    assert demo_detector.detect([rg1])[0].view.frontal >= EligibilityRules().min_view_frontal_probability
+    # the checks before it switched off: the classifier's evidence alone refuses them
+    off = EligibilityRules(min_heart_side_contrast=-1.0, min_thorax_aspect=0.01, min_roi_landmark_confidence=0.0,
+                           min_landmark_confidence=0.0, max_turned_confidence_ratio=100.0)
+    for kind, code in (("mirrored", ReasonCode.MIRRORED), ("upper_half", ReasonCode.NOT_FRONTAL_CHEST)):
+        probe = make_negative(rg1, kind, np.random.default_rng(0))
+        decision = check_view(demo_detector.detect([probe])[0], off)
+        assert decision.code == code, (kind, decision)
