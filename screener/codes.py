@@ -37,7 +37,7 @@ class ReasonCode(StrEnum):
     AGE_MISSING = "age-missing"
     AGE_BELOW_MINIMUM = "age-below-minimum"
 
-    # -- landmark and image eligibility (check_landmarks, check_image)
+    # -- landmark and image eligibility (check_landmarks, check_image, check_view)
     LANDMARKS_NOT_FINITE = "landmarks-not-finite"
     LOW_LANDMARK_CONFIDENCE = "low-landmark-confidence"
     UPSIDE_DOWN = "upside-down"

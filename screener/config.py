@@ -123,6 +123,7 @@ class EligibilitySettings:
     min_roi_inside: float = _RULES.min_roi_inside
     inverted_margin: float = _RULES.inverted_margin
     min_heart_side_contrast: float = _RULES.min_heart_side_contrast
+    min_heart_side_contrast_with_view: float = _RULES.min_heart_side_contrast_with_view
     min_mediastinum_contrast: float = _RULES.min_mediastinum_contrast
     min_view_frontal_probability: float = _RULES.min_view_frontal_probability
 

@@ -152,6 +152,7 @@ def test_the_shipped_gate_accepts_the_real_cr_and_measures_its_turned_score(dete
         ("mirrored", {"heart-on-image-left"}),
         ("lateral_like", {"no-mediastinum", "low-landmark-confidence", "inverted", "roi-landmarks-unsure"}),
         ("lower_half", {"low-landmark-confidence", "thorax-aspect", "roi-landmarks-unsure", "upside-down"}),
+        ("upper_half", {"thorax-aspect", "not-frontal-chest", "roi-landmarks-unsure", "low-landmark-confidence"}),
     ],
 )
 def test_the_shipped_gate_refuses_negatives_made_from_the_real_cr(detector, rg1, kind: str, codes: set[str]) -> None:

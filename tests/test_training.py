@@ -307,6 +307,8 @@ def test_view_cv_trains_on_the_landmark_folds_and_calibrate_pairs_them(tiny_jsrt
     assert all(r["view_frontal"] is not None for r in calib["rows"])
     with pytest.raises(ValueError, match="goes with"):
         calibrate_confidence(tmp_path / "lcv" / "fold0" / "last.pt", tmp_path / "cal", [], view_cv_dir=tmp_path / "vcv")
+    with pytest.raises(ValueError, match="mirrored_share"):  # complete folds of other settings are not reused
+        cross_validate_view(ViewTrainConfig(**{**view_cfg.__dict__, "mirrored_share": 0.5}), folds=2)
     cross_validate_view(ViewTrainConfig(**{**view_cfg.__dict__, "out_dir": str(tmp_path / "v3")}), folds=3)
     with pytest.raises(ValueError, match="landmark cv's folds"):
         calibrate_confidence(None, tmp_path / "cal", [], jsrt_root=str(root), non_chest_files=[],

@@ -96,14 +96,36 @@ def test_a_bundle_carries_its_view_classifier_and_refuses_a_damaged_one(tmp_path
         ModelBundle.load(tmp_path / "v")
 
 
-def test_the_demo_bundle_keeps_its_model_id_unless_it_has_a_view_classifier() -> None:
-    from screener.pipeline.bundle import model_id_of
+def test_a_bundle_without_a_view_classifier_keeps_the_model_id_it_had_before_the_key_existed() -> None:
+    """The id formula before the view key: a hash over the same keys, none of them "view"."""
+    import hashlib
 
-    bundle = ModelBundle.load()
-    manifest = dict(bundle.manifest)
-    assert model_id_of(manifest) == bundle.model_id
-    manifest.pop("view", None)
+    from screener.pipeline.bundle import IDENTITY_KEYS, model_id_of
+
+    manifest = {k: v for k, v in ModelBundle.load().manifest.items() if k != "view"}
+    before = json.dumps({k: manifest.get(k) for k in IDENTITY_KEYS if k != "view"}, sort_keys=True, separators=(",", ":"))
+    assert model_id_of(manifest) == f"{manifest['name']}@{manifest['version']}+{hashlib.sha256(before.encode()).hexdigest()[:12]}"
     assert model_id_of({**manifest, "view": {"weights": "view.pt"}}) != model_id_of(manifest)
+
+
+@pytest.mark.parametrize("key, value", [("width", 0), ("width", "16"), ("input_size", 16), ("input_size", True)])
+def test_a_bundle_with_an_unusable_view_size_is_refused_naming_the_key(tmp_path: Path, key: str, value: object) -> None:
+    path = _bundle(tmp_path / "v", ViewNet(width=8))
+    m = json.loads((path / "manifest.json").read_text())
+    m["view"][key] = value
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=f"view.{key}"):
+        ModelBundle.load(path)
+
+
+def test_the_heart_side_check_is_more_lenient_only_with_a_classifier_behind_it() -> None:
+    film = synthetic_film(heart=True)
+    strict = EligibilityRules(min_heart_side_contrast=0.99, min_heart_side_contrast_with_view=-1.0)
+    assert check_film(film, _landmarks(None), strict).code == ReasonCode.HEART_ON_IMAGE_LEFT
+    assert check_film(film, _landmarks(_scores(frontal=0.9)), strict).eligible
+    assert EligibilityRules().min_heart_side_contrast >= 0.0 > EligibilityRules().min_heart_side_contrast_with_view
+    nan = check_view(_landmarks(ViewScores(tuple([float("nan")] * len(VIEW_KINDS)))))
+    assert nan.code == ReasonCode.NOT_FRONTAL_CHEST and "finite" in nan.reason
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +146,13 @@ def test_the_shipped_view_classifier_accepts_the_real_cr_and_refuses_it_mirrored
 
     assert demo_detector.view is not None, "the demo bundle ships a view classifier"
     assert demo_detector.detect([rg1])[0].view.frontal >= EligibilityRules().min_view_frontal_probability
-    # the checks before it switched off: the classifier's evidence alone refuses them
-    off = EligibilityRules(min_heart_side_contrast=-1.0, min_thorax_aspect=0.01, min_roi_landmark_confidence=0.0,
-                           min_landmark_confidence=0.0, max_turned_confidence_ratio=100.0)
+    # the checks before it switched off: the whole gate refuses them on the classifier's evidence alone
+    off = EligibilityRules(min_heart_side_contrast_with_view=-1.0, min_thorax_aspect=0.01, min_roi_landmark_confidence=0.0,
+                           min_landmark_confidence=0.0, max_turned_confidence_ratio=100.0, min_mediastinum_contrast=-1.0,
+                           min_roi_inside=0.0)
     for kind, code in (("mirrored", ReasonCode.MIRRORED), ("upper_half", ReasonCode.NOT_FRONTAL_CHEST)):
         probe = make_negative(rg1, kind, np.random.default_rng(0))
-        decision = check_view(demo_detector.detect([probe])[0], off)
+        decision = check_film(probe, demo_detector.detect([probe])[0], off)
         assert decision.code == code, (kind, decision)
+    # and the detector without it, as BMD training crops ROIs with
+    assert ModelBundle.load().detector(with_view=False).detect([rg1])[0].view is None

@@ -146,7 +146,7 @@ def _load_detector(source: str) -> LandmarkDetector:
 
     p = Path(source) if source else None
     if p is None or p.is_dir():
-        return ModelBundle.load(p).detector()
+        return ModelBundle.load(p).detector(with_view=False)  # crops need only the points
     net, cfg = load_landmark_checkpoint(p)
     return LandmarkDetector(net, cfg.input_size, check_turned=False)  # crops never need the turned score
 

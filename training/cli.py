@@ -76,6 +76,9 @@ def _landmarks_calibrate(a: argparse.Namespace) -> int:
     if bool(a.checkpoint) == bool(a.cv_dir):
         print("calibrate: give exactly one of --checkpoint (a detector) and --cv-dir (a `landmarks cv` run)", file=sys.stderr)
         return 2
+    if a.view and a.cv_dir:
+        print("calibrate: --view goes with --checkpoint; with --cv-dir give the view folds as --view-cv-dir", file=sys.stderr)
+        return 2
     if a.view_cv_dir and not a.cv_dir:
         print("calibrate: --view-cv-dir goes with --cv-dir (fold k's classifier with fold k's detector); use --view with --checkpoint",
               file=sys.stderr)
@@ -171,6 +174,9 @@ def _export(a: argparse.Namespace) -> int:
     else:
         table = source.table if source is not None else ReferenceTable.default()
     validation = {}
+    if (a.view_cv_metrics or a.gate_calibration) and not a.view:
+        print("export: --view-cv-metrics and --gate-calibration describe a view classifier: give it with --view", file=sys.stderr)
+        return 2
     view_net = view_size = None
     if a.view:
         from training.view import load_view_checkpoint

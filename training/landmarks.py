@@ -606,7 +606,7 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
         if not first.is_file():
             raise FileNotFoundError(f"{first} is missing (run `screener-train landmarks cv` first)")
         folds = load_landmark_checkpoint(first, jsrt_root)[1].folds
-        settings = None
+        settings = view_settings = None
         for k in range(folds):  # every fold complete and of one recipe, or the table would mix detectors
             fold_dir = Path(cv_dir) / f"fold{k}"
             if not (fold_dir / "last.pt").is_file():
@@ -626,6 +626,10 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
                 view_net, view_cfg = load_view_checkpoint(view_dir / "last.pt")
                 if (view_cfg.folds, view_cfg.fold) != (folds, k) or not view_fold_complete(view_dir, view_cfg.epochs):
                     raise ValueError(f"{view_dir} is not a complete fold {k} of {folds}: the view cv must use the landmark cv's folds")
+                mine_view = {**asdict(view_cfg), "fold": 0, "out_dir": None, "threads": 0}
+                if view_settings is not None and mine_view != view_settings:
+                    raise ValueError(f"fold {k} in {view_cv_dir} was trained with other settings than fold 0: not one recipe")
+                view_settings = mine_view
                 classifier = ViewClassifier(view_net, view_cfg.input_size)
             groups.append((LandmarkDetector(net, cfg.input_size, view=classifier), _split(cfg)[1]))
     else:
@@ -696,7 +700,8 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
     for k, v in {"frontal": pos, **neg}.items():
         print(f"{k:<14}{v.size:>5}{v.min():>8.3f}{np.percentile(v, 5):>8.3f}{np.median(v):>8.3f}"
               f"{np.percentile(v, 95):>8.3f}{v.max():>8.3f}{100 * accepted[k]:>9.1f}%")
-    print(f"\nheart-side contrast (image right minus left beside the midline; the gate wants >= {rules.min_heart_side_contrast:g})")
+    print(f"\nheart-side contrast (image right minus left beside the midline; the gate wants >= {rules.min_heart_side_contrast:g}, "
+          f"or >= {rules.min_heart_side_contrast_with_view:g} with a view classifier)")
     print(f"{'input':<14}{'p05':>8}{'median':>8}{'p95':>8}")
     for k in ("frontal", "mirrored"):
         v = _heart_sides(rows, k)

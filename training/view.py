@@ -2,8 +2,11 @@
 
 Every training film gives, each epoch, itself (frontal) and one generated negative of a
 kind in :data:`VIEW_KINDS` (the gate calibration's generators, ``make_negative``), both
-through the landmark training's augmentation: a vendor-like intensity rendering first,
-then a random scale, rotation (within 12 degrees) and shift of the letterboxed input. A film
+through the landmark training's augmentation functions: a vendor-like intensity rendering
+first, then a random scale, rotation (within 12 degrees) and shift of the letterboxed input.
+The films are shrunk to 256 pixels first (``source_size``) for speed, so the rendering's
+blur and noise act at twice the scale they have in the landmark training; validation and
+the cross-validation score the full-size films, as the node sees them. A film
 flipped left to right is the hardest kind, so it is drawn more often than the others.
 
 Folds are the landmark cross-validation's (``training.jsrt.fold_ids``), so that
@@ -126,7 +129,8 @@ def train_view(config: ViewTrainConfig, resume: bool = False) -> dict:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, val = _split(config)
-    images = {c.case_id: _shrunk(load_grey_png(c.image_path), config.source_size) for c in train + val}
+    images = {c.case_id: _shrunk(load_grey_png(c.image_path), config.source_size) for c in train}
+    val_images = [load_grey_png(c.image_path) for c in val]  # full size, as the node and the cv see them
     weights = _kind_weights(config.mirrored_share)
     net = ViewNet(width=config.width)
     if config.amp:
@@ -164,7 +168,7 @@ def train_view(config: ViewTrainConfig, resume: bool = False) -> dict:
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         record: dict = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
         if val and (epoch + 1 == config.epochs or (epoch + 1) % 5 == 0):
-            probs = view_probabilities(ViewClassifier(net, config.input_size), [images[c.case_id] for c in val])
+            probs = view_probabilities(ViewClassifier(net, config.input_size), val_images)
             record["val_accepted_at_0.5"] = _acceptance(probs, 0.5)
         history.append(record)
         tqdm.write(json.dumps(record))
@@ -197,7 +201,11 @@ def cross_validate_view(config: ViewTrainConfig, folds: int = 5, resume: bool = 
     names: list[str] = []
     for k in range(folds):
         cfg = ViewTrainConfig(**{**asdict(config), "folds": folds, "fold": k, "out_dir": str(out / f"fold{k}")})
-        if not view_fold_complete(Path(cfg.out_dir), cfg.epochs):
+        if view_fold_complete(Path(cfg.out_dir), cfg.epochs):  # a fold of other settings is not this recipe's
+            saved = load_checkpoint(Path(cfg.out_dir) / "last.pt")["config"]
+            check_resumable({**saved, "jsrt_root": None, "out_dir": None, "threads": 0},
+                            {**asdict(cfg), "jsrt_root": None, "out_dir": None, "threads": 0})
+        else:
             train_view(cfg, resume=resume)
         net, _ = load_view_checkpoint(Path(cfg.out_dir) / "last.pt")
         val = _split(cfg)[1]

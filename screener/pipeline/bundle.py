@@ -39,7 +39,7 @@ from screener.pipeline.landmarks import (
     check_views,
 )
 from screener.pipeline.model import Ensemble, MultiRoiConfig, MultiRoiNet
-from screener.pipeline.view import VIEW_KINDS, ViewClassifier, ViewNet, check_view_kinds
+from screener.pipeline.view import VIEW_INPUT_SIZE, VIEW_KINDS, ViewClassifier, ViewNet, check_view_kinds
 from screener.pipeline.rois import ROI_NAMES, ROI_RECIPE
 from screener.pipeline.tscore import VERTEBRAE, ReferenceTable
 
@@ -95,7 +95,7 @@ def write_bundle(
     spine_from_rule: dict[str, float] | None = None,
     extent_rule: dict[str, float] | None = None,
     view_net: ViewNet | None = None,
-    view_input_size: int = 128,
+    view_input_size: int = VIEW_INPUT_SIZE,
 ) -> Path:
     """Write a complete bundle directory (overwriting files of the same name).
 
@@ -207,10 +207,12 @@ class ModelBundle:
     def landmark_input_size(self) -> int:
         return int(self.manifest["landmarks"]["input_size"])
 
-    def detector(self, device: torch.device | str = "cpu") -> LandmarkDetector:
+    def detector(self, device: torch.device | str = "cpu", *, with_view: bool = True) -> LandmarkDetector:
+        """The bundle's detector as the node runs it; ``with_view=False`` leaves out the view
+        classifier (for what needs only the points, such as cropping training ROIs)."""
         # A bundle written before these keys existed ran the network alone on one view.
         lm = self.manifest["landmarks"]
-        view = None if self.view_net is None else ViewClassifier(self.view_net, int(self.manifest["view"]["input_size"]), device)
+        view = None if self.view_net is None or not with_view else ViewClassifier(self.view_net, int(self.manifest["view"]["input_size"]), device)
         return LandmarkDetector(self.landmark_net, self.landmark_input_size, device, views=int(lm.get("views", 1)),
                                 spine_rule=dict(lm.get("spine_from_rule", {})), extent_rule=dict(lm.get("extent_rule", {})),
                                 view=view)
@@ -335,6 +337,10 @@ def _check_manifest(manifest: dict, root: Path) -> None:
             check_view_kinds(manifest["view"]["kinds"])
         except ValueError as exc:
             raise BundleError(f"manifest view.kinds: {exc}") from exc
+        for key, least in (("width", 1), ("input_size", 32)):  # below 32 px the five stages leave nothing
+            value = manifest["view"][key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise BundleError(f"manifest view.{key} must be a whole number >= {least}, got {value!r}")
     checks = [("landmarks", manifest["landmarks"])] + [(f"bmd.models[{i}]", m) for i, m in enumerate(models)]
     checks += [("view", manifest["view"])] if "view" in manifest else []
     for key, spec in checks:

@@ -389,10 +389,11 @@ class LandmarkDetector:
         """Detect landmarks on display-normalised grey images (values in [0, 1])."""
         if not images:
             return []
-        points, conf, turned = self.detect_views(images)
+        pyramids = [im if isinstance(im, Pyramid) else Pyramid(im) for im in images]  # one per film, for both nets
+        points, conf, turned = self.detect_views(pyramids)
         median = np.median(points, axis=1)
         extent = median[:, NUM_LANDMARKS:] if self.extent_points else None
         combined = apply_spine_rule(median[:, :NUM_LANDMARKS], self.spine_rule, extent, self.extent_rule)
-        views = self.view.classify(images) if self.view is not None else [None] * len(images)
+        views = self.view.classify(pyramids) if self.view is not None else [None] * len(images)
         return [Landmarks(points=p, confidence=c, turned_confidence=float(t), view=s)
                 for p, c, t, s in zip(combined, conf, turned, views)]
