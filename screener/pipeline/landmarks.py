@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -24,8 +24,12 @@ from torch import nn
 
 from screener.pipeline.geometry import OrientedBox, Pyramid, letterbox_box, sample_box
 
-if TYPE_CHECKING:  # view.py builds on this module's input helpers
-    from screener.pipeline.view import ViewClassifier, ViewScores
+
+class ViewScorer(Protocol):
+    """What the detector needs of a view classifier (screener.pipeline.view.ViewClassifier,
+    which builds on this module's input helpers, so it is not imported here)."""
+
+    def classify(self, images: Sequence[np.ndarray | Pyramid]) -> list[Any]: ...
 
 __all__ = [
     "LANDMARK_SCHEME",
@@ -155,7 +159,7 @@ class Landmarks:
     #: measured). A frontal film scores several times lower turned; an upside-down one higher.
     turned_confidence: float = float("nan")
     #: The view classifier's scores for the whole film (None: the bundle has no classifier).
-    view: ViewScores | None = None
+    view: Any = None  # a screener.pipeline.view.ViewScores
 
     def __post_init__(self) -> None:
         if self.points.shape != (NUM_LANDMARKS, 2):
@@ -345,7 +349,7 @@ class LandmarkDetector:
 
     def __init__(self, net: LandmarkNet, input_size: int, device: torch.device | str = "cpu", *, views: int = 1,
                  check_turned: bool = True, spine_rule: Mapping[str, float] = SPINE_FROM_RULE,
-                 extent_rule: Mapping[str, float] = EXTENT_RULE, view: ViewClassifier | None = None) -> None:
+                 extent_rule: Mapping[str, float] = EXTENT_RULE, view: ViewScorer | None = None) -> None:
         self.device = torch.device(device)
         self.view = view
         self.net = net.to(self.device).eval()
