@@ -17,7 +17,8 @@ from screener.pipeline.landmarks import LandmarkNet, Landmarks
 from screener.pipeline.model import MultiRoiConfig, MultiRoiNet
 from screener.pipeline.tscore import ReferenceTable
 from screener.pipeline.view import VIEW_KINDS, ViewClassifier, ViewNet, ViewScores, check_view_kinds
-from tests.support.common import rg1_file, synthetic_contours, synthetic_film
+from tests.support.common import synthetic_contours, synthetic_film
+from tests.test_gate import detector, rg1  # noqa: F401  (the gate tests' fixtures: the demo detector, the decoded RG1)
 from training.jsrt import landmarks_from_contours
 
 
@@ -128,31 +129,19 @@ def test_the_heart_side_check_is_more_lenient_only_with_a_classifier_behind_it()
     assert nan.code == ReasonCode.NOT_FRONTAL_CHEST and "finite" in nan.reason
 
 
-@pytest.fixture(scope="module")
-def demo_detector():
-    return ModelBundle.load().detector()
-
-
-@pytest.fixture(scope="module")
-def rg1() -> np.ndarray:
-    from screener.pipeline.decode import decode_file
-
-    return decode_file(rg1_file()).pixels
-
-
-def test_the_shipped_view_classifier_accepts_the_real_cr_and_refuses_it_mirrored_or_cut(demo_detector, rg1) -> None:
+def test_the_shipped_view_classifier_accepts_the_real_cr_and_refuses_it_mirrored_or_cut(detector, rg1) -> None:
     """The demo bundle's classifier on a film from a vendor it was never trained on."""
     from training.landmarks import make_negative
 
-    assert demo_detector.view is not None, "the demo bundle ships a view classifier"
-    assert demo_detector.detect([rg1])[0].view.frontal >= EligibilityRules().min_view_frontal_probability
+    assert detector.view is not None, "the demo bundle ships a view classifier"
+    assert detector.detect([rg1])[0].view.frontal >= EligibilityRules().min_view_frontal_probability
     # the checks before it switched off: the whole gate refuses them on the classifier's evidence alone
     off = EligibilityRules(min_heart_side_contrast_with_view=-1.0, min_thorax_aspect=0.01, min_roi_landmark_confidence=0.0,
                            min_landmark_confidence=0.0, max_turned_confidence_ratio=100.0, min_mediastinum_contrast=-1.0,
                            min_roi_inside=0.0)
     for kind, code in (("mirrored", ReasonCode.MIRRORED), ("upper_half", ReasonCode.NOT_FRONTAL_CHEST)):
         probe = make_negative(rg1, kind, np.random.default_rng(0))
-        decision = check_film(probe, demo_detector.detect([probe])[0], off)
+        decision = check_film(probe, detector.detect([probe])[0], off)
         assert decision.code == code, (kind, decision)
     # and the detector without it, as BMD training crops ROIs with
     assert ModelBundle.load().detector(with_view=False).detect([rg1])[0].view is None

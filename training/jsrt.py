@@ -175,3 +175,13 @@ def fold_ids(ids: list[str], folds: int, fold: int, seed: int = 20240) -> tuple[
 
 
 assert len(LANDMARK_NAMES) == NUM_LANDMARKS
+
+
+def split_cases(root: Path | str | None, folds: int, fold: int, val_fraction: float) -> tuple[list[JsrtCase], list[JsrtCase]]:
+    """(training, validation) cases: fold ``fold`` of ``folds`` (:func:`fold_ids`) when
+    ``folds`` > 0, else the fixed split (:func:`split_ids`); what every trainer here uses."""
+    cases = load_jsrt(root)
+    ids = [c.case_id for c in cases]
+    train_ids, val_ids = fold_ids(ids, folds, fold) if folds else split_ids(ids, val_fraction)
+    by_id = {c.case_id: c for c in cases}
+    return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]

@@ -36,7 +36,7 @@ from screener.pipeline.landmarks import (
     soft_argmax,
 )
 from training.common import check_resumable, load_checkpoint, load_grey_png, save_checkpoint, seed_everything
-from training.jsrt import PIXEL_MM, JsrtCase, fold_ids, load_jsrt, split_ids
+from training.jsrt import PIXEL_MM, JsrtCase, split_cases
 
 __all__ = ["LandmarkTrainConfig", "train_landmarks", "evaluate_landmarks", "cross_validate_landmarks"]
 
@@ -161,16 +161,8 @@ def make_batch(
 
 
 def _split(config: LandmarkTrainConfig) -> tuple[list[JsrtCase], list[JsrtCase]]:
-    cases = load_jsrt(config.jsrt_root)
-    if config.folds:
-        train_ids, val_ids = fold_ids([c.case_id for c in cases], config.folds, config.fold)
-    else:
-        train_ids, val_ids = split_ids([c.case_id for c in cases], config.val_fraction)
-    by_id = {c.case_id: c for c in cases}
-    train = [by_id[i] for i in train_ids]
-    if config.limit:
-        train = train[: config.limit]
-    return train, [by_id[i] for i in val_ids]
+    train, val = split_cases(config.jsrt_root, config.folds, config.fold, config.val_fraction)
+    return (train[: config.limit] if config.limit else train), val
 
 
 def train_landmarks(config: LandmarkTrainConfig, resume: bool = False) -> dict:
@@ -557,6 +549,15 @@ def default_non_chest_files() -> list[Path]:
     return [Path(path)] if path else []
 
 
+def _one_recipe(settings: dict | None, cfg: object, k: int, cv_dir: str | Path) -> dict:
+    """Fold ``k``'s settings, refused unless they are fold 0's (``settings``) but for the fold
+    and where it ran: a calibration over folds of several recipes would describe none of them."""
+    mine = {**asdict(cfg), "fold": 0, "out_dir": None, "threads": 0}  # type: ignore[call-overload]
+    if settings is not None and mine != settings:
+        raise ValueError(f"fold {k} in {cv_dir} was trained with other settings than fold 0: not one recipe")
+    return mine
+
+
 def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dicom_files: list[Path],
                          jsrt_root: str | None = None, non_chest_files: list[Path] | None = None,
                          cv_dir: str | Path | None = None, view_cv_dir: str | Path | None = None,
@@ -614,10 +615,7 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
             net, cfg = load_landmark_checkpoint(fold_dir / "last.pt", jsrt_root)
             if not fold_complete(fold_dir, cfg.epochs):
                 raise ValueError(f"fold {k} in {cv_dir} stopped before its {cfg.epochs} epochs (resume `landmarks cv` first)")
-            mine = {**asdict(cfg), "fold": 0, "out_dir": None, "threads": 0}
-            if settings is not None and mine != settings:
-                raise ValueError(f"fold {k} in {cv_dir} was trained with other settings than fold 0: not one recipe")
-            settings = mine
+            settings = _one_recipe(settings, cfg, k, cv_dir)
             classifier = None
             if view_cv_dir is not None:
                 view_dir = Path(view_cv_dir) / f"fold{k}"
@@ -626,10 +624,7 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
                 view_net, view_cfg = load_view_checkpoint(view_dir / "last.pt")
                 if (view_cfg.folds, view_cfg.fold) != (folds, k) or not view_fold_complete(view_dir, view_cfg.epochs):
                     raise ValueError(f"{view_dir} is not a complete fold {k} of {folds}: the view cv must use the landmark cv's folds")
-                mine_view = {**asdict(view_cfg), "fold": 0, "out_dir": None, "threads": 0}
-                if view_settings is not None and mine_view != view_settings:
-                    raise ValueError(f"fold {k} in {view_cv_dir} was trained with other settings than fold 0: not one recipe")
-                view_settings = mine_view
+                view_settings = _one_recipe(view_settings, view_cfg, k, view_cv_dir)
                 classifier = ViewClassifier(view_net, view_cfg.input_size)
             groups.append((LandmarkDetector(net, cfg.input_size, view=classifier), _split(cfg)[1]))
     else:

@@ -31,7 +31,7 @@ from screener.pipeline.geometry import Pyramid
 from screener.pipeline.landmarks import landmark_input, normalise_crop
 from screener.pipeline.view import VIEW_INPUT_SIZE, VIEW_KINDS, ViewClassifier, ViewNet
 from training.common import check_resumable, load_checkpoint, load_grey_png, save_checkpoint, seed_everything
-from training.jsrt import JsrtCase, fold_ids, load_jsrt, split_ids
+from training.jsrt import JsrtCase, split_cases
 from training.landmarks import augment_intensity, cpu_has_fast_bf16, make_negative, random_box
 
 __all__ = ["ViewTrainConfig", "train_view", "cross_validate_view", "load_view_checkpoint", "view_probabilities"]
@@ -65,11 +65,7 @@ class ViewTrainConfig:
 
 
 def _split(config: ViewTrainConfig) -> tuple[list[JsrtCase], list[JsrtCase]]:
-    cases = load_jsrt(config.jsrt_root)
-    ids = [c.case_id for c in cases]
-    train_ids, val_ids = fold_ids(ids, config.folds, config.fold) if config.folds else split_ids(ids, config.val_fraction)
-    by_id = {c.case_id: c for c in cases}
-    return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+    return split_cases(config.jsrt_root, config.folds, config.fold, config.val_fraction)
 
 
 def _shrunk(img: np.ndarray, size: int) -> np.ndarray:
