@@ -62,13 +62,13 @@ def report_stage():
     return run
 
 
-def time_one(path: Path, bundle: ModelBundle, bmd_net: Ensemble, roi_size: int, report) -> dict[str, float]:
+def time_one(path: Path, bundle: ModelBundle, bmd_net: Ensemble, roi_size: int, report, detector) -> dict[str, float]:
+    device = detector.device  # on a GPU the results come back to the host inside each timed stage
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     ds = pydicom.dcmread(path)
     img = decode_dataset(ds)
     t["decode"] = time.perf_counter() - t0
-    detector = bundle.detector("cpu")
     t0 = time.perf_counter()
     pyr = Pyramid(img.pixels)
     lm = detector.detect([pyr])[0]
@@ -83,7 +83,8 @@ def time_one(path: Path, bundle: ModelBundle, bmd_net: Ensemble, roi_size: int, 
     t["rois"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with torch.inference_mode():
-        bmd = bmd_net(torch.from_numpy(normalise_crop(rois.crops[None])), ROI_NAMES)[0].double().numpy()
+        x = torch.from_numpy(normalise_crop(rois.crops[None])).to(device)
+        bmd = bmd_net(x, ROI_NAMES)[0].double().cpu().numpy()
     t["model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tscores = compute_tscores(bmd, img.patient_sex, bundle.table)
@@ -103,33 +104,36 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the networks run (fp32, as the detector always does)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     files = a.files or default_files()
     bundle = ModelBundle.load()
     vgg = MultiRoiNet(MultiRoiConfig(backbone="vgg16", roi_size=256)).eval()
+    detector = bundle.detector(a.device)
     configs = {
-        f"bundle ({bundle.manifest['bmd']['models'][0]['config']['backbone']}-{bundle.roi_size})": (bundle.bmd, bundle.roi_size),
-        "vgg16-256 (paper)": (Ensemble([vgg]).eval(), 256),
+        f"bundle ({bundle.manifest['bmd']['models'][0]['config']['backbone']}-{bundle.roi_size})": (bundle.bmd.to(a.device), bundle.roi_size),
+        "vgg16-256 (paper)": (Ensemble([vgg]).eval().to(a.device), 256),
     }
     report = report_stage()
     results = {}
     for label, (net, size) in configs.items():
         per_file = {}
         for f in files:
-            time_one(f, bundle, net, size, report)  # warm-up
-            runs = [time_one(f, bundle, net, size, report) for _ in range(a.repeats)]
+            time_one(f, bundle, net, size, report, detector)  # warm-up
+            runs = [time_one(f, bundle, net, size, report, detector) for _ in range(a.repeats)]
             per_file[f.name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         results[label] = per_file
         stages = list(next(iter(per_file.values())))
-        print(f"\n{label}: median seconds per image on {a.threads} CPU thread(s), {a.repeats} repeats")
+        where = f"networks on {a.device}, " if a.device != "cpu" else ""
+        print(f"\n{label}: median seconds per image, {where}{a.threads} CPU thread(s), {a.repeats} repeats")
         print(f"{'file':<16}" + "".join(f"{s:>10}" for s in stages))
         for name, row in per_file.items():
             print(f"{name:<16}" + "".join(f"{row[s]:>10.3f}" for s in stages))
         mean = {s: float(np.mean([row[s] for row in per_file.values()])) for s in stages}
         print(f"{'mean':<16}" + "".join(f"{mean[s]:>10.3f}" for s in stages))
     if a.json:
-        a.json.write_text(json.dumps({"threads": a.threads, "repeats": a.repeats, "results": results}, indent=2))
+        a.json.write_text(json.dumps({"threads": a.threads, "repeats": a.repeats, "device": a.device, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
