@@ -1,6 +1,7 @@
 """Per-image CPU time of each pipeline stage, for the bundled model and the paper's VGG16.
 
-    python bench/pipeline_timing.py [FILES...] [--repeats 3] [--threads 2] [--json out.json]
+    python bench/pipeline_timing.py [FILES...] [--repeats 3] [--threads 2] [--precisions auto fp32]
+                                    [--device cpu|cuda] [--json out.json]
 
 Default input: the pydicom-data Philips CR (RG1, 1955 x 1841) in its lossless and lossy
 transfer syntaxes. Stages: decode (read + pixel decode + LUTs), landmarks (detector forward +
@@ -27,6 +28,7 @@ import torch
 
 from screener.pipeline.bundle import ModelBundle
 from screener.pipeline.decode import decode_dataset
+from screener.pipeline.estimate import Inference, Precision
 from screener.pipeline.geometry import Pyramid
 from screener.pipeline.landmarks import normalise_crop
 from screener.pipeline.model import Ensemble, MultiRoiConfig, MultiRoiNet
@@ -62,7 +64,8 @@ def report_stage():
     return run
 
 
-def time_one(path: Path, bundle: ModelBundle, bmd_net: Ensemble, roi_size: int, report, detector) -> dict[str, float]:
+def time_one(path: Path, bundle: ModelBundle, bmd_net: Ensemble, roi_size: int, report, detector,
+             inference: Inference) -> dict[str, float]:
     device = detector.device  # on a GPU the results come back to the host inside each timed stage
     t: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -82,7 +85,7 @@ def time_one(path: Path, bundle: ModelBundle, bmd_net: Ensemble, roi_size: int, 
     rois = extract_rois(pyr, lm, roi_size)
     t["rois"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), inference.autocast(device):
         x = torch.from_numpy(normalise_crop(rois.crops[None])).to(device)
         bmd = bmd_net(x, ROI_NAMES)[0].double().cpu().numpy()
     t["model"] = time.perf_counter() - t0
@@ -104,24 +107,34 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the networks run (fp32, as the detector always does)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the networks run")
+    ap.add_argument("--precisions", nargs="+", default=["auto"], choices=[p.value for p in Precision],
+                    help="of the BMD network, each timed in turn in the same run (auto: what the node picks "
+                    "here); the landmark detector runs in fp32 as in the node")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     files = a.files or default_files()
     bundle = ModelBundle.load()
     vgg = MultiRoiNet(MultiRoiConfig(backbone="vgg16", roi_size=256)).eval()
     detector = bundle.detector(a.device)
-    configs = {
-        f"bundle ({bundle.manifest['bmd']['models'][0]['config']['backbone']}-{bundle.roi_size})": (bundle.bmd.to(a.device), bundle.roi_size),
-        "vgg16-256 (paper)": (Ensemble([vgg]).eval().to(a.device), 256),
-    }
+    device = torch.device(a.device)
+    # as the node runs them (Inference's default channels_last)
+    bmd_nets = {"bundle": bundle.bmd.to(device).to(memory_format=torch.channels_last),
+                "vgg": Ensemble([vgg]).eval().to(device).to(memory_format=torch.channels_last)}
+    configs = {}
+    for name in a.precisions:
+        precision = Precision(name)
+        tag = f"{name} = {precision.resolve(device).value}" if precision is Precision.AUTO else name
+        configs[f"bundle ({bundle.manifest['bmd']['models'][0]['config']['backbone']}-{bundle.roi_size}, {tag})"] = (
+            bmd_nets["bundle"], bundle.roi_size, Inference(precision=precision))
+        configs[f"vgg16-256 (paper, {tag})"] = (bmd_nets["vgg"], 256, Inference(precision=precision))
     report = report_stage()
     results = {}
-    for label, (net, size) in configs.items():
+    for label, (net, size, inference) in configs.items():
         per_file = {}
         for f in files:
-            time_one(f, bundle, net, size, report, detector)  # warm-up
-            runs = [time_one(f, bundle, net, size, report, detector) for _ in range(a.repeats)]
+            time_one(f, bundle, net, size, report, detector, inference)  # warm-up
+            runs = [time_one(f, bundle, net, size, report, detector, inference) for _ in range(a.repeats)]
             per_file[f.name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         results[label] = per_file
         stages = list(next(iter(per_file.values())))

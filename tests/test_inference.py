@@ -16,7 +16,8 @@ from pydicom.data import get_testdata_file
 from screener.config import PRECISIONS, ConfigError, ModelSettings, build_inference
 from screener.pipeline.bundle import ModelBundle
 from screener.pipeline.decode import decode_file
-from screener.pipeline.estimate import BF16_TOLERANCE_G_CM2, BmdEstimator, Inference, Precision
+from screener.pipeline import estimate
+from screener.pipeline.estimate import BF16_TOLERANCE_G_CM2, BmdEstimator, Inference, Precision, cpu_has_fast_bf16
 from screener.pipeline.geometry import Pyramid
 
 
@@ -50,9 +51,16 @@ def test_channels_last_is_a_layout_not_a_result(films) -> None:
                                atol=1e-5)
 
 
-def test_auto_precision_is_fp32_on_the_cpu() -> None:
-    assert Precision.AUTO.resolve(torch.device("cpu")) is Precision.FP32
-    assert Precision.BF16.resolve(torch.device("cpu")) is Precision.BF16
+def test_auto_precision_on_the_cpu_is_bf16_only_where_it_is_native(monkeypatch) -> None:
+    assert cpu_has_fast_bf16(frozenset({"fpu", "avx512f", "amx_bf16", "amx_tile"}))  # Sapphire Rapids
+    assert cpu_has_fast_bf16(frozenset({"fpu", "avx512f", "avx512_bf16"}))  # Zen 4, Cooper Lake
+    assert not cpu_has_fast_bf16(frozenset({"fpu", "avx2", "avx512f"}))  # emulated: slower than fp32
+    assert not cpu_has_fast_bf16(frozenset())  # flags unknown (not Linux)
+    for native, expected in ((True, Precision.BF16), (False, Precision.FP32)):
+        monkeypatch.setattr(estimate, "cpu_has_fast_bf16", lambda native=native: native)
+        assert Precision.AUTO.resolve(torch.device("cpu")) is expected
+    assert Precision.BF16.resolve(torch.device("cpu")) is Precision.BF16  # asked for: given
+    assert Precision.FP32.resolve(torch.device("cpu")) is Precision.FP32
 
 
 def test_config_precision_words_are_the_pipelines() -> None:

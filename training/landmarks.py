@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
+from screener.pipeline.estimate import cpu_has_fast_bf16
 from screener.pipeline.geometry import OrientedBox, Pyramid, letterbox_box
 from screener.pipeline.landmarks import (
     DERIVED_LANDMARKS,
@@ -71,15 +72,6 @@ class LandmarkTrainConfig:
 #: Settings added after the first release, with the value a checkpoint saved before them ran
 #: with (so such a run still resumes and reloads as it was trained).
 _LEGACY_DEFAULTS = {"amp": False, "folds": 0, "fold": 0, "extent_points": False}
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16; Linux /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def _saved_config(state: dict) -> dict:

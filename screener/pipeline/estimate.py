@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -22,7 +24,7 @@ from screener.pipeline.rois import RoiSet, extract_rois
 from screener.pipeline.tscore import TScoreResult, compute_tscores
 
 __all__ = ["AlgorithmInfo", "BmdEstimate", "BmdEstimator", "Inference", "Precision", "resolve_device",
-           "BF16_TOLERANCE_G_CM2"]
+           "BF16_TOLERANCE_G_CM2", "cpu_has_fast_bf16"]
 
 
 @dataclass(frozen=True)
@@ -68,15 +70,33 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: no flags known, so no claim of native bf16
+        return frozenset()
+
+
+def cpu_has_fast_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU computes bf16 natively: AMX (Intel Sapphire Rapids and later) or
+    AVX512-BF16 (Cooper Lake, AMD Zen 4), from Linux's /proc/cpuinfo. Elsewhere bf16 is
+    emulated and can be slower than fp32."""
+    flags = _cpu_flags() if flags is None else flags
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 class Precision(enum.StrEnum):
     """Number format of the BMD network's forward pass.
 
     fp32 is the reference. bf16 and fp16 run the network under torch.autocast, which keeps
     the ops that lose too much in half precision (sums, norms, softmax) in fp32; on a GPU
-    with tensor cores that is several times the fp32 rate, on most CPUs no faster. auto:
-    bf16 on a CUDA GPU that has it, fp16 on an older one, fp32 on the CPU. The landmark
-    detector always runs in fp32: its soft-argmax turns small heat-map errors into
-    millimetres, and it is a small share of the work.
+    with tensor cores that is several times the fp32 rate, and on a CPU with AMX too (the
+    paper's VGG16 4x on the development machine: bench/pipeline_timing.py --precision). auto:
+    bf16 on a CUDA GPU that has it, fp16 on an older one; on the CPU bf16 where it is native
+    (:func:`cpu_has_fast_bf16`), else fp32. The landmark detector always runs in fp32: its
+    soft-argmax turns small heat-map errors into millimetres, and it is a small share of the
+    work.
     """
 
     FP32 = "fp32"
@@ -88,7 +108,7 @@ class Precision(enum.StrEnum):
         if self is not Precision.AUTO:
             return self
         if device.type != "cuda":
-            return Precision.FP32
+            return Precision.BF16 if cpu_has_fast_bf16() else Precision.FP32
         # bf16 in hardware from compute capability 8 (Ampere); torch's is_bf16_supported() also
         # says yes where it is only emulated, and asks about the current device, not this one.
         return Precision.BF16 if torch.cuda.get_device_capability(device)[0] >= 8 else Precision.FP16

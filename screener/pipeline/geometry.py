@@ -107,7 +107,7 @@ class Pyramid:
         if factor not in self._levels:
             img = self._levels[1]
             h, w = img.shape
-            padded = np.pad(img, ((0, -h % factor), (0, -w % factor)), mode="edge")
+            padded = np.pad(img, ((0, -h % factor), (0, -w % factor)), mode="edge") if h % factor or w % factor else img
             hp, wp = padded.shape
             reduced = padded.reshape(hp // factor, factor, wp // factor, factor).mean(axis=(1, 3))
             self._levels[factor] = reduced.astype(np.float32)
