@@ -73,7 +73,9 @@ def _film(pixels: np.ndarray, max_side: int) -> tuple[Image.Image, float]:
     """The displayed radiograph as RGB, reduced to ``max_side``; returns it and the scale."""
     h, w = pixels.shape
     scale = min(1.0, max_side / max(h, w))
-    img = Image.fromarray(np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8))
+    grey = np.clip(pixels, 0.0, 1.0)  # round(clip(p) * 255) in one temporary: full-size passes add up
+    grey *= 255
+    img = Image.fromarray(np.round(grey, out=grey).astype(np.uint8))
     if scale < 1.0:
         img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
     return img.convert("RGB"), scale
