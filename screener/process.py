@@ -162,7 +162,9 @@ class Processor:
         GIL), so at most two batches of decoded images are held at once."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         batches = [files[start : start + self.batch_size] for start in range(0, len(files), self.batch_size)]
-        with ThreadPoolExecutor(max_workers=max(1, self.decode_workers)) as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, self.decode_workers))
+        pending = []
+        try:
             pending = [pool.submit(self._read, f) for f in batches[0]] if batches else []
             for index in range(len(batches)):
                 items = [future.result() for future in pending]
@@ -170,6 +172,12 @@ class Processor:
                     item.t0 = time.perf_counter() - item.seconds.get("decode", 0.0)
                 pending = [pool.submit(self._read, f) for f in batches[index + 1]] if index + 1 < len(batches) else []
                 yield from self._finish_batch(items)
+        finally:
+            # Closed early (Ctrl-C, an error, a caller that stops reading): the next batch's
+            # reads that have not started are dropped instead of decoded for nobody.
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # -- stages ---------------------------------------------------------------------------------
 

@@ -243,3 +243,39 @@ def test_the_next_batch_is_decoded_while_this_one_is_estimated(tmp_path: Path) -
     order = [(kind, name) for kind, name, _ in sorted(events, key=lambda e: e[2])]
     for before, after in zip(files, files[1:]):
         assert order.index(("read", after.name)) < order.index(("finished", before.name))
+
+
+def test_closing_the_outcomes_early_drops_the_reads_not_started(tmp_path: Path) -> None:
+    """A caller that stops (Ctrl-C in `screener process`) does not wait for the next batch to be
+    decoded for nobody: reads that had not started are cancelled."""
+    from screener.pipeline.bundle import ModelBundle
+    from screener.process import Processor
+
+    import threading
+
+    files = []
+    for i in range(8):
+        ds = pydicom.dcmread(rg1_file())
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.1234.6{i}"
+        ds.save_as(tmp_path / f"{i}.dcm")
+        files.append(tmp_path / f"{i}.dcm")
+    processor = Processor(ModelBundle.load(), tmp_path / "out", batch_size=4, decode_workers=1)
+    read = processor._read
+    started: list[str] = []
+
+    release = threading.Event()
+
+    def held_read(path):  # batch 2's first read holds the one decode thread until released
+        started.append(path.name)
+        if len(started) == 5:
+            release.wait(10)
+        return read(path)
+
+    processor._read = held_read  # type: ignore[method-assign]
+    outcomes = processor.run(files)
+    first = next(outcomes)  # batch 1 done; batch 2: one read running (held), three queued
+    threading.Timer(0.3, release.set).start()  # lets the running read end while close() waits
+    outcomes.close()
+    assert first.status.value == "reported"
+    assert started == [f.name for f in files[:5]]  # the three queued reads never ran
+    assert len(list((tmp_path / "out").glob("*.sr.dcm"))) <= 4
