@@ -19,9 +19,10 @@ agreement on real films (FILES, default the pydicom-data Philips CR): BMD under 
 pipeline  `Processor` (what `screener process` and each worker process run: decode threads,
           batched landmarks, gate, ROIs, BMD, all four report objects, written to disk) in N
           processes at once, each with its shard of the films, on the GPU and, for the same N,
-          on the CPU. Each process first warms up on one film (CUDA context, model load,
-          cuDNN's kernel choice) and waits; images/s is the timed films over the time from the
-          common go to the last result.
+          on the CPU. Each process first warms up on one batch of films (CUDA context, model
+          load, cuDNN's kernel choice) and waits; images/s is the timed films over the time from
+          the common go to the last result. Each row names the precision the node's default
+          (auto) runs on that device.
 
 --quick shrinks every part to a smoke test (used on machines without a GPU: --device cpu).
 """
@@ -29,6 +30,7 @@ pipeline  `Processor` (what `screener process` and each worker process run: deco
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -54,7 +56,11 @@ from screener.pipeline.rois import ROI_NAMES  # noqa: E402
 def default_files() -> list[Path]:
     from pydicom.data import get_testdata_file
 
-    return [Path(get_testdata_file(n)) for n in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")]
+    found = [get_testdata_file(n) for n in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")]
+    if None in found:
+        raise SystemExit("no films given and pydicom-data is not installed: name the films (FILES), "
+                         "an uncompressed and a JPEG 2000 one first")
+    return [Path(f) for f in found]
 
 
 def sync(device: torch.device) -> None:
@@ -118,8 +124,12 @@ def networks(bundle: ModelBundle, device: torch.device, quick: bool, peak: float
                      [1, 64, 256], False))
     precisions = [Precision.FP32, Precision.BF16, Precision.FP16]
     rows = []
+    fp32 = "fp32"
+    if device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        fp32 = "fp32 (tf32 conv)"  # PyTorch's default on a GPU: convolutions in TF32
     for label, module, shape, forward, batches, compilable in nets:
-        module = module.to(device).eval().to(memory_format=torch.channels_last)
+        # a copy: the bundle's own networks keep the layout the node gives them
+        module = copy.deepcopy(module).to(device).eval().to(memory_format=torch.channels_last)
         fwd = forward(module)
         flops = flops_per_image(fwd, torch.randn(1, *shape, device=device))
         if quick:
@@ -134,7 +144,8 @@ def networks(bundle: ModelBundle, device: torch.device, quick: bool, peak: float
                         fwd(x)
 
                 ms = time_ms(run, device, repeats=3 if quick else 20)
-                rows.append(_row(label, precision.value, batch, False, ms, flops, peak))
+                name = fp32 if precision is Precision.FP32 else precision.value
+                rows.append(_row(label, name, batch, False, ms, flops, peak))
                 print(_fmt(rows[-1]), flush=True)
         if compilable and time.monotonic() < deadline:
             batch = batches[-1]
@@ -154,7 +165,7 @@ def networks(bundle: ModelBundle, device: torch.device, quick: bool, peak: float
             ms = time_ms(crun, device, repeats=3 if quick else 20)
             rows.append(_row(label, "bf16", batch, True, ms, flops, peak) | {"compile_s": round(compile_s, 1)})
             print(_fmt(rows[-1]) + f"  (compiled in {compile_s:.0f} s)", flush=True)
-        module.cpu()
+        del module
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -235,22 +246,23 @@ def worker(args: argparse.Namespace) -> None:
     processor = Processor(ModelBundle.load(), args.out, device=args.device, batch_size=args.batch_size,
                           decode_workers=args.decode_threads)
     files = [Path(p) for p in args.files]
-    list(processor.run(files[:1]))  # CUDA context, cuDNN's kernel choice, lazy imports: not timed
+    warm = files[: args.batch_size]
+    list(processor.run(warm))  # CUDA context, cuDNN's kernel choice at the batch's shapes, lazy imports: not timed
     (args.times.parent / (args.times.name + ".ready")).touch()
     go = args.times.parent / "go"
     while not go.exists():
         time.sleep(0.01)
     times, statuses = [], []
-    for outcome in processor.run(files[1:]):
+    for outcome in processor.run(files[args.batch_size:]):
         times.append(time.time())
         statuses.append(str(outcome.status))
     args.times.write_text(json.dumps({"times": times, "statuses": statuses}))
 
 
 def pipeline(films: list[Path], device: str, processes: int, threads: int, batch_size: int, work: Path) -> dict:
-    """films[:processes] warm the processes up; the rest are timed from the go to the last result."""
-    warm, timed = films[:processes], films[processes:]
-    shards = [[warm[i], *timed[i::processes]] for i in range(processes)]
+    """A batch of films per process warms it up; the rest are timed from the go to the last result."""
+    warm, timed = films[: processes * batch_size], films[processes * batch_size:]
+    shards = [[*warm[i * batch_size:(i + 1) * batch_size], *timed[i::processes]] for i in range(processes)]
     run_dir = work / f"run-{len(list(work.glob('run-*')))}-{device}-{processes}"
     run_dir.mkdir()
     procs, time_files = [], []
@@ -274,7 +286,8 @@ def pipeline(films: list[Path], device: str, processes: int, threads: int, batch
     runs = [json.loads(tf.read_text()) for tf in time_files]
     t_end = max(r["times"][-1] for r in runs if r["times"])
     statuses = [s for r in runs for s in r["statuses"]]
-    return {"device": device, "processes": processes, "torch_threads": threads, "batch_size": batch_size,
+    precision = Precision.AUTO.resolve(torch.device(device)).value  # what the node's default runs there
+    return {"device": device, "precision": precision, "processes": processes, "torch_threads": threads, "batch_size": batch_size,
             "films": len(timed), "reported": statuses.count("reported"), "other": len(statuses) - statuses.count("reported"),
             "seconds": round(t_end - t_go, 2), "images_per_s": round(len(statuses) / (t_end - t_go), 2)}
 
@@ -286,9 +299,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the script")
     ap.add_argument("--parts", default="networks,agreement,pipeline")
-    ap.add_argument("--processes", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--processes", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--cpu-processes", type=int, nargs="*", default=[16], help="the same pipeline on the CPU, for these counts")
-    ap.add_argument("--films-per-process", type=int, default=16, help="timed films per process (plus one to warm up)")
+    ap.add_argument("--films-per-process", type=int, default=16, help="timed films per process (plus a batch to warm up)")
     ap.add_argument("--budget-s", type=float, default=150, help="networks part: no torch.compile after this many seconds")
     # one pipeline process (internal)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -303,10 +316,17 @@ def main() -> None:
         worker(a)
         return
     device = torch.device(a.device)
-    files = a.files or default_files()
     parts = set(a.parts.split(","))
+    files = a.files or (default_files() if parts & {"agreement", "pipeline"} else [])
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "cpu_count": os.cpu_count()}
+                    "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                    "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                    "matmul_precision": torch.get_float32_matmul_precision()}
+
+    def save() -> None:  # after every part: a run cut short keeps what it measured
+        if a.json:
+            a.json.write_text(json.dumps(result, indent=2))
+
     bundle = ModelBundle.load()
     if "networks" in parts:
         peak = matmul_peak_tflops(device, a.quick)
@@ -314,26 +334,35 @@ def main() -> None:
         print(f"\n{result['device']}: bf16 matrix product {peak:.0f} TFLOP/s (the ceiling below)\n", flush=True)
         print(f"{'network':<48}{'precision':>14}{'batch':>6}{'per batch':>14}{'images':>12}{'per image':>12}{'of peak':>10}")
         result["networks"] = networks(bundle, device, a.quick, peak, time.monotonic() + a.budget_s)
+        save()
     if "agreement" in parts:
         result["agreement"] = agreement(bundle, files, device)
         print("\nagreement on real films:", json.dumps(result["agreement"], indent=1), flush=True)
+        save()
     if "pipeline" in parts:
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             cores = os.cpu_count() or 1
             counts = [(a.device, n) for n in a.processes] + [("cpu", n) for n in a.cpu_processes]
-            films = make_films(files[:2], work / "films", max(n for _, n in counts) * (a.films_per_process + 1))
+            batch = 8
+            films = make_films(files[:2], work / "films", max(n for _, n in counts) * (a.films_per_process + batch))
+            result["pipeline"] = rows
             for dev, n in counts:
-                subset = films[: n * (a.films_per_process + 1)]
-                rows.append(pipeline(subset, dev, n, max(1, cores // n), 8, work))
+                subset = films[: n * (a.films_per_process + batch)]
+                try:
+                    rows.append(pipeline(subset, dev, n, max(1, cores // n), batch, work))
+                except Exception as exc:  # one configuration failing does not lose the others
+                    rows.append({"device": dev, "processes": n, "error": f"{type(exc).__name__}: {exc}"})
                 print(json.dumps(rows[-1]), flush=True)
-        result["pipeline"] = rows
+                save()
         print(f"\n{'device':<8}{'processes':>10}{'films':>7}{'reported':>10}{'seconds':>9}{'images/s':>10}")
         for r in rows:
-            print(f"{r['device']:<8}{r['processes']:>10}{r['films']:>7}{r['reported']:>10}{r['seconds']:>9}{r['images_per_s']:>10}")
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=2))
+            if "error" in r:
+                print(f"{r['device']:<8}{r['processes']:>10}  failed: {r['error']}")
+            else:
+                print(f"{r['device']:<8}{r['processes']:>10}{r['films']:>7}{r['reported']:>10}{r['seconds']:>9}{r['images_per_s']:>10}")
+    save()
 
 
 if __name__ == "__main__":

@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--device", default=None, help="cpu, cuda or auto (default: config model.device)")
     ps.add_argument("--batch-size", type=_positive_int, default=None, help="images per network batch (default: config model.batch_size)")
     ps.add_argument("--precision", choices=PRECISIONS, default=None,
-                    help="number format of the BMD network (default: config model.precision; auto: half precision on a GPU and on a CPU with native bf16, else fp32)")
+                    help="number format of the BMD network (default: config model.precision; auto: half precision on a GPU, fp32 on the CPU)")
     ps.add_argument("--workers", type=_positive_int, default=2, help="decode threads")
     ps.add_argument("--png", action="store_true", help="also save <uid>.gsps.png: the GSPS graphics drawn on the image")
     ps.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -67,7 +67,7 @@ class ModelSettings:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"model.precision = {self.precision!r}: use one of {', '.join(PRECISIONS)} "
-                              "(auto: bf16 or fp16 on a GPU; bf16 on a CPU with native bf16, else fp32)")
+                              "(auto: bf16 or fp16 on a GPU, fp32 on the CPU)")
         if not (self.device in ("cpu", "auto", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"model.device = {self.device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
         if not 1 <= self.batch_size <= 256:

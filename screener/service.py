@@ -144,6 +144,9 @@ class Service:
                  model_id=bundle.model_id, demo=bundle.demo, worker_processes=workers.processes,
                  torch_threads=workers.threads,
                  destinations=[d.name for d in destinations], data_dir=str(data))
+        hint = precision_hint(s.model.device, s.model.precision)
+        if hint:
+            log.info("hint", message=hint)
 
     def stop(self, timeout_s: float = 60.0) -> None:
         log.info("stopping")
@@ -179,3 +182,17 @@ class Service:
             pass
         self.stop()
         return 0
+
+
+def precision_hint(device: str, precision: str) -> str | None:
+    """What to tell an administrator whose CPU could run the BMD network in bf16 but is not
+    asked to (auto stays fp32 on the CPU so that the processor never changes the numbers)."""
+    import torch
+
+    from screener.pipeline.estimate import cpu_has_fast_bf16
+
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if not (on_cpu and precision == "auto" and cpu_has_fast_bf16()):
+        return None
+    return ('this CPU computes bf16 natively: [model] precision = "bf16" runs the BMD network several times '
+            "faster (the paper's VGG16 3.8x on an AMX CPU), within 0.01 g/cm2 of fp32 (tests/test_inference.py)")

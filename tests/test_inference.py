@@ -51,16 +51,26 @@ def test_channels_last_is_a_layout_not_a_result(films) -> None:
                                atol=1e-5)
 
 
-def test_auto_precision_on_the_cpu_is_bf16_only_where_it_is_native(monkeypatch) -> None:
+def test_native_bf16_is_read_from_the_cpu_flags_and_auto_stays_fp32_on_the_cpu(monkeypatch) -> None:
     assert cpu_has_fast_bf16(frozenset({"fpu", "avx512f", "amx_bf16", "amx_tile"}))  # Sapphire Rapids
     assert cpu_has_fast_bf16(frozenset({"fpu", "avx512f", "avx512_bf16"}))  # Zen 4, Cooper Lake
     assert not cpu_has_fast_bf16(frozenset({"fpu", "avx2", "avx512f"}))  # emulated: slower than fp32
     assert not cpu_has_fast_bf16(frozenset())  # flags unknown (not Linux)
-    for native, expected in ((True, Precision.BF16), (False, Precision.FP32)):
+    for native in (True, False):  # the processor does not change the numbers unless asked
         monkeypatch.setattr(estimate, "cpu_has_fast_bf16", lambda native=native: native)
-        assert Precision.AUTO.resolve(torch.device("cpu")) is expected
+        assert Precision.AUTO.resolve(torch.device("cpu")) is Precision.FP32
     assert Precision.BF16.resolve(torch.device("cpu")) is Precision.BF16  # asked for: given
-    assert Precision.FP32.resolve(torch.device("cpu")) is Precision.FP32
+
+
+def test_the_node_tells_an_administrator_whose_cpu_has_native_bf16(monkeypatch) -> None:
+    from screener.service import precision_hint
+
+    monkeypatch.setattr(estimate, "cpu_has_fast_bf16", lambda: True)
+    assert 'precision = "bf16"' in precision_hint("cpu", "auto")
+    assert precision_hint("cpu", "bf16") is None  # already asked for
+    assert precision_hint("cpu", "fp32") is None  # chosen on purpose
+    monkeypatch.setattr(estimate, "cpu_has_fast_bf16", lambda: False)
+    assert precision_hint("cpu", "auto") is None  # emulated bf16 would be slower
 
 
 def test_config_precision_words_are_the_pipelines() -> None:

@@ -245,13 +245,15 @@ def test_the_next_batch_is_decoded_while_this_one_is_estimated(tmp_path: Path) -
         assert order.index(("read", after.name)) < order.index(("finished", before.name))
 
 
-def test_closing_the_outcomes_early_drops_the_reads_not_started(tmp_path: Path) -> None:
+def test_closing_the_outcomes_early_drops_the_reads_not_started(tmp_path: Path, monkeypatch) -> None:
     """A caller that stops (Ctrl-C in `screener process`) does not wait for the next batch to be
     decoded for nobody: reads that had not started are cancelled."""
     from screener.pipeline.bundle import ModelBundle
     from screener.process import Processor
 
     import threading
+
+    from screener import process
 
     files = []
     for i in range(8):
@@ -268,14 +270,19 @@ def test_closing_the_outcomes_early_drops_the_reads_not_started(tmp_path: Path) 
     def held_read(path):  # batch 2's first read holds the one decode thread until released
         started.append(path.name)
         if len(started) == 5:
-            release.wait(10)
+            assert release.wait(120), "never released"
         return read(path)
 
+    class ReleasingPool(process.ThreadPoolExecutor):
+        def shutdown(self, *args, **kwargs):  # run() has cancelled the queued reads by now
+            release.set()
+            super().shutdown(*args, **kwargs)
+
+    monkeypatch.setattr(process, "ThreadPoolExecutor", ReleasingPool)
     processor._read = held_read  # type: ignore[method-assign]
     outcomes = processor.run(files)
     first = next(outcomes)  # batch 1 done; batch 2: one read running (held), three queued
-    threading.Timer(0.3, release.set).start()  # lets the running read end while close() waits
     outcomes.close()
     assert first.status.value == "reported"
     assert started == [f.name for f in files[:5]]  # the three queued reads never ran
-    assert len(list((tmp_path / "out").glob("*.sr.dcm"))) <= 4
+    assert len(list((tmp_path / "out").glob("*.sr.dcm"))) == 4  # batch 1's, and no other

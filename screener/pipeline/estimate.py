@@ -91,12 +91,14 @@ class Precision(enum.StrEnum):
 
     fp32 is the reference. bf16 and fp16 run the network under torch.autocast, which keeps
     the ops that lose too much in half precision (sums, norms, softmax) in fp32; on a GPU
-    with tensor cores that is several times the fp32 rate, and on a CPU with AMX too (the
-    paper's VGG16 4x on the development machine: bench/pipeline_timing.py --precision). auto:
-    bf16 on a CUDA GPU that has it, fp16 on an older one; on the CPU bf16 where it is native
-    (:func:`cpu_has_fast_bf16`), else fp32. The landmark detector always runs in fp32: its
-    soft-argmax turns small heat-map errors into millimetres, and it is a small share of the
-    work.
+    with tensor cores that is several times the fp32 rate, and on a CPU with native bf16
+    too (:func:`cpu_has_fast_bf16`; the paper's VGG16 3.8x on the development machine's AMX:
+    bench/pipeline_timing.py --precisions). auto: bf16 on a CUDA GPU that has it, fp16 on an
+    older one, fp32 on the CPU. Not bf16 on the CPU by itself: which processor a node runs on
+    would then change its numbers (by far less than the tolerance, but nothing in a result
+    says which ran); a site that wants the speed names bf16, and the node says so at start
+    where the CPU has it. The landmark detector always runs in fp32: its soft-argmax turns
+    small heat-map errors into millimetres, and it is a small share of the work.
     """
 
     FP32 = "fp32"
@@ -108,7 +110,7 @@ class Precision(enum.StrEnum):
         if self is not Precision.AUTO:
             return self
         if device.type != "cuda":
-            return Precision.BF16 if cpu_has_fast_bf16() else Precision.FP32
+            return Precision.FP32
         # bf16 in hardware from compute capability 8 (Ampere); torch's is_bf16_supported() also
         # says yes where it is only emulated, and asks about the current device, not this one.
         return Precision.BF16 if torch.cuda.get_device_capability(device)[0] >= 8 else Precision.FP16
