@@ -199,6 +199,14 @@ def agreement(bundle: ModelBundle, files: list[Path], device: torch.device) -> d
     gpu_lm = gpu.detect(pyramids)
     out["landmarks_max_diff_device_vs_cpu_px"] = float(max(  # source pixels (RG1: about 0.15 mm)
         np.linalg.norm(a.points - b.points, axis=1).max() for a, b in zip(gpu_lm, cpu_lm)))
+    # the detector runs in fp32 in the node; what bf16 would move (points, and the confidences
+    # the gate thresholds were calibrated on)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        half_lm = gpu.detect(pyramids)
+    out["landmarks_bf16_vs_fp32_max_px"] = float(max(
+        np.linalg.norm(a.points - b.points, axis=1).max() for a, b in zip(half_lm, gpu_lm)))
+    out["landmark_confidence_bf16_vs_fp32_max"] = float(max(
+        np.abs(a.confidence - b.confidence).max() for a, b in zip(half_lm, gpu_lm)))
     ref = np.array([e.bmd for e in gpu.estimate(pyramids, sexes, landmarks=cpu_lm)])
     out["bmd_fp32_device_vs_cpu_g_cm2"] = float(np.abs(ref - cpu_bmd).max())
     for precision in (Precision.BF16, Precision.FP16):
