@@ -239,6 +239,7 @@ def make_films(sources: list[Path], folder: Path, n: int) -> list[Path]:
     for i in range(n):
         ds = datasets[i % len(datasets)]
         ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.511.9.{os.getpid()}.{i}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         path = folder / f"film{i:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -4,7 +4,7 @@
 
 Runs forward + backward + AdamW step on random input (the time does not depend on the pixel
 values) for each mode in the same run, and prints the ratio. bf16 pays off on CPUs with
-native bf16 (AMX, AVX512-BF16; see training.landmarks.cpu_has_fast_bf16).
+native bf16 (AMX, AVX512-BF16; see screener.pipeline.estimate.cpu_has_fast_bf16).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import torch
 
 from screener.pipeline.landmarks import LandmarkNet
-from training.landmarks import cpu_has_fast_bf16
+from screener.pipeline.estimate import cpu_has_fast_bf16
 
 
 def step_seconds(amp: bool, size: int, batch: int, steps: int) -> float:

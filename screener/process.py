@@ -174,10 +174,11 @@ class Processor:
                 yield from self._finish_batch(items)
         finally:
             # Closed early (Ctrl-C, an error, a caller that stops reading): the next batch's
-            # reads that have not started are dropped instead of decoded for nobody.
+            # reads that have not started (all that is ever queued) are dropped instead of
+            # decoded for nobody; a read already running is waited for.
             for future in pending:
                 future.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True)
 
     # -- stages ---------------------------------------------------------------------------------
 

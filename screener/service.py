@@ -187,11 +187,9 @@ class Service:
 def precision_hint(device: str, precision: str) -> str | None:
     """What to tell an administrator whose CPU could run the BMD network in bf16 but is not
     asked to (auto stays fp32 on the CPU so that the processor never changes the numbers)."""
-    import torch
+    from screener.pipeline.estimate import cpu_has_fast_bf16, resolve_device
 
-    from screener.pipeline.estimate import cpu_has_fast_bf16
-
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    on_cpu = device in ("cpu", "auto") and resolve_device(device).type == "cpu"
     if not (on_cpu and precision == "auto" and cpu_has_fast_bf16()):
         return None
     return ('this CPU computes bf16 natively: [model] precision = "bf16" runs the BMD network several times '

@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
+from screener.pipeline.estimate import cpu_has_fast_bf16
 from screener.pipeline.geometry import Pyramid
 from screener.pipeline.landmarks import landmark_input, normalise_crop
 from screener.pipeline.view import VIEW_INPUT_SIZE, VIEW_KINDS, ViewClassifier, ViewNet
 from training.common import check_resumable, load_checkpoint, load_grey_png, save_checkpoint, seed_everything
 from training.jsrt import JsrtCase, split_cases
-from training.landmarks import augment_intensity, cpu_has_fast_bf16, make_negative, random_box
+from training.landmarks import augment_intensity, make_negative, random_box
 
 __all__ = ["ViewTrainConfig", "train_view", "cross_validate_view", "load_view_checkpoint", "view_probabilities"]
 
