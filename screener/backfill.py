@@ -233,7 +233,7 @@ class Backfill:
                         return
                     stop.wait(2.0)  # held by other associations or nodes, or waiting for a retry
                     continue
-                self._one_study(study.id, study.study_uid, owner, stop)
+                self._one_study(study.id, study.study_uid, owner, stop, earlier_attempts=study.attempts - 1)
             except MoveRefused as refused:  # the PACS will not send to us at all: stop the run
                 self.fatal.append(refused)
                 stop.set()
@@ -258,7 +258,8 @@ class Backfill:
     def _chest(self, series: SeriesHit) -> bool:
         return series.modality in self.plan.modalities and (not series.body_part or series.body_part in self.plan.body_parts)
 
-    def _one_study(self, study_id: int, study_uid: str, owner: str, stop: threading.Event) -> None:
+    def _one_study(self, study_id: int, study_uid: str, owner: str, stop: threading.Event, *,
+                   earlier_attempts: int = 0) -> None:
         peer = self.plan.peer
         retrieved = 0
         reason = ReasonCode.BACKFILL_QUERY_FAILED
@@ -269,12 +270,13 @@ class Backfill:
                              message="no CR/DX chest series")
                 return
             reason = ReasonCode.BACKFILL_MOVE_FAILED
-            already = 0
+            already = screened = 0
             for series in chest:
                 with self._sessions() as session:
                     have = screened_instances(session, series.series_uid, self.plan.model_id)
                 if series.instances is not None and have >= series.instances:
                     already += 1
+                    screened += have
                     continue
                 wait = self._throttle.delay(series.instances or 1)
                 # the lease must outlast the wait for its turn as well as the retrieval
@@ -290,7 +292,12 @@ class Backfill:
                 if not result.ok:
                     raise QueryError(f"C-MOVE of a series ended with status 0x{result.status:04X} "
                                      f"({result.completed} completed, {result.failed} failed)")
-            if already == len(chest):
+            if already == len(chest) and earlier_attempts:
+                # An earlier attempt of this run retrieved it and was stopped (a kill, a lost lease)
+                # before it could say so: the run's own work, not something screened before it.
+                self._finish(study_id, owner, BackfillState.DONE, images=screened,
+                             message=f"retrieved by an earlier attempt of this run; {screened} image(s) screened")
+            elif already == len(chest):
                 self._finish(study_id, owner, BackfillState.SKIPPED, reason=ReasonCode.BACKFILL_ALREADY_SCREENED,
                              message=f"every chest series already screened with {self.plan.model_id}")
             else:

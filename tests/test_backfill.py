@@ -6,6 +6,7 @@ runners sharing one backfill on PostgreSQL."""
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -118,6 +119,21 @@ def test_backfill_screens_the_archive_resumes_after_kill_9_and_does_nothing_twic
         assert node.query("select count(*) from events where kind in ('received', 'duplicate')") == before
         [(skipped,)] = node.query("select count(*) from backfill_studies where run_id = 2 and reason_code = 'already-screened'")
         assert skipped > 50 and "already-screened" in out, out
+        # A runner killed after its C-MOVE completed but before it recorded the outcome (the race
+        # the kill above may or may not hit): its study is claimed again, found screened, and is
+        # the run's own work (done), not something screened before the run (already-screened).
+        [(study_id, study_uid)] = node.query(
+            "select id, study_uid from backfill_studies where run_id = 1 and state = 'done' order by id limit 1")
+        with sqlite3.connect(node.data / "screener.db", timeout=30) as db:
+            db.execute("update backfill_studies set state = 'pending', attempts = 1 where id = ?", (study_id,))
+        _finish(run_backfill(node, "run", *RANGE, "--quiet"), 300)
+        assert node.query("select count(*) from events where kind in ('received', 'duplicate')") == before
+        assert sorted(node.query("select state, reason_code, count(*) from backfill_studies where run_id = 1 "
+                                 "group by 1, 2")) == [("done", None, 200), ("skipped", "out-of-age-band", 10)]
+        assert node.query(f"select attempts, images from backfill_studies where id = {study_id}") == [(2, 1)]
+        [(message,)] = node.query("select message from events where kind = 'backfill_study' "
+                                  f"and study_uid = '{study_uid}' order by id desc limit 1")
+        assert "earlier attempt of this run" in message, message
     finally:
         node.stop()
         orthanc.stop()
