@@ -97,7 +97,7 @@ def _cmd_bundle(a: argparse.Namespace) -> int:
         f"intended    {m['intended_use']}",
         f"demo        {'YES - ' + m['demo_statement'] if bundle.demo else 'no'}",
         f"landmarks   {m['landmarks']['scheme']} ({len(m['landmarks']['names'])} points), input {m['landmarks']['input_size']} px, "
-        f"{m['landmarks'].get('views', 1)} view(s)"
+        f"{m['landmarks'].get('views', 1)} view(s){' and each mirrored' if m['landmarks'].get('flip') else ''}"
         + ("" if "extent_points" not in m["landmarks"] else ", with the lungs' apex and base (extent rule "
            + ", ".join(f"{k} {v:g}" for k, v in m["landmarks"].get("extent_rule", {}).items()) + ")"),
         "view check  " + (f"classifier at {m['view']['input_size']} px over {len(m['view']['kinds'])} kinds (frontal, "

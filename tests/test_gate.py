@@ -227,6 +227,36 @@ def test_views_and_turned_check_are_options_of_the_detector(detector, rg1) -> No
         LandmarkDetector(detector.net, detector.input_size, extent_rule={"ribcage_rows": -1})
 
 
+def test_the_mirrored_view_maps_back_to_the_plain_one_with_each_point_its_twin(detector, rg1) -> None:
+    from screener.pipeline.landmarks import mirror_order
+
+    # Square, and a whole number of the pyramid's 7-pixel blocks wide (1792 / 256 = 7): the
+    # detector's input from its mirror image is then exactly the mirror of its own input.
+    side = 7 * detector.input_size
+    film = np.ascontiguousarray(rg1[:side, :side])
+    flip = LandmarkDetector(detector.net, detector.input_size, views=2, flip=True)
+    points, conf, turned = flip.detect_views([film])
+    n_points = points.shape[2]
+    assert points.shape == (1, 4, n_points, 2) and np.all(np.isfinite(turned))  # 2 plain views, then the same 2 mirrored
+    plain = LandmarkDetector(detector.net, detector.input_size, views=2).detect_views([film])
+    np.testing.assert_allclose(points[:, :2], plain[0], atol=0.05)  # the plain views are untouched
+    np.testing.assert_allclose(conf, plain[1], atol=1e-4)  # and the confidence is theirs
+    # The mirrored view of the film is the plain view of its mirror image, mapped back: each
+    # point mirrored in x (column w - 1 - x) and taken as its left/right twin.
+    mirror = np.ascontiguousarray(film[:, ::-1])
+    of_mirror = LandmarkDetector(detector.net, detector.input_size, views=1).detect_views([mirror])[0][0, 0]
+    back = of_mirror[mirror_order(n_points)].copy()
+    back[:, 0] = (film.shape[1] - 1) - back[:, 0]
+    np.testing.assert_allclose(points[0, 2], back, atol=0.05)
+    assert not np.allclose(points[0, 0], points[0, 2], atol=0.5)  # a real second opinion, not a copy
+    # detect() applies the rules to the median over all four views
+    median = np.median(points[0], axis=0)
+    expected = apply_spine_rule(median[:16], flip.spine_rule, median[16:], flip.extent_rule)
+    np.testing.assert_allclose(flip.detect([film])[0].points, expected, atol=0.05)
+    with pytest.raises(ValueError, match="flip"):
+        LandmarkDetector(detector.net, detector.input_size, flip="yes")  # type: ignore[arg-type]
+
+
 def test_bundle_manifest_fixes_views_and_spine_rule_and_old_bundles_keep_theirs(tmp_path) -> None:
     import json
     import shutil
@@ -244,8 +274,12 @@ def test_bundle_manifest_fixes_views_and_spine_rule_and_old_bundles_keep_theirs(
 
     write()  # written before the keys existed: the network alone, one view, as it ran then
     old = ModelBundle.load(root).detector()
-    assert old.spine_rule == {} and old.views == 1
+    assert old.spine_rule == {} and old.views == 1 and old.flip is False
+    model_id = ModelBundle.load(root).model_id
+    write(flip=True)  # the mirrored views are part of the bundle's identity: they move every point
+    assert ModelBundle.load(root).detector().flip is True and ModelBundle.load(root).model_id != model_id
     for bad, message in (({"views": 0}, "landmarks.views"), ({"views": True}, "landmarks.views"),
+                         ({"flip": "yes"}, "landmarks.flip"),
                          ({"spine_from_rule": {"t12": 2}}, "landmarks.spine_from_rule"),
                          ({"spine_from_rule": ["t12"]}, "landmarks.spine_from_rule")):
         write(**bad)

@@ -190,9 +190,40 @@ def test_gate_negatives_are_what_they_say() -> None:
 
 
 @pytest.mark.slow
+def test_a_mirrored_training_input_carries_each_point_as_its_twin(tiny_jsrt: Path) -> None:
+    from dataclasses import replace
+
+    from screener.pipeline.landmarks import mirror_order
+    from training.jsrt import load_jsrt
+    from training.landmarks import LandmarkTrainConfig, make_batch, train_landmarks
+
+    case = load_jsrt(tiny_jsrt)[0]
+    image = np.random.default_rng(1).random((512, 512)).astype(np.float32)
+
+    def mirrored(points: np.ndarray) -> np.ndarray:
+        out = points[mirror_order(len(points))].copy()
+        out[:, 0] = 511 - out[:, 0]
+        return out
+
+    both = mirrored(np.concatenate([case.landmarks, case.extent]))  # the 16, then the lungs' apex and base
+    twin = replace(case, landmarks=both[:16], extent=both[16:])
+    flipped_rng, plain_rng = np.random.default_rng(7), np.random.default_rng(7)
+    plain_rng.random()  # the draw that decided to mirror
+    x, y = make_batch([case], {case.case_id: image}, 64, 4, flipped_rng, extent_points=True, mirror=1.0)
+    x2, y2 = make_batch([twin], {case.case_id: np.ascontiguousarray(image[:, ::-1])}, 64, 4, plain_rng, extent_points=True)
+    np.testing.assert_allclose(x.numpy(), x2.numpy())
+    np.testing.assert_allclose(y.numpy(), y2.numpy(), atol=1e-5)
+    # the twins: the patient's right clavicle's medial end is still on the image's left
+    assert y[0, 0, 0] < y[0, 3, 0]
+    with pytest.raises(ValueError, match="mirror"):
+        train_landmarks(LandmarkTrainConfig(jsrt_root=str(tiny_jsrt), mirror=1.5))
+
+
 def test_landmark_cross_validation_predicts_every_image_once_and_resumes(tiny_jsrt: Path, tmp_path: Path) -> None:
     from screener.pipeline.landmarks import LANDMARK_NAMES
-    from training.landmarks import CV_VARIANTS, LandmarkTrainConfig, cross_validate_landmarks
+    from screener.pipeline.landmarks import VIEWS
+    from training.jsrt import load_jsrt
+    from training.landmarks import CV_VARIANTS, FLIP_SUFFIX, LandmarkTrainConfig, cross_validate_landmarks
 
     cfg = LandmarkTrainConfig(jsrt_root=str(tiny_jsrt), out_dir=str(tmp_path / "cv"), input_size=64, width=16,
                               epochs=2, batch_size=4)
@@ -205,7 +236,11 @@ def test_landmark_cross_validation_predicts_every_image_once_and_resumes(tiny_js
     full = cross_validate_landmarks(cfg, folds=3)
     assert full["folds_done"] == [0, 1, 2] and full["n_images"] == 10
     assert (tmp_path / "cv" / "fold0" / "best.pt").stat().st_mtime_ns == stamp  # a complete fold is not retrained
-    assert set(full["variants"]) == {name for name, *_ in CV_VARIANTS}
+    assert set(full["variants"]) == ({name for name, *_ in CV_VARIANTS}
+                                     | {name + FLIP_SUFFIX for name, *_ in CV_VARIANTS[1:]})
+    saved = np.load(tmp_path / "cv" / "cv_predictions.npz")  # every view's raw points, plain then mirrored
+    assert saved["views"].shape == (10, 2 * len(VIEWS), 16, 2) and saved["truth"].shape == (10, 16, 2)
+    assert sorted(saved["ids"]) == sorted(c.case_id for c in load_jsrt(tiny_jsrt))
     for table in full["variants"].values():
         o = table["overall"]
         assert 0 < o["median"] <= o["p95"] and 0 <= o["within_10mm"] <= 1

@@ -32,7 +32,7 @@ def _landmarks_train(a: argparse.Namespace) -> int:
 
     cfg = LandmarkTrainConfig(jsrt_root=a.jsrt_root, out_dir=a.out, input_size=a.input_size, epochs=a.epochs,
                               batch_size=a.batch_size, lr=a.lr, seed=a.seed, limit=a.limit, threads=a.threads,
-                              extent_points=a.extent_points, **({} if a.amp is None else {"amp": a.amp}))
+                              extent_points=a.extent_points, mirror=a.mirror, **({} if a.amp is None else {"amp": a.amp}))
     result = train_landmarks(cfg, resume=a.resume)
     print(f"best validation mean radial error: {result['best_val_mre_mm']:.2f} mm -> {Path(a.out) / 'best.pt'}")
     return 0
@@ -43,7 +43,7 @@ def _landmarks_cv(a: argparse.Namespace) -> int:
 
     cfg = LandmarkTrainConfig(jsrt_root=a.jsrt_root, out_dir=a.out, input_size=a.input_size, epochs=a.epochs,
                               batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads,
-                              extent_points=a.extent_points, **({} if a.amp is None else {"amp": a.amp}))
+                              extent_points=a.extent_points, mirror=a.mirror, **({} if a.amp is None else {"amp": a.amp}))
     cross_validate_landmarks(cfg, folds=a.folds, max_folds=a.max_folds)
     print(f"wrote {Path(a.out) / 'cv_metrics.txt'}, cv_metrics.json and cv_errors.png")
     return 0
@@ -203,6 +203,7 @@ def _export(a: argparse.Namespace) -> int:
         landmark_net=lm_net, landmark_input_size=lm_cfg.input_size,
         landmark_width=lm_cfg.width, bmd_nets=bmd_nets, table=table,
         training_data=training_data, validation=validation, landmark_views=a.landmark_views,
+        landmark_flip=a.landmark_flip,
         view_net=view_net, **({"view_input_size": view_size} if view_size else {}),
     )
     bundle = ModelBundle.load(out)  # prove it loads before anyone ships it
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast + channels-last (default: on where the CPU has native bf16, AMX or AVX512-BF16)")
     t.add_argument("--extent-points", action="store_true",
                    help="also learn each lung's apex and base, which the label rule places the rib-cage rows and spine points by")
+    t.add_argument("--mirror", type=float, default=0.0, metavar="SHARE",
+                   help="mirror this share of training inputs left to right, each point relabelled as its twin (0..1)")
     t.set_defaults(func=_landmarks_train)
     v = lm.add_parser("cv", help="k-fold cross-validation of the training recipe on JSRT: per-landmark mean, median, p95 (resumable)",
                       description="Trains one detector per fold into OUT/fold<k> (a complete fold is skipped, an interrupted "
@@ -256,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast + channels-last (default: on where the CPU has native bf16, AMX or AVX512-BF16)")
     v.add_argument("--extent-points", action="store_true",
                    help="also learn each lung's apex and base, which the label rule places the rib-cage rows and spine points by")
+    v.add_argument("--mirror", type=float, default=0.0, metavar="SHARE",
+                   help="mirror this share of training inputs left to right, each point relabelled as its twin (0..1)")
     v.set_defaults(func=_landmarks_cv)
     h = lm.add_parser("sheet", help="a PNG sheet of the detector's points, ROIs and gate decision on DICOM files (to check other vendors by eye)")
     h.add_argument("files", nargs="+", help="DICOM files")
@@ -367,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--landmark-cv-metrics", default="", help="cv_metrics.json of `landmarks cv` to record")
     x.add_argument("--landmark-views", type=int, default=1,
                    help="test-time views the detector runs per image (1..15; more: a little more accurate, one pass each)")
+    x.add_argument("--landmark-flip", action="store_true",
+                   help="also run each view mirrored left to right (one more pass each; README, Landmark accuracy)")
     x.add_argument("--view", default="", help="the gate's view classifier (`screener-train view train`'s last.pt); none: no view check")
     x.add_argument("--view-cv-metrics", default="", help="cv_view.json of `screener-train view cv` to record")
     x.add_argument("--gate-calibration", default="", help="confidence_calibration.json of `landmarks calibrate` (its acceptance table is recorded)")

@@ -33,6 +33,7 @@ from screener.pipeline.landmarks import (
     LandmarkDetector,
     LandmarkNet,
     landmark_input,
+    mirror_order,
     normalise_crop,
     soft_argmax,
 )
@@ -67,11 +68,14 @@ class LandmarkTrainConfig:
     # also learn each lung's apex and base (EXTENT_POINTS), which the label rule hangs the
     # rib-cage rows and the spine points on
     extent_points: bool = False
+    # share of training inputs mirrored left to right, each point relabelled as its twin (so
+    # "right" stays the image's left, as on every frontal film): twice the views of each lung
+    mirror: float = 0.0
 
 
 #: Settings added after the first release, with the value a checkpoint saved before them ran
 #: with (so such a run still resumes and reloads as it was trained).
-_LEGACY_DEFAULTS = {"amp": False, "folds": 0, "fold": 0, "extent_points": False}
+_LEGACY_DEFAULTS = {"amp": False, "folds": 0, "fold": 0, "extent_points": False, "mirror": 0.0}
 
 
 def _saved_config(state: dict) -> dict:
@@ -134,18 +138,22 @@ def landmark_loss(logits: torch.Tensor, target_xy: torch.Tensor, sigma: float) -
 
 def make_batch(
     cases: list[JsrtCase], images: dict[str, np.ndarray], size: int, stride: int, rng: np.random.Generator | None,
-    extent_points: bool = False,
+    extent_points: bool = False, mirror: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for case in cases:
         img = images[case.case_id]
+        targets = np.concatenate([case.landmarks, case.extent]) if extent_points else case.landmarks
+        if rng is not None and mirror > 0 and rng.random() < mirror:
+            img = np.ascontiguousarray(img[:, ::-1])
+            targets = targets[mirror_order(len(targets))].copy()
+            targets[:, 0] = (img.shape[1] - 1) - targets[:, 0]
         if rng is not None:
             img = augment_intensity(img, rng)
             box = random_box(rng, *img.shape)
         else:
             box = None
         crop, box = landmark_input(Pyramid(img), size, box)
-        targets = np.concatenate([case.landmarks, case.extent]) if extent_points else case.landmarks
         crop_pts = box.source_to_crop(targets, size)
         xs.append(normalise_crop(crop))
         ys.append((crop_pts - (stride - 1) / 2.0) / stride)
@@ -159,6 +167,8 @@ def _split(config: LandmarkTrainConfig) -> tuple[list[JsrtCase], list[JsrtCase]]
 
 def train_landmarks(config: LandmarkTrainConfig, resume: bool = False) -> dict:
     """Train; checkpoints after every epoch to out_dir/last.pt, best on validation MRE to best.pt."""
+    if not 0.0 <= config.mirror <= 1.0:
+        raise ValueError(f"mirror = {config.mirror}: the share of mirrored training inputs must be within 0..1")
     if config.threads:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
@@ -195,7 +205,8 @@ def train_landmarks(config: LandmarkTrainConfig, resume: bool = False) -> dict:
         bar = tqdm(range(steps_per_epoch), desc=f"landmarks epoch {epoch + 1}/{config.epochs}", leave=False)
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y = make_batch([train[i] for i in idx], images, config.input_size, stride, rng, config.extent_points)
+            x, y = make_batch([train[i] for i in idx], images, config.input_size, stride, rng, config.extent_points,
+                              config.mirror)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.amp):
                 logits = net(x.contiguous(memory_format=torch.channels_last) if config.amp else x)
             loss = landmark_loss(logits.float(), y, config.heatmap_sigma)
@@ -281,6 +292,9 @@ CV_EXTENT_VARIANTS: tuple[tuple[str, int, dict[str, float], dict[str, float]], .
     ("+ spine and extent rule, 15 views", 15, SPINE_FROM_RULE, EXTENT_RULE),
 )
 
+#: Each variant again with every view also run mirrored (``LandmarkDetector(flip=True)``).
+FLIP_SUFFIX = ", + mirrored"
+
 RULE_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -324,7 +338,7 @@ def cross_validate_landmarks(config: LandmarkTrainConfig, folds: int = 5, resume
         # would flatter the figure; the one-cycle schedule ends annealed, so little is lost.
         net, _ = load_landmark_checkpoint(fold_dir / "last.pt", config.jsrt_root)
         _, val = _split(fold_cfg)
-        detector = LandmarkDetector(net, fold_cfg.input_size, views=views_all, check_turned=False)
+        detector = LandmarkDetector(net, fold_cfg.input_size, views=views_all, flip=True, check_turned=False)
         extent = detector.extent_points
         for i in range(0, len(val), 8):
             chunk = val[i : i + 8]
@@ -335,17 +349,25 @@ def cross_validate_landmarks(config: LandmarkTrainConfig, folds: int = 5, resume
         done.append(k)
     if not done:
         raise RuntimeError(f"no fold of {folds} is complete in {out}")
-    views = np.concatenate(pred_views)  # (N, V, P, 2): the 16, then the extent points if any
+    # (N, 2V, P, 2): the V plain views, then the same V mirrored; P = the 16, then the extent points if any
+    views = np.concatenate(pred_views)
     true = np.stack(truth)
+    # Every view's raw points, so that another rule can be scored without predicting again.
+    np.savez_compressed(out / "cv_predictions.npz", views=views, truth=true, ids=np.asarray(ids),
+                        view_boxes=np.asarray(VIEWS))
 
-    def errors(n_views: int, weights: dict[str, float], extent_rule: dict[str, float] | None = None) -> np.ndarray:
-        median = np.median(views[:, :n_views], axis=1)
+    def errors(n_views: int, weights: dict[str, float], extent_rule: dict[str, float] | None = None,
+               flip: bool = False) -> np.ndarray:
+        chosen = views[:, :n_views] if not flip else np.concatenate(
+            [views[:, :n_views], views[:, views_all : views_all + n_views]], axis=1)
+        median = np.median(chosen, axis=1)
         ext = median[:, NUM_LANDMARKS:] if extent else None
         pred = apply_spine_rule(median[:, :NUM_LANDMARKS], weights, ext, extent_rule)
         return np.linalg.norm(pred - true, axis=-1) * PIXEL_MM
 
     runs = CV_VARIANTS + (CV_EXTENT_VARIANTS if extent else ())
     variants = {name: error_table(errors(v, w, e)) for name, v, w, e in runs}
+    variants.update({name + FLIP_SUFFIX: error_table(errors(v, w, e, flip=True)) for name, v, w, e in runs[1:]})
     node_rule = EXTENT_RULE if extent else {}
     # How much of each derived point to take from the rule: the evidence for SPINE_FROM_RULE.
     rule_weights = {name: {f"{w:.2f}": float(errors(1, {name: w}, node_rule)[:, LANDMARK_NAMES.index(name)].mean())
@@ -363,10 +385,10 @@ def cross_validate_landmarks(config: LandmarkTrainConfig, folds: int = 5, resume
     lines = [f"{len(done)} of {folds} folds ({len(ids)} JSRT images, each predicted by a model that never saw it); "
              f"{config.epochs} epochs at {config.input_size} px{', with extent points' if extent else ''}; "
              f"errors in mm (0.7 mm per pixel)", "",
-             f"{'variant':<26}{'mean':>8}{'median':>8}{'p95':>8}{'<=10mm':>9}"]
+             f"{'variant':<48}{'mean':>8}{'median':>8}{'p95':>8}{'<=10mm':>9}"]
     for name, table in variants.items():
         o = table["overall"]
-        lines.append(f"{name:<26}{o['mean']:>8.2f}{o['median']:>8.2f}{o['p95']:>8.2f}{100 * o['within_10mm']:>8.1f}%")
+        lines.append(f"{name:<48}{o['mean']:>8.2f}{o['median']:>8.2f}{o['p95']:>8.2f}{100 * o['within_10mm']:>8.1f}%")
     lines += ["", f"per landmark, {node_variant} (what the node runs by default):",
               f"{'landmark':<26}{'mean':>8}{'median':>8}{'p95':>8}{'<=10mm':>9}"]
     for name, o in shipped["per_landmark"].items():

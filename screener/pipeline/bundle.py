@@ -92,6 +92,7 @@ def write_bundle(
     validation: dict[str, Any],
     demo_statement: str = "",
     landmark_views: int = 1,
+    landmark_flip: bool = False,
     spine_from_rule: dict[str, float] | None = None,
     extent_rule: dict[str, float] | None = None,
     view_net: ViewNet | None = None,
@@ -99,7 +100,7 @@ def write_bundle(
 ) -> Path:
     """Write a complete bundle directory (overwriting files of the same name).
 
-    ``landmark_views``, ``spine_from_rule`` (default :data:`SPINE_FROM_RULE`) and, for a
+    ``landmark_views``, ``landmark_flip`` (each view also run mirrored), ``spine_from_rule`` (default :data:`SPINE_FROM_RULE`) and, for a
     detector with extent points, ``extent_rule`` (default :data:`EXTENT_RULE`) fix how the
     detector's output becomes the 16 points; they are part of the bundle's identity because
     they change every result. ``view_net`` is the gate's view classifier (optional).
@@ -147,6 +148,7 @@ def write_bundle(
             "weights": "landmarks.pt",
             "sha256": sha256_file(out / "landmarks.pt"),
             "views": int(landmark_views),
+            **({"flip": True} if landmark_flip else {}),  # absent = off: older bundles' identity is unchanged
             "spine_from_rule": check_spine_rule(SPINE_FROM_RULE if spine_from_rule is None else spine_from_rule),
             **({"extent_points": list(EXTENT_POINTS),
                 "extent_rule": check_extent_rule(EXTENT_RULE if extent_rule is None else extent_rule)} if has_extent else {}),
@@ -214,6 +216,7 @@ class ModelBundle:
         lm = self.manifest["landmarks"]
         view = None if self.view_net is None or not with_view else ViewClassifier(self.view_net, int(self.manifest["view"]["input_size"]), device)
         return LandmarkDetector(self.landmark_net, self.landmark_input_size, device, views=int(lm.get("views", 1)),
+                                flip=lm.get("flip", False),
                                 spine_rule=dict(lm.get("spine_from_rule", {})), extent_rule=dict(lm.get("extent_rule", {})),
                                 view=view)
 
@@ -312,6 +315,8 @@ def _check_manifest(manifest: dict, root: Path) -> None:
         check_views(manifest["landmarks"].get("views", 1))
     except ValueError as exc:
         raise BundleError(f"manifest landmarks.views: {exc}") from exc
+    if not isinstance(manifest["landmarks"].get("flip", False), bool):
+        raise BundleError(f"manifest landmarks.flip must be true or false, got {manifest['landmarks']['flip']!r}")
     try:
         check_spine_rule(manifest["landmarks"].get("spine_from_rule", {}))
     except ValueError as exc:

@@ -53,6 +53,7 @@ __all__ = [
     "EXTENT_RULE",
     "check_extent_rule",
     "lung_rows",
+    "mirror_order",
 ]
 
 #: Name of this scheme, stored in every bundle manifest and checked on load.
@@ -98,6 +99,15 @@ SPINE_FROM_RULE: Mapping[str, float] = MappingProxyType({"cervical_spine": 0.5, 
 #: T12 on them, and unlike a rib-cage row (a share of the lung's height, nothing to see at
 #: the point) they are edges a heatmap can lock onto.
 EXTENT_POINTS: tuple[str, ...] = ("lung_right_apex", "lung_right_base", "lung_left_apex", "lung_left_base")
+
+def mirror_order(count: int) -> np.ndarray:
+    """Index order that relabels the first ``count`` output points (the 16, then the extent
+    points) of a left-right flipped input as the unflipped one's: each right point takes its
+    left twin's index and back; the midline points (cervical spine, T12) stay."""
+    names = (LANDMARK_NAMES + EXTENT_POINTS)[:count]
+    swapped = [n.replace("right", "\0").replace("left", "right").replace("\0", "left") for n in names]
+    return np.asarray([names.index(n) for n in swapped])
+
 
 #: How the extent points enter the 16 (detectors with them only): ``lung_extent`` is the share
 #: of each lung's apex and base row taken from its extent points rather than from the
@@ -346,20 +356,25 @@ class LandmarkDetector:
     """Runs a trained :class:`LandmarkNet` on whole images, batched, on CPU or GPU.
 
     ``views`` > 1 runs the net on that many slightly scaled and shifted boxes (:data:`VIEWS`)
-    and takes the per-coordinate median; the confidence is always the plain view's, so the
-    gate's calibrated threshold keeps its meaning. ``check_turned`` also scores each input
+    and takes the per-coordinate median; ``flip`` also runs each of them mirrored left to right
+    (the points mapped back and each right point taken as its left twin), one more pass per
+    view. The confidence is always the plain view's, so the gate's calibrated threshold keeps
+    its meaning. ``check_turned`` also scores each input
     turned by 180 degrees (one more view) for the gate's upside-down check. A ``view``
     classifier, when given, scores each whole film for the gate (:attr:`Landmarks.view`).
     """
 
     def __init__(self, net: LandmarkNet, input_size: int, device: torch.device | str = "cpu", *, views: int = 1,
-                 check_turned: bool = True, spine_rule: Mapping[str, float] = SPINE_FROM_RULE,
+                 flip: bool = False, check_turned: bool = True, spine_rule: Mapping[str, float] = SPINE_FROM_RULE,
                  extent_rule: Mapping[str, float] = EXTENT_RULE, view: ViewScorer | None = None) -> None:
         self.device = torch.device(device)
         self.view = view
         self.net = net.to(self.device).eval()
         self.input_size = int(input_size)
         self.views = check_views(views)
+        if not isinstance(flip, bool):
+            raise ValueError(f"landmark flip = {flip!r}: must be true or false")
+        self.flip = flip
         self.check_turned = bool(check_turned)
         self.spine_rule = check_spine_rule(spine_rule)
         self.extent_points = bool(getattr(net, "extent_points", False))
@@ -368,30 +383,44 @@ class LandmarkDetector:
     @torch.inference_mode()
     def detect_views(self, images: Sequence[np.ndarray | Pyramid]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw network output per view: points (N, V, P, 2) in source pixels (P = 16, then the
-        extent points if the net has them), the plain view's confidence (N, 16) and the turned
-        input's median confidence over the 16 (N,) (NaN unless checked)."""
+        extent points if the net has them; V = ``views``, then as many mirrored views when
+        ``flip``), the plain view's confidence (N, 16) and the turned input's median confidence
+        over the 16 (N,) (NaN unless checked)."""
         n, v, s = len(images), self.views, self.input_size
         if n == 0:
             p = NUM_LANDMARKS + (len(EXTENT_POINTS) if self.extent_points else 0)
-            return np.zeros((0, v, p, 2)), np.zeros((0, NUM_LANDMARKS)), np.zeros(0)
+            return np.zeros((0, v * (2 if self.flip else 1), p, 2)), np.zeros((0, NUM_LANDMARKS)), np.zeros(0)
         pyramids = [im if isinstance(im, Pyramid) else Pyramid(im) for im in images]
         boxes = [view_boxes(*p.base.shape, v) for p in pyramids]
         crops = [landmark_input(p, s, b)[0] for p, bs in zip(pyramids, boxes) for b in bs]
         x = torch.from_numpy(normalise_crop(np.stack(crops)))[:, None].to(self.device)
+        parts = [x]
+        if self.flip:  # every view mirrored left to right, after the plain ones
+            parts.append(torch.flip(x, dims=(-1,)))
         if self.check_turned:  # the plain views turned by 180 degrees, after all the others
-            x = torch.cat([x, torch.flip(x[::v], dims=(-2, -1))])
-        logits = self.net(x)
+            parts.append(torch.flip(x[::v], dims=(-2, -1)))
+        logits = self.net(torch.cat(parts) if len(parts) > 1 else x)
         xy, conf, _ = soft_argmax(logits)
         stride = s / logits.shape[-1]
         # heatmap pixel k covers input pixels [k*stride, (k+1)*stride): centre at k*stride + (stride-1)/2
         crop_xy = xy.cpu().double().numpy() * stride + (stride - 1) / 2.0
         conf_np = conf.cpu().double().numpy()[:, :NUM_LANDMARKS]
+        nv = n * v
+        per_view = [crop_xy[:nv].reshape(n, v, -1, 2)]
+        if self.flip:
+            # A mirrored crop's column c is the plain crop's s - 1 - c, and its "right" clavicle
+            # is the patient's left one: flip the points back, then swap the twins.
+            mirrored = crop_xy[nv : 2 * nv][:, mirror_order(crop_xy.shape[1])]
+            mirrored[..., 0] = (s - 1) - mirrored[..., 0]
+            per_view.append(mirrored.reshape(n, v, -1, 2))
+        crop_views = np.concatenate(per_view, axis=1)
         points = np.stack([
-            np.stack([box.crop_to_source(crop_xy[i * v + j], s) for j, box in enumerate(bs)])
+            np.stack([bs[j % v].crop_to_source(crop_views[i, j], s) for j in range(crop_views.shape[1])])
             for i, bs in enumerate(boxes)
         ])
-        plain_conf = conf_np[: n * v : v]
-        turned = np.median(conf_np[n * v :], axis=1) if self.check_turned else np.full(n, np.nan)
+        plain_conf = conf_np[:nv:v]
+        turned_at = nv * (2 if self.flip else 1)
+        turned = np.median(conf_np[turned_at:], axis=1) if self.check_turned else np.full(n, np.nan)
         return points, plain_conf, turned
 
     def detect(self, images: Sequence[np.ndarray | Pyramid]) -> list[Landmarks]:
