@@ -51,6 +51,7 @@ from screener.pipeline.estimate import BF16_TOLERANCE_G_CM2, BmdEstimator, Infer
 from screener.pipeline.geometry import Pyramid  # noqa: E402
 from screener.pipeline.model import Ensemble, MultiRoiConfig, MultiRoiNet  # noqa: E402
 from screener.pipeline.rois import ROI_NAMES  # noqa: E402
+from tests.support.films import renumbered_copies  # noqa: E402
 
 
 def default_files() -> list[Path]:
@@ -229,23 +230,6 @@ def agreement(bundle: ModelBundle, files: list[Path], device: torch.device) -> d
 
 # -- the pipeline in N processes -----------------------------------------------------------------
 
-def make_films(sources: list[Path], folder: Path, n: int) -> list[Path]:
-    """n films with their own SOP Instance UIDs, cycling through the sources' transfer syntaxes."""
-    import pydicom
-
-    folder.mkdir(parents=True, exist_ok=True)
-    datasets = [pydicom.dcmread(s) for s in sources]
-    paths = []
-    for i in range(n):
-        ds = datasets[i % len(datasets)]
-        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.511.9.{os.getpid()}.{i}"
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = folder / f"film{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
 def worker(args: argparse.Namespace) -> None:
     """One pipeline process: warms up on one film, says it is ready, waits for the go, then runs
     its shard and writes each outcome's finish time to --times."""
@@ -355,7 +339,8 @@ def main() -> None:
             cores = os.cpu_count() or 1
             counts = [(a.device, n) for n in a.processes] + [("cpu", n) for n in a.cpu_processes]
             batch = 8
-            films = make_films(files[:2], work / "films", max(n for _, n in counts) * (a.films_per_process + batch))
+            films = renumbered_copies(files[:2], work / "films", max(n for _, n in counts) * (a.films_per_process + batch),
+                                      f"1.2.826.0.1.3680043.10.511.9.{os.getpid()}")
             result["pipeline"] = rows
             for dev, n in counts:
                 subset = films[: n * (a.films_per_process + batch)]

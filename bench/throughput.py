@@ -22,26 +22,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.support.common import rg1_file, wait_for  # noqa: E402
 from tests.support.dcmtk import dcmtk_tool, storescp  # noqa: E402
+from tests.support.films import renumbered_copies  # noqa: E402
 from tests.support.serve import Node  # noqa: E402
-
-
-def films(folder: Path, n: int) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    sources = [pydicom.dcmread(rg1_file()), pydicom.dcmread(rg1_file("RG1_J2KR.dcm"))]
-    paths = []
-    for i in range(n):
-        ds = sources[i % 2]
-        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.511.{int(time.time())}.{i}"
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        paths.append(folder / f"film{i}.dcm")
-        ds.save_as(paths[-1])
-    return paths
 
 
 def _time(value: str) -> datetime:
@@ -50,7 +37,8 @@ def _time(value: str) -> datetime:
 
 def run(processes: int, images: int, work: Path) -> dict[str, float]:
     work.mkdir(parents=True)
-    paths = films(work / "films", images)
+    paths = renumbered_copies([rg1_file(), rg1_file("RG1_J2KR.dcm")], work / "films", images,
+                              f"1.2.826.0.1.3680043.10.511.{int(time.time())}")
     with storescp(work) as (port, _):
         node = Node(work, port)
         node.config.write_text(node.config.read_text().replace("workers = 1 ", f"workers = {processes} "))

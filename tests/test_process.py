@@ -12,6 +12,7 @@ import pytest
 
 from screener.cli import main
 from tests.support.common import SHARED, rg1_file
+from tests.support.films import renumbered_copies
 from tests.support.validators import dciodvfy, dsrdump, pixelmed_sr
 
 SYNTAXES = ("RG1_UNCR.dcm", "RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
@@ -208,17 +209,6 @@ def test_a_picture_that_cannot_be_made_leaves_the_result_and_is_not_queued(tmp_p
         Processor(ModelBundle.load(), tmp_path / "o", kinds=("sr", "video"))
 
 
-def _rg1_copies(folder: Path, n: int, uid_prefix: str) -> list[Path]:
-    """n copies of the Philips CR, each with its own SOP Instance UID (uid_prefix + index)."""
-    files = []
-    for i in range(n):
-        ds = pydicom.dcmread(rg1_file())
-        ds.SOPInstanceUID = f"{uid_prefix}{i}"
-        ds.save_as(folder / f"{i}.dcm")
-        files.append(folder / f"{i}.dcm")
-    return files
-
-
 def test_the_next_batch_is_decoded_while_this_one_is_estimated(tmp_path: Path) -> None:
     """Outcomes follow the input order, one per file, and the read of batch k+1 starts before
     batch k has left the networks and the report (the stages overlap)."""
@@ -227,7 +217,7 @@ def test_the_next_batch_is_decoded_while_this_one_is_estimated(tmp_path: Path) -
     from screener.pipeline.bundle import ModelBundle
     from screener.process import Processor
 
-    files = _rg1_copies(tmp_path, 3, "1.2.826.0.1.3680043.10.1234.5")
+    files = renumbered_copies([rg1_file()], tmp_path, 3, "1.2.826.0.1.3680043.10.1234.5")
     (tmp_path / "junk.dcm").write_text("not DICOM")
     files.insert(1, tmp_path / "junk.dcm")
     processor = Processor(ModelBundle.load(), tmp_path / "out", batch_size=1, decode_workers=1)
@@ -260,7 +250,7 @@ def test_closing_the_outcomes_early_drops_the_reads_not_started(tmp_path: Path, 
     from screener.pipeline.bundle import ModelBundle
     from screener.process import Processor
 
-    files = _rg1_copies(tmp_path, 8, "1.2.826.0.1.3680043.10.1234.6")
+    files = renumbered_copies([rg1_file()], tmp_path, 8, "1.2.826.0.1.3680043.10.1234.6")
     processor = Processor(ModelBundle.load(), tmp_path / "out", batch_size=4, decode_workers=1)
     read = processor._read
     started: list[str] = []

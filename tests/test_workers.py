@@ -11,14 +11,16 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pydicom
 import pytest
 
 from screener.store.models import Event
 from screener.workers import StageTail
 from tests.support.common import rg1_file, wait_for
 from tests.support.dcmtk import storescp
+from tests.support.films import renumbered_copies
 from tests.support.serve import Node
+
+UID_ROOT = "1.2.826.0.1.3680043.10.1234.9"  # the copies' SOP Instance UIDs: UID_ROOT.<i>
 
 
 def test_stage_tail_observes_each_finished_job_once(factory) -> None:
@@ -42,18 +44,6 @@ def test_stage_tail_observes_each_finished_job_once(factory) -> None:
     assert tail.run() == 0 and len(seen) == 2
 
 
-def _films(tmp_path: Path, n: int, first: int = 0) -> list[Path]:
-    """``n`` copies of the pydicom-data CR, each its own SOP instance (so each is its own job)."""
-    base = pydicom.dcmread(rg1_file())
-    paths = []
-    for i in range(first, first + n):
-        base.SOPInstanceUID = f"{base.SOPInstanceUID.rsplit('.', 1)[0]}.{9000 + i}"
-        base.file_meta.MediaStorageSOPInstanceUID = base.SOPInstanceUID
-        paths.append(tmp_path / f"film{i}.dcm")
-        base.save_as(paths[-1])
-    return paths
-
-
 def _children_named(pid: int, name: str) -> list[int]:
     """Child processes of ``pid`` whose command line mentions ``name`` (spawned ones carry
     multiprocessing's spawn_main; the workers are told apart by the pool's arguments)."""
@@ -71,7 +61,7 @@ def _children_named(pid: int, name: str) -> list[int]:
 
 @pytest.mark.dcmtk
 def test_two_worker_processes_share_the_queue_and_one_killed_is_replaced(tmp_path: Path) -> None:
-    films = _films(tmp_path, 6)
+    films = renumbered_copies([rg1_file()], tmp_path, 6, UID_ROOT)
     with storescp(tmp_path) as (port, _):
         node = Node(tmp_path, port)
         node.config.write_text(node.config.read_text().replace("workers = 1 ", "workers = 2 "))
@@ -96,7 +86,7 @@ def test_two_worker_processes_share_the_queue_and_one_killed_is_replaced(tmp_pat
                 (h := json.load(urllib.request.urlopen(f"http://127.0.0.1:{node.health_port}/health", timeout=10)))
                 ["worker_processes"]["running"] == 2 and victim not in _children_named(node.proc.pid, "spawn_main")
                 and h), 60, 0.5)
-            assert node.send(*_films(tmp_path, 2, first=6)).returncode == 0
+            assert node.send(*renumbered_copies([rg1_file()], tmp_path, 2, UID_ROOT, first=6)).returncode == 0
             wait_for("the new films screened", lambda: node.query(
                 "select count(*) from jobs where state = 'done'") == [(8,)], 240, 0.5)
             # the stage times of the worker processes' jobs reach the service's /metrics
