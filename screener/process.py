@@ -80,6 +80,7 @@ def _measurement(est: BmdEstimate | None) -> Measurement | None:
         landmark_confidence=tuple(est.landmarks.confidence.round(3).tolist()),
         roi_corners_xy={n: tuple(tuple(p) for p in c.round(2).tolist()) for n, c in zip(est.rois.names, est.rois.corners)},
         demo_statement=est.algorithm.demo_statement if est.demo else None,
+        precision=est.algorithm.precision,
     )
 
 

@@ -12,7 +12,9 @@ with the job's audit event, the audit queries and the administrators' SQL views 
      "sop_instance_uid": "<source>", "file": "<spool path>",
      "outputs": {"sr": {"path": ..., "sop_instance_uid": ...}, "gsps": ..., "image": ..., "pdf": ...},
      "seconds": {"decode": ..., "total": ...},
-     "result": null | {"model_id", "demo", "demo_statement", "bmd_g_cm2": {"L1".."L4", "L1-L4"},
+     "result": null | {"model_id", "demo", "demo_statement", "precision" (the BMD network's
+                       fp32 | bf16 | fp16; absent in results from before it was recorded),
+                       "bmd_g_cm2": {"L1".."L4", "L1-L4"},
                        "tscore": {...} | null, "who_category": str | null, "tscore_note",
                        "coordinates", "landmarks_xy", "landmark_confidence", "roi_corners_xy"}}
 
@@ -79,6 +81,7 @@ class Measurement:
     landmark_confidence: tuple[float, ...] = ()
     roi_corners_xy: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
     demo_statement: str | None = None
+    precision: str | None = None  # None: a result stored before the precision was recorded
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -91,6 +94,8 @@ class Measurement:
         }
         if self.demo_statement is not None:
             d["demo_statement"] = self.demo_statement
+        if self.precision is not None:
+            d["precision"] = self.precision
         return d
 
     @classmethod
@@ -105,6 +110,7 @@ class Measurement:
             landmark_confidence=tuple(d.get("landmark_confidence", ())),
             roi_corners_xy={k: tuple(tuple(p) for p in v) for k, v in d.get("roi_corners_xy", {}).items()},
             demo_statement=d.get("demo_statement"),
+            precision=d.get("precision"),
         )
 
 

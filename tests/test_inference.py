@@ -44,6 +44,9 @@ def test_half_precision_stays_within_the_stated_tolerance_of_fp32(films, precisi
     assert np.abs(half - reference).max() <= BF16_TOLERANCE_G_CM2
     # and autocast did run in half precision: the numbers are not bit-identical to fp32
     assert not np.array_equal(half, reference)
+    # and every result says so (the SR's Algorithm Parameters, the stored result document)
+    assert BmdEstimator(films[0], "cpu", Inference(precision=precision)).algorithm.precision == precision.value
+    assert BmdEstimator(films[0], "cpu", Inference(precision=Precision.AUTO)).algorithm.precision == "fp32"
 
 
 def test_channels_last_is_a_layout_not_a_result(films) -> None:

@@ -37,6 +37,16 @@ def processed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int
     return src, out, rc, results
 
 
+def _texts(ds) -> set[str]:
+    """Every TEXT value anywhere in an SR content tree."""
+    found = set()
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "TEXT":
+            found.add(str(item.TextValue))
+        found |= _texts(item)
+    return found
+
+
 def test_every_input_has_exactly_one_result(processed) -> None:
     src, _, rc, results = processed
     assert rc == 0
@@ -51,6 +61,9 @@ def test_radiographs_are_reported_with_sr_and_gsps(processed) -> None:
         assert r["result"]["demo"] is True and "NOT FOR CLINICAL USE" in r["result"]["demo_statement"]
         assert 0.3 < r["result"]["bmd_g_cm2"]["L1-L4"] < 1.6
         assert r["result"]["tscore"] is not None  # PatientSex F is in the files
+        assert r["result"]["precision"] == "fp32"  # auto on the CPU; recorded as it ran
+        sr = pydicom.dcmread(r["outputs"]["sr"]["path"])
+        assert "precision=fp32" in _texts(sr)  # in the SR's Algorithm Parameters too
         assert list(r["outputs"]) == ["sr", "gsps", "image", "pdf"]
         for output in r["outputs"].values():
             path = Path(output["path"])

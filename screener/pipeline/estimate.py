@@ -36,10 +36,14 @@ class AlgorithmInfo:
     model_id: str  # name@version+weights checksum: stable id of these exact weights
     demo: bool
     demo_statement: str  # empty unless demo
+    #: The BMD network's number format as it ran (a resolved Precision: never auto). bf16 and
+    #: fp16 stay within BF16_TOLERANCE_G_CM2 of fp32, but a result should say which it is.
+    precision: str = "fp32"
 
     @classmethod
-    def from_bundle(cls, bundle: ModelBundle) -> "AlgorithmInfo":
-        return cls(bundle.name, bundle.version, bundle.model_id, bundle.demo, bundle.manifest.get("demo_statement", ""))
+    def from_bundle(cls, bundle: ModelBundle, precision: "Precision | str" = "fp32") -> "AlgorithmInfo":
+        return cls(bundle.name, bundle.version, bundle.model_id, bundle.demo, bundle.manifest.get("demo_statement", ""),
+                   str(precision))
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,12 @@ class Precision(enum.StrEnum):
     with tensor cores that is several times the fp32 rate, and on a CPU with native bf16
     too (:func:`cpu_has_fast_bf16`; the paper's VGG16 3.8x on the development machine's AMX:
     bench/pipeline_timing.py --precisions). auto: bf16 on a CUDA GPU that has it, fp16 on an
-    older one, fp32 on the CPU. Not bf16 on the CPU by itself: which processor a node runs on
-    would then change its numbers (by far less than the tolerance, but nothing in a result
-    says which ran); a site that wants the speed names bf16, and the node says so at start
-    where the CPU has it. The landmark detector always runs in fp32: its soft-argmax turns
+    older one, fp32 on the CPU. Every result records the precision it ran at
+    (:attr:`AlgorithmInfo.precision`: the SR's Algorithm Parameters, ``result.precision`` in
+    the stored document). Not bf16 on the CPU by itself: which processor a node runs on would
+    then change its numbers (by far less than the tolerance), and the bundled model gains
+    nothing from it; a site that wants the speed for a large model names bf16, and the node
+    says so at start where the CPU has it. The landmark detector always runs in fp32: its soft-argmax turns
     small heat-map errors into millimetres, and it is a small share of the work.
     """
 
@@ -148,7 +154,8 @@ class BmdEstimator:
         if inference.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.bmd_net = torch.compile(net) if inference.compile else net
-        self.algorithm = AlgorithmInfo.from_bundle(bundle)
+        self.precision = inference.precision.resolve(self.device)
+        self.algorithm = AlgorithmInfo.from_bundle(bundle, self.precision)
 
     def detect(self, images: Sequence[np.ndarray | Pyramid]) -> list[Landmarks]:
         return self.detector.detect(images)

@@ -391,7 +391,7 @@ def _algorithm_id(algo: AlgorithmInfo) -> AlgorithmIdentification:
 
 
 def _algorithm_parameters(algo: AlgorithmInfo) -> list[str]:
-    return [f"model_id={algo.model_id}", f"demo={'true' if algo.demo else 'false'}"]
+    return [f"model_id={algo.model_id}", f"demo={'true' if algo.demo else 'false'}", f"precision={algo.precision}"]
 
 
 def _tracking(header: Dataset, algo: AlgorithmInfo, identifier: str) -> TrackingIdentifier:
