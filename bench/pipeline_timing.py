@@ -51,7 +51,7 @@ def report_stage():
     from screener.report.sr import build_sr
 
     def run(ds, pixels, landmarks, rois, bmd, tscores, bundle) -> dict[str, float]:
-        est = BmdEstimate(landmarks, rois, tuple(bmd), tscores, AlgorithmInfo.from_bundle(bundle))
+        est = BmdEstimate(landmarks, rois, tuple(bmd), tscores, AlgorithmInfo.from_bundle(bundle, "fp32"))  # the report's cost does not depend on it
         builders = {"sr": lambda: build_sr(ds, est), "gsps": lambda: build_gsps(ds, est),
                     "image": lambda: build_result_image(ds, est, pixels), "pdf": lambda: build_pdf(ds, est, pixels)}
         out = {}

@@ -233,7 +233,7 @@ class Backfill:
                         return
                     stop.wait(2.0)  # held by other associations or nodes, or waiting for a retry
                     continue
-                self._one_study(study.id, study.study_uid, owner, stop, earlier_attempts=study.attempts - 1)
+                self._one_study(study.id, study.study_uid, owner, stop, moved_before=study.moved_at is not None)
             except MoveRefused as refused:  # the PACS will not send to us at all: stop the run
                 self.fatal.append(refused)
                 stop.set()
@@ -259,7 +259,7 @@ class Backfill:
         return series.modality in self.plan.modalities and (not series.body_part or series.body_part in self.plan.body_parts)
 
     def _one_study(self, study_id: int, study_uid: str, owner: str, stop: threading.Event, *,
-                   earlier_attempts: int = 0) -> None:
+                   moved_before: bool = False) -> None:
         peer = self.plan.peer
         retrieved = 0
         reason = ReasonCode.BACKFILL_QUERY_FAILED
@@ -287,14 +287,18 @@ class Backfill:
                     # stopped while waiting its turn: pending again, as if never claimed
                     release_study(self._sessions, study_id, owner)
                     return
+                if not renew_study(self._sessions, study_id, owner, self.limits.lease_seconds, moving=True):
+                    log.warning("backfill_lease_lost", study_id=study_id, owner=owner)
+                    return
                 result = move_series(peer, self.plan.destination_ae, study_uid, series.series_uid)
                 retrieved += result.completed + result.warning
                 if not result.ok:
                     raise QueryError(f"C-MOVE of a series ended with status 0x{result.status:04X} "
                                      f"({result.completed} completed, {result.failed} failed)")
-            if already == len(chest) and earlier_attempts:
-                # An earlier attempt of this run retrieved it and was stopped (a kill, a lost lease)
-                # before it could say so: the run's own work, not something screened before it.
+            if already == len(chest) and moved_before:
+                # An earlier attempt of this run started retrieving it and was stopped (a kill, a
+                # lost lease) before it could say so: the run's own work, not something screened
+                # by other means (a study it never moved is already-screened, below).
                 self._finish(study_id, owner, BackfillState.DONE, images=screened,
                              message=f"retrieved by an earlier attempt of this run; {screened} image(s) screened")
             elif already == len(chest):

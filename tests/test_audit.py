@@ -236,7 +236,7 @@ def test_views_do_not_disturb_the_schema_comparison(db) -> None:
         diff = compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}), Base.metadata)
         assert diff == []
         head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-        assert c.scalar(text("SELECT version_num FROM alembic_version")) == head == "0005"
+        assert c.scalar(text("SELECT version_num FROM alembic_version")) == head == "0006"
 
 
 def test_view_instance_history(db) -> None:

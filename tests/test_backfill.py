@@ -107,6 +107,7 @@ def test_backfill_screens_the_archive_resumes_after_kill_9_and_does_nothing_twic
         assert {uid for (uid,) in again} <= in_hand
         rows = node.query("select state, reason_code, count(*) from backfill_studies group by 1, 2")
         assert sorted(rows) == [("done", None, 200), ("skipped", "out-of-age-band", 10)]
+        assert node.query("select count(*) from backfill_studies where state = 'done' and moved_at is null") == [(0,)]
         # a study in hand at the kill was claimed again (one more attempt); the others once
         [(again_claimed,)] = node.query("select count(*) from backfill_studies where attempts > 1")
         assert again_claimed <= len(in_hand) + 2  # + a transient C-MOVE retry, should one happen
@@ -121,18 +122,23 @@ def test_backfill_screens_the_archive_resumes_after_kill_9_and_does_nothing_twic
         assert skipped > 50 and "already-screened" in out, out
         # A runner killed after its C-MOVE completed but before it recorded the outcome (the race
         # the kill above may or may not hit): its study is claimed again, found screened, and is
-        # the run's own work (done), not something screened before the run (already-screened).
-        [(study_id, study_uid)] = node.query(
-            "select id, study_uid from backfill_studies where run_id = 1 and state = 'done' order by id limit 1")
+        # the run's own work (done). One that no attempt of the run ever moved but that is found
+        # screened (routed to the node by other means) is already-screened, not done.
+        [(moved_id, moved_uid), (other_id, _)] = node.query(
+            "select id, study_uid from backfill_studies where run_id = 1 and state = 'done' order by id limit 2")
         with sqlite3.connect(node.data / "screener.db", timeout=30) as db:
-            db.execute("update backfill_studies set state = 'pending', attempts = 1 where id = ?", (study_id,))
+            db.execute("update backfill_studies set state = 'pending', attempts = 1 where id = ?", (moved_id,))
+            db.execute("update backfill_studies set state = 'pending', attempts = 1, moved_at = null where id = ?",
+                       (other_id,))
         _finish(run_backfill(node, "run", *RANGE, "--quiet"), 300)
         assert node.query("select count(*) from events where kind in ('received', 'duplicate')") == before
         assert sorted(node.query("select state, reason_code, count(*) from backfill_studies where run_id = 1 "
-                                 "group by 1, 2")) == [("done", None, 200), ("skipped", "out-of-age-band", 10)]
-        assert node.query(f"select attempts, images from backfill_studies where id = {study_id}") == [(2, 1)]
+                                 "group by 1, 2")) == [("done", None, 199), ("skipped", "already-screened", 1),
+                                                       ("skipped", "out-of-age-band", 10)]
+        assert node.query(f"select attempts, images, state from backfill_studies where id in ({moved_id}, {other_id}) "
+                          "order by id") == [(2, 1, "done"), (2, 0, "skipped")]
         [(message,)] = node.query("select message from events where kind = 'backfill_study' "
-                                  f"and study_uid = '{study_uid}' order by id desc limit 1")
+                                  f"and study_uid = '{moved_uid}' order by id desc limit 1")
         assert "earlier attempt of this run" in message, message
     finally:
         node.stop()

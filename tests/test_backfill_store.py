@@ -61,10 +61,15 @@ def test_claims_are_leased_and_an_expired_lease_is_taken_back(factory: sessionma
     study = claim_study(factory, run_id, "other-host/1:1:a:0", 60, 3, now=T0)
     assert study is not None and study.attempts == 1
     assert claim_study(factory, run_id, "here/1:2:b:0", 60, 3, now=T0 + timedelta(seconds=30)) is None
+    assert study.moved_at is None
     assert renew_study(factory, study.id, "other-host/1:1:a:0", 60, now=T0 + timedelta(seconds=30))
     assert claim_study(factory, run_id, "here/1:2:b:0", 60, 3, now=T0 + timedelta(seconds=70)) is None  # renewed
+    moved = T0 + timedelta(seconds=40)  # a C-MOVE starts: recorded once, for the attempts after this one
+    assert renew_study(factory, study.id, "other-host/1:1:a:0", 30, now=moved, moving=True)
+    assert renew_study(factory, study.id, "other-host/1:1:a:0", 30, now=moved + timedelta(seconds=5), moving=True)
     again = claim_study(factory, run_id, "here/1:2:b:0", 60, 3, now=T0 + timedelta(seconds=95))
     assert again is not None and (again.id, again.attempts) == (study.id, 2)
+    assert again.moved_at is not None and again.moved_at.replace(tzinfo=UTC) == moved
     # the first holder comes back too late: its outcome is not recorded
     assert not finish_study(factory, study.id, "other-host/1:1:a:0", BackfillState.DONE, images=1)
     assert finish_study(factory, study.id, "here/1:2:b:0", BackfillState.DONE, images=1)

@@ -237,10 +237,11 @@ def test_the_mirrored_view_maps_back_to_the_plain_one_with_each_point_its_twin(d
     flip = LandmarkDetector(detector.net, detector.input_size, views=2, flip=True)
     points, conf, turned = flip.detect_views([film])
     n_points = points.shape[2]
-    assert points.shape == (1, 4, n_points, 2) and np.all(np.isfinite(turned))  # 2 plain views, then the same 2 mirrored
+    assert points.shape == (1, 4, n_points, 2)  # 2 plain views, then the same 2 mirrored
     plain = LandmarkDetector(detector.net, detector.input_size, views=2).detect_views([film])
     np.testing.assert_allclose(points[:, :2], plain[0], atol=0.05)  # the plain views are untouched
     np.testing.assert_allclose(conf, plain[1], atol=1e-4)  # and the confidence is theirs
+    assert turned.shape == (1,) and turned[0] == pytest.approx(plain[2][0], abs=1e-4)  # the turned score too
     # The mirrored view of the film is the plain view of its mirror image, mapped back: each
     # point mirrored in x (column w - 1 - x) and taken as its left/right twin.
     mirror = np.ascontiguousarray(film[:, ::-1])
@@ -253,8 +254,26 @@ def test_the_mirrored_view_maps_back_to_the_plain_one_with_each_point_its_twin(d
     median = np.median(points[0], axis=0)
     expected = apply_spine_rule(median[:16], flip.spine_rule, median[16:], flip.extent_rule)
     np.testing.assert_allclose(flip.detect([film])[0].points, expected, atol=0.05)
+    # batched with another film, each keeps its own views, mirrored ones included
+    other = np.ascontiguousarray(rg1[200:, ::-1])
+    both, both_conf, both_turned = flip.detect_views([film, other])
+    for i, im in enumerate((film, other)):
+        alone = flip.detect_views([im])
+        np.testing.assert_allclose(both[i], alone[0][0], atol=0.05)
+        np.testing.assert_allclose(both_conf[i], alone[1][0], atol=1e-4)
+        assert both_turned[i] == pytest.approx(alone[2][0], abs=1e-4)
     with pytest.raises(ValueError, match="flip"):
         LandmarkDetector(detector.net, detector.input_size, flip="yes")  # type: ignore[arg-type]
+
+
+def test_mirror_order_swaps_each_right_point_with_its_left_twin() -> None:
+    from screener.pipeline.landmarks import mirror_order
+
+    assert mirror_order(16).tolist() == [3, 4, 5, 0, 1, 2, 10, 11, 12, 13, 6, 7, 8, 9, 14, 15]
+    assert mirror_order(20).tolist()[16:] == [18, 19, 16, 17]  # each lung's apex and base
+    names = LANDMARK_NAMES + EXTENT_POINTS
+    for i, j in enumerate(mirror_order(20)):
+        assert names[j] == names[i].replace("right", "LEFT").replace("left", "right").replace("LEFT", "left")
 
 
 def test_bundle_manifest_fixes_views_and_spine_rule_and_old_bundles_keep_theirs(tmp_path) -> None:
@@ -276,6 +295,8 @@ def test_bundle_manifest_fixes_views_and_spine_rule_and_old_bundles_keep_theirs(
     old = ModelBundle.load(root).detector()
     assert old.spine_rule == {} and old.views == 1 and old.flip is False
     model_id = ModelBundle.load(root).model_id
+    write(flip=False)  # the default written out: the same model
+    assert ModelBundle.load(root).model_id == model_id
     write(flip=True)  # the mirrored views are part of the bundle's identity: they move every point
     assert ModelBundle.load(root).detector().flip is True and ModelBundle.load(root).model_id != model_id
     for bad, message in (({"views": 0}, "landmarks.views"), ({"views": True}, "landmarks.views"),

@@ -189,7 +189,6 @@ def test_gate_negatives_are_what_they_say() -> None:
         make_negative(img, "sideways", rng)
 
 
-@pytest.mark.slow
 def test_a_mirrored_training_input_carries_each_point_as_its_twin(tiny_jsrt: Path) -> None:
     from dataclasses import replace
 
@@ -219,6 +218,7 @@ def test_a_mirrored_training_input_carries_each_point_as_its_twin(tiny_jsrt: Pat
         train_landmarks(LandmarkTrainConfig(jsrt_root=str(tiny_jsrt), mirror=1.5))
 
 
+@pytest.mark.slow
 def test_landmark_cross_validation_predicts_every_image_once_and_resumes(tiny_jsrt: Path, tmp_path: Path) -> None:
     from screener.pipeline.landmarks import LANDMARK_NAMES
     from screener.pipeline.landmarks import VIEWS

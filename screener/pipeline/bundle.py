@@ -278,7 +278,11 @@ def model_id_of(manifest: dict) -> str:
     # An optional key enters only when present, so adding one to the software keeps the ids
     # of the bundles written before it.
     keys = [k for k in IDENTITY_KEYS if k not in OPTIONAL_IDENTITY_KEYS or k in manifest]
-    canonical = json.dumps({k: manifest.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
+    identity = {k: manifest.get(k) for k in keys}
+    landmarks = identity.get("landmarks")
+    if isinstance(landmarks, dict) and landmarks.get("flip") is False:  # written out, the default is still the default
+        identity["landmarks"] = {k: v for k, v in landmarks.items() if k != "flip"}
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return f"{manifest['name']}@{manifest['version']}+{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
 
 

@@ -40,8 +40,12 @@ class AlgorithmInfo:
     #: fp16 stay within BF16_TOLERANCE_G_CM2 of fp32, but a result should say which it is.
     precision: str = "fp32"
 
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):  # a resolved Precision, never auto
+            raise ValueError(f"AlgorithmInfo.precision = {self.precision!r}: the precision as it ran, fp32, bf16 or fp16")
+
     @classmethod
-    def from_bundle(cls, bundle: ModelBundle, precision: "Precision | str" = "fp32") -> "AlgorithmInfo":
+    def from_bundle(cls, bundle: ModelBundle, precision: "Precision | str") -> "AlgorithmInfo":
         return cls(bundle.name, bundle.version, bundle.model_id, bundle.demo, bundle.manifest.get("demo_statement", ""),
                    str(precision))
 

@@ -306,12 +306,15 @@ def release_study(session_factory: sessionmaker[Session], study_id: int, owner: 
 
 
 def renew_study(session_factory: sessionmaker[Session], study_id: int, owner: str, lease_seconds: float,
-                now: datetime | None = None) -> bool:
-    """Extend the lease while a study's series are being retrieved one after another."""
+                now: datetime | None = None, *, moving: bool = False) -> bool:
+    """Extend the lease while a study's series are being retrieved one after another;
+    ``moving``: a C-MOVE for it starts now (recorded once, in ``moved_at``)."""
     now = _now(now)
     with session_factory() as session, _write_transaction(session):
         study = _held(session, study_id, owner)
         if study is None:
             return False
         study.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        if moving and study.moved_at is None:
+            study.moved_at = now
         return True

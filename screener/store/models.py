@@ -282,3 +282,5 @@ class BackfillStudy(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # first C-MOVE started by an attempt of this run (None: never retrieved by it)
+    moved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
