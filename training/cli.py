@@ -84,7 +84,8 @@ def _landmarks_calibrate(a: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     calibrate_confidence(a.checkpoint or None, a.out, [Path(f) for f in a.dicom], a.jsrt_root, non_chest,
-                         cv_dir=a.cv_dir or None, view_cv_dir=a.view_cv_dir or None, view=a.view or None)
+                         cv_dir=a.cv_dir or None, view_cv_dir=a.view_cv_dir or None, view=a.view or None,
+                         flip=a.flip)
     print(f"wrote {Path(a.out) / 'confidence_calibration.json'}")
     return 0
 
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--view", default="",
                    help="with --checkpoint: a view classifier checkpoint (a bundle's own classifier is used without it)")
     c.add_argument("--out", required=True)
+    c.add_argument("--flip", action="store_true",
+                   help="the detectors also run each view mirrored (a bundle exported with --landmark-flip); "
+                        "a bundle's own setting is taken from its manifest")
     c.add_argument("--jsrt-root")
     c.add_argument("--dicom", nargs="*", default=[], help="frontal chest DICOM files to add to the positives")
     c.add_argument("--non-chest", nargs="*", default=None,

@@ -575,7 +575,7 @@ def _one_recipe(settings: dict | None, cfg: object, k: int, cv_dir: str | Path) 
 def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dicom_files: list[Path],
                          jsrt_root: str | None = None, non_chest_files: list[Path] | None = None,
                          cv_dir: str | Path | None = None, view_cv_dir: str | Path | None = None,
-                         view: str | Path | None = None) -> dict:
+                         view: str | Path | None = None, flip: bool = False) -> dict:
     """Acceptance by the whole gate of frontal films vs each kind of negative, to set the gate.
 
     Positives (held out from the detector's training): the JSRT validation split and the
@@ -589,6 +589,8 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
     split holds, by detectors of the same recipe; the DICOM files by fold 0's. With
     ``view_cv_dir`` (a ``view cv`` run on the same folds) each fold's view classifier joins
     its detector; with ``view`` (a classifier checkpoint) it joins the one ``checkpoint``.
+    ``flip``: the detectors also run each view mirrored (a bundle's own detector keeps its
+    manifest's setting).
     """
     from screener.pipeline.decode import DecodeError, decode_file
     from screener.pipeline.eligibility import (
@@ -640,7 +642,7 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
                     raise ValueError(f"{view_dir} is not a complete fold {k} of {folds}: the view cv must use the landmark cv's folds")
                 view_settings = _one_recipe(view_settings, view_cfg, k, view_cv_dir)
                 classifier = ViewClassifier(view_net, view_cfg.input_size)
-            groups.append((LandmarkDetector(net, cfg.input_size, view=classifier), _split(cfg)[1]))
+            groups.append((LandmarkDetector(net, cfg.input_size, flip=flip, view=classifier), _split(cfg)[1]))
     else:
         net, cfg = load_landmark_checkpoint(checkpoint, jsrt_root)
         if (Path(checkpoint).parent / "manifest.json").is_file():  # a bundle's weights: its views and spine rule
@@ -648,7 +650,7 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
 
             detector = ModelBundle.load(Path(checkpoint).parent).detector()
         else:
-            detector = LandmarkDetector(net, cfg.input_size)
+            detector = LandmarkDetector(net, cfg.input_size, flip=flip)
         if view is not None:
             view_net, view_cfg = load_view_checkpoint(view)
             detector.view = ViewClassifier(view_net, view_cfg.input_size)
@@ -684,6 +686,7 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
     neg = {k: np.array([r["median"] for r in rows if r["kind"] == k]) for k in negatives}
     accepted = {k: float(np.mean([r["eligible"] for r in rows if r["kind"] == k])) for k in kinds}
     summary = {
+        "flip": bool(groups[0][0].flip),
         "threshold": rules.min_landmark_confidence,
         "view_threshold": rules.min_view_frontal_probability if rows and rows[0]["view_frontal"] is not None else None,
         "accepted_share": accepted,
