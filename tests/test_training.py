@@ -278,6 +278,12 @@ def test_extent_points_train_report_their_rule_and_calibrate_by_the_folds_that_n
                                  cv_dir=tmp_path / "cv")
     frontal = [r["image"] for r in calib["rows"] if r["kind"] == "frontal"]
     assert sorted(frontal) == sorted(c.case_id for c in cases)  # every film once, by the fold that held it out
+    assert calib["flip"] is False
+    flipped = calibrate_confidence(None, tmp_path / "cal-flip", [], jsrt_root=str(tiny_jsrt), non_chest_files=[],
+                                   cv_dir=tmp_path / "cv", flip=True)
+    assert flipped["flip"] is True and len(flipped["rows"]) == len(calib["rows"])
+    # the mirrored views move the points, so some geometry the gate reads changes with them
+    assert [r["thorax_aspect"] for r in flipped["rows"]] != [r["thorax_aspect"] for r in calib["rows"]]
     assert len(calib["rows"]) == len(cases) * len([k for k in NEGATIVES if k != "non_chest"] + ["frontal"])
     (tmp_path / "cv" / "fold1" / "history.json").write_text("[]")  # a fold that stopped early is not calibrated on
     with pytest.raises(ValueError, match="stopped before"):

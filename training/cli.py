@@ -64,7 +64,7 @@ def _landmarks_sheet(a: argparse.Namespace) -> int:
 def _landmarks_evaluate(a: argparse.Namespace) -> int:
     from training.landmarks import evaluate_landmarks
 
-    evaluate_landmarks(a.checkpoint, a.out, a.jsrt_root)
+    evaluate_landmarks(a.checkpoint, a.out, a.jsrt_root, flip=a.flip)
     print(f"wrote {Path(a.out) / 'landmark_metrics.json'} and {Path(a.out) / 'landmarks_validation.png'}")
     return 0
 
@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--jsrt-root")
+    e.add_argument("--flip", action="store_true", help="also run the view mirrored (as a bundle exported with --landmark-flip)")
     e.set_defaults(func=_landmarks_evaluate)
     c = lm.add_parser("calibrate", help="median landmark confidence on frontal films vs non-chest negatives (sets the eligibility gate)")
     c.add_argument("--checkpoint", default="", help="the detector to calibrate: a training checkpoint or a bundle's landmarks.pt")

@@ -450,13 +450,16 @@ def load_landmark_checkpoint(path: str | Path, jsrt_root: str | None = None) -> 
     return net.eval(), cfg
 
 
-def evaluate_landmarks(checkpoint: str | Path, out_dir: str | Path, jsrt_root: str | None = None) -> dict:
-    """Validation-split MRE table (printed, JSON) and a PNG of predicted vs true points."""
+def evaluate_landmarks(checkpoint: str | Path, out_dir: str | Path, jsrt_root: str | None = None,
+                       flip: bool = False) -> dict:
+    """Validation-split MRE table (printed, JSON) and a PNG of predicted vs true points;
+    ``flip``: the detector also runs the mirrored view."""
     net, cfg = load_landmark_checkpoint(checkpoint, jsrt_root)
     _, val = _split(cfg)
     images = {c.case_id: load_grey_png(c.image_path) for c in val}
     t0 = time.perf_counter()
-    metrics = mean_radial_error(LandmarkDetector(net, cfg.input_size, check_turned=False), val, images)
+    metrics = mean_radial_error(LandmarkDetector(net, cfg.input_size, flip=flip, check_turned=False), val, images)
+    metrics["flip"] = flip
     elapsed = time.perf_counter() - t0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -176,10 +176,22 @@ def train_view(config: ViewTrainConfig, resume: bool = False) -> dict:
 
 
 def load_view_checkpoint(path: str | Path) -> tuple[ViewNet, ViewTrainConfig]:
+    """The classifier (eval mode) and its settings, from a training checkpoint or from a model
+    bundle's view.pt (its weights only, with the width and input size in the manifest.json
+    beside it), so a bundle can be exported again with the classifier it ships."""
     state = load_checkpoint(path)
-    config = ViewTrainConfig(**state["config"])
+    if "config" not in state:
+        manifest = Path(path).parent / "manifest.json"
+        if not manifest.is_file():
+            raise ValueError(f"{path}: neither a training checkpoint (no 'config') nor a bundle's weights (no manifest.json beside it)")
+        spec = json.loads(manifest.read_text()).get("view")
+        if not spec:
+            raise ValueError(f"{manifest} has no view classifier")
+        config, weights = ViewTrainConfig(input_size=int(spec["input_size"]), width=int(spec["width"])), state
+    else:
+        config, weights = ViewTrainConfig(**state["config"]), state["model"]
     net = ViewNet(width=config.width)
-    net.load_state_dict(state["model"])
+    net.load_state_dict(weights)
     return net.eval(), config
 
 
