@@ -86,6 +86,14 @@ def test_a_bundle_carries_its_view_classifier_and_refuses_a_damaged_one(tmp_path
     got = with_view.detector().detect([film])[0].view
     want = ViewClassifier(view, 64).classify([film])[0]
     np.testing.assert_allclose(got.probabilities, want.probabilities, atol=2e-3)  # stored as float16
+    # a bundle's view.pt loads back as a checkpoint (to export the bundle again with it)
+    from training.view import load_view_checkpoint
+
+    again, config = load_view_checkpoint(tmp_path / "v" / "view.pt")
+    assert (config.width, config.input_size) == (8, 64)
+    np.testing.assert_allclose(ViewClassifier(again, 64).classify([film])[0].probabilities, got.probabilities, atol=1e-6)
+    with pytest.raises(ValueError, match="no view classifier"):
+        load_view_checkpoint(_bundle(tmp_path / "n", None) / "landmarks.pt")
     m = json.loads((tmp_path / "v" / "manifest.json").read_text())
     m["view"]["kinds"] = m["view"]["kinds"][::-1]
     (tmp_path / "v" / "manifest.json").write_text(json.dumps(m))
