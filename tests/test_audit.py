@@ -250,6 +250,8 @@ def test_view_instance_history(db) -> None:
     assert acc1.tscore_l1_l4 == pytest.approx(-3.1)
     assert (acc1.deliveries_pending, acc1.deliveries_sent, acc1.deliveries_dead) == (0, 2, 1)
     assert (rows["ACC2"].who_category, rows["ACC2"].deliveries_pending) == ("normal", 1)
+    # the precision the BMD network ran at; none recorded for a result from before 0006
+    assert (acc1.bmd_precision, rows["ACC2"].bmd_precision, rows["ACC5"].bmd_precision) == ("fp32", "bf16", None)
     assert (rows["ACC3"].job_state, rows["ACC3"].result_code, rows["ACC3"].bmd_l1_l4) == ("ineligible", "body-part", None)
     assert (rows["ACC4"].job_state, rows["ACC4"].last_error) == ("failed", "corrupt-pixel-data: decoder crashed")
 

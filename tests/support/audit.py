@@ -26,13 +26,15 @@ def minutes(m: float) -> datetime:
     return T0 + timedelta(minutes=m)
 
 
-def outcome(bmd: float, tscore: float | None, category: str | None, objects: dict[str, str] | None = None) -> JobResult:
-    """The result the worker stores for a reported image."""
+def outcome(bmd: float, tscore: float | None, category: str | None, objects: dict[str, str] | None = None,
+            precision: str | None = "fp32") -> JobResult:
+    """The result the worker stores for a reported image (``precision`` None: one stored
+    before the precision was recorded)."""
     sites = ("L1", "L2", "L3", "L4")
     measurement = Measurement(
         model_id=MODEL, demo=True, bmd_g_cm2={**{s: bmd + 0.01 * i for i, s in enumerate(sites)}, "L1-L4": bmd},
         tscore=None if tscore is None else {**{s: tscore for s in sites}, "L1-L4": tscore},
-        who_category=category, tscore_note="")
+        who_category=category, tscore_note="", precision=precision)
     return job_result(objects, measurement=measurement, reason="eligible")
 
 
@@ -82,7 +84,7 @@ def populate(factory: sessionmaker[Session]) -> sessionmaker[Session]:
 
     j2 = receive_and_claim(factory, 2, "ACC2", "1.2.3.200", minutes(10))
     with factory() as s:
-        complete_job(s, j2, "w1", "done", outcome(1.05, 0.2, "normal", {"sr": "2.25.21"}), [("PACS", ("sr",))], now=minutes(14))
+        complete_job(s, j2, "w1", "done", outcome(1.05, 0.2, "normal", {"sr": "2.25.21"}, precision="bf16"), [("PACS", ("sr",))], now=minutes(14))
 
     j3 = receive_and_claim(factory, 3, "ACC3", "1.2.3.300", minutes(20))
     with factory() as s:
@@ -96,7 +98,7 @@ def populate(factory: sessionmaker[Session]) -> sessionmaker[Session]:
     day2 = T0 + timedelta(days=1)
     j5 = receive_and_claim(factory, 5, "ACC5", "1.2.3.500", day2)
     with factory() as s:
-        complete_job(s, j5, "w1", "done", outcome(0.70, -2.6, "osteoporosis", {"sr": "2.25.51"}), [("PACS", ("sr",))],
+        complete_job(s, j5, "w1", "done", outcome(0.70, -2.6, "osteoporosis", {"sr": "2.25.51"}, precision=None), [("PACS", ("sr",))],
                      now=day2 + timedelta(minutes=1))
     with factory() as s:
         mark_sent(s, deliveries_of(factory, j5)[("PACS", "sr")], now=day2 + timedelta(minutes=2))
