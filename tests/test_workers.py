@@ -64,7 +64,10 @@ def test_two_worker_processes_share_the_queue_and_one_killed_is_replaced(tmp_pat
     films = renumbered_copies([rg1_file()], tmp_path, 6, UID_ROOT)
     with storescp(tmp_path) as (port, _):
         node = Node(tmp_path, port)
-        node.config.write_text(node.config.read_text().replace("workers = 1 ", "workers = 2 "))
+        # Batches of 2: a worker that polled after all six had arrived could otherwise claim
+        # them in one batch of 8 (right for the node, but the test wants both processes seen).
+        node.config.write_text(node.config.read_text().replace("workers = 1 ", "workers = 2 ")
+                               .replace('device = "cpu"\n', 'device = "cpu"\nbatch_size = 2\n', 1))
         node.start()
         try:
             health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{node.health_port}/health", timeout=10))
