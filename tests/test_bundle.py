@@ -165,3 +165,28 @@ def test_shipped_demo_bundle_loads_and_says_demo() -> None:
     assert bundle.manifest["validation"]["landmarks"]["mre_mm"] > 0
     size_mb = sum(f.stat().st_size for f in bundle.path.iterdir()) / 1e6
     assert size_mb < 40, f"demo bundle is {size_mb:.1f} MB: too big for the wheel"
+
+
+def test_the_shipped_bundle_exports_again_with_mirrored_views_and_a_matching_gate_table(tmp_path: Path, capsys) -> None:
+    """`screener-train export` from the shipped bundle's own weights (landmarks.pt, view.pt and
+    --bmd-bundle): the mirrored views enter the manifest and the model id, and a gate table
+    calibrated with another setting is refused."""
+    from screener.pipeline.bundle import demo_bundle_path
+    from training.cli import main as train_main
+
+    demo = demo_bundle_path()
+    common = ["export", "--landmarks", str(demo / "landmarks.pt"), "--bmd-bundle", str(demo),
+              "--view", str(demo / "view.pt"), "--name", "cxr-bmd-demo", "--version", "9.9.9", "--demo",
+              "--intended-use", "test", "--landmark-flip"]
+    gate = tmp_path / "gate.json"
+    gate.write_text(json.dumps({"accepted_share": {"frontal": 1.0}, "threshold": 0.1, "view_threshold": 0.5, "flip": False}))
+    assert train_main([*common, "--out", str(tmp_path / "refused"), "--gate-calibration", str(gate)]) == 2
+    assert "calibrate again" in capsys.readouterr().err and not (tmp_path / "refused" / "manifest.json").exists()
+    gate.write_text(json.dumps({"accepted_share": {"frontal": 1.0}, "threshold": 0.1, "view_threshold": 0.5, "flip": True}))
+    assert train_main([*common, "--out", str(tmp_path / "flip"), "--gate-calibration", str(gate)]) == 0
+    again, shipped = ModelBundle.load(tmp_path / "flip"), ModelBundle.load()
+    assert again.detector().flip is True and shipped.detector().flip is False
+    assert again.manifest["validation"]["gate"]["flip"] is True
+    for a, b in zip(again.landmark_net.state_dict().values(), shipped.landmark_net.state_dict().values()):
+        assert torch.equal(a, b)  # the same weights, re-exported
+    assert again.manifest["view"]["sha256"] == shipped.manifest["view"]["sha256"]

@@ -166,6 +166,13 @@ def test_a_bundles_landmark_weights_load_for_evaluation_and_calibration() -> Non
     assert (cfg.input_size, cfg.width) == (spec["input_size"], spec["width"])
     state = torch.load(weights, map_location="cpu", weights_only=True)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+    # scored and calibrated as the bundle runs them: a --flip the bundle does not have is refused
+    from training.landmarks import calibrate_confidence, evaluate_landmarks
+
+    with pytest.raises(ValueError, match="without mirrored views"):
+        evaluate_landmarks(weights, Path("/nonexistent"), flip=True)
+    with pytest.raises(ValueError, match="export it with --landmark-flip"):
+        calibrate_confidence(weights, Path("/nonexistent"), [], non_chest_files=[], flip=True)
 
 
 def test_gate_negatives_are_what_they_say() -> None:

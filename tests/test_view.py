@@ -92,7 +92,7 @@ def test_a_bundle_carries_its_view_classifier_and_refuses_a_damaged_one(tmp_path
     again, config = load_view_checkpoint(tmp_path / "v" / "view.pt")
     assert (config.width, config.input_size) == (8, 64)
     np.testing.assert_allclose(ViewClassifier(again, 64).classify([film])[0].probabilities, got.probabilities, atol=1e-6)
-    with pytest.raises(ValueError, match="no view classifier"):
+    with pytest.raises(ValueError, match="not the view classifier"):
         load_view_checkpoint(_bundle(tmp_path / "n", None) / "landmarks.pt")
     m = json.loads((tmp_path / "v" / "manifest.json").read_text())
     m["view"]["kinds"] = m["view"]["kinds"][::-1]

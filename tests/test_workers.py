@@ -68,6 +68,7 @@ def test_two_worker_processes_share_the_queue_and_one_killed_is_replaced(tmp_pat
         # them in one batch of 8 (right for the node, but the test wants both processes seen).
         node.config.write_text(node.config.read_text().replace("workers = 1 ", "workers = 2 ")
                                .replace('device = "cpu"\n', 'device = "cpu"\nbatch_size = 2\n', 1))
+        assert "workers = 2 " in node.config.read_text() and "batch_size = 2" in node.config.read_text()
         node.start()
         try:
             health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{node.health_port}/health", timeout=10))

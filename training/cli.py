@@ -189,7 +189,13 @@ def _export(a: argparse.Namespace) -> int:
         if path:
             validation[key] = json.loads(Path(path).read_text())
             if key == "gate":  # the acceptance table, not the per-film rows
-                validation[key] = {k: v for k, v in validation[key].items() if k in ("accepted_share", "threshold", "view_threshold")}
+                if bool(validation[key].get("flip", False)) != a.landmark_flip:
+                    print(f"export: {path} was calibrated {'with' if validation[key].get('flip') else 'without'} mirrored "
+                          f"views, the bundle runs {'with' if a.landmark_flip else 'without'} them (--landmark-flip): "
+                          "calibrate again with the bundle's setting", file=sys.stderr)
+                    return 2
+                validation[key] = {k: v for k, v in validation[key].items()
+                                   if k in ("accepted_share", "threshold", "view_threshold", "flip")}
         elif key == "bmd" and source is not None and "bmd" in source.manifest.get("validation", {}):
             validation[key] = source.manifest["validation"]["bmd"]
     from training.bmd import summarise_manifest

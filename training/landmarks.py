@@ -383,7 +383,8 @@ def cross_validate_landmarks(config: LandmarkTrainConfig, folds: int = 5, resume
     node_variant = "+ spine and extent rule" if extent else "+ spine rule"
     shipped = variants[node_variant]
     lines = [f"{len(done)} of {folds} folds ({len(ids)} JSRT images, each predicted by a model that never saw it); "
-             f"{config.epochs} epochs at {config.input_size} px{', with extent points' if extent else ''}; "
+             f"{config.epochs} epochs at {config.input_size} px{', with extent points' if extent else ''}"
+             f"{f', {config.mirror:g} of the training inputs mirrored' if config.mirror else ''}; "
              f"errors in mm (0.7 mm per pixel)", "",
              f"{'variant':<48}{'mean':>8}{'median':>8}{'p95':>8}{'<=10mm':>9}"]
     for name, table in variants.items():
@@ -455,6 +456,12 @@ def evaluate_landmarks(checkpoint: str | Path, out_dir: str | Path, jsrt_root: s
     """Validation-split MRE table (printed, JSON) and a PNG of predicted vs true points;
     ``flip``: the detector also runs the mirrored view."""
     net, cfg = load_landmark_checkpoint(checkpoint, jsrt_root)
+    manifest = Path(checkpoint).parent / "manifest.json"
+    if manifest.is_file():  # a bundle's weights: score them as the bundle runs them
+        bundle_flip = bool(json.loads(manifest.read_text())["landmarks"].get("flip", False))
+        if flip != bundle_flip:
+            raise ValueError(f"evaluate: the bundle of {checkpoint} runs {'with' if bundle_flip else 'without'} "
+                             f"mirrored views; {'add' if bundle_flip else 'leave out'} --flip")
     _, val = _split(cfg)
     images = {c.case_id: load_grey_png(c.image_path) for c in val}
     t0 = time.perf_counter()
@@ -652,6 +659,9 @@ def calibrate_confidence(checkpoint: str | Path | None, out_dir: str | Path, dic
             from screener.pipeline.bundle import ModelBundle
 
             detector = ModelBundle.load(Path(checkpoint).parent).detector()
+            if flip and not detector.flip:
+                raise ValueError(f"calibrate --flip: the bundle of {checkpoint} runs without mirrored views "
+                                 "(its manifest's landmarks.flip); export it with --landmark-flip first")
         else:
             detector = LandmarkDetector(net, cfg.input_size, flip=flip)
         if view is not None:

@@ -184,14 +184,17 @@ def load_view_checkpoint(path: str | Path) -> tuple[ViewNet, ViewTrainConfig]:
         manifest = Path(path).parent / "manifest.json"
         if not manifest.is_file():
             raise ValueError(f"{path}: neither a training checkpoint (no 'config') nor a bundle's weights (no manifest.json beside it)")
-        spec = json.loads(manifest.read_text()).get("view")
-        if not spec:
-            raise ValueError(f"{manifest} has no view classifier")
-        config, weights = ViewTrainConfig(input_size=int(spec["input_size"]), width=int(spec["width"])), state
-    else:
-        config, weights = ViewTrainConfig(**state["config"]), state["model"]
+        from screener.pipeline.bundle import ModelBundle
+
+        bundle = ModelBundle.load(Path(path).parent)  # every check of the bundle: checksums, kinds
+        spec = bundle.manifest.get("view")
+        if bundle.view_net is None or not spec or spec["weights"] != Path(path).name:
+            raise ValueError(f"{path}: not the view classifier of the bundle in {Path(path).parent} (it has "
+                             f"{'none' if not spec else spec['weights']})")
+        return bundle.view_net.float().eval(), ViewTrainConfig(input_size=int(spec["input_size"]), width=int(spec["width"]))
+    config = ViewTrainConfig(**state["config"])
     net = ViewNet(width=config.width)
-    net.load_state_dict(weights)
+    net.load_state_dict(state["model"])
     return net.eval(), config
 
 
