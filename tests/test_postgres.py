@@ -88,6 +88,33 @@ def test_migrations_build_the_model_schema_and_views_on_postgresql(engine: Engin
     create_schema(engine)  # idempotent
 
 
+def test_migrations_downgrade_and_upgrade_again_on_postgresql(engine: Engine) -> None:
+    """Every revision's downgrade runs on PostgreSQL (views dropped before the tables they read,
+    columns added later dropped again), and the head is rebuilt to the model schema."""
+    from alembic import command
+
+    config = alembic_config()
+    with engine.begin() as c:
+        config.attributes["connection"] = c
+        command.downgrade(config, "0005")
+    with engine.connect() as c:
+        columns = set(c.scalars(text("SELECT column_name FROM information_schema.columns "
+                                     "WHERE table_name = 'backfill_studies'")))
+        assert "moved_at" not in columns and "attempts" in columns
+        history = set(c.scalars(text("SELECT column_name FROM information_schema.columns "
+                                     "WHERE table_name = 'v_instance_history'")))
+        assert "bmd_precision" not in history and "who_category" in history
+    with engine.begin() as c:
+        config.attributes["connection"] = c
+        command.downgrade(config, "0001")
+    create_schema(engine)
+    with engine.connect() as c:
+        assert compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}), Base.metadata) == []
+        history = set(c.scalars(text("SELECT column_name FROM information_schema.columns "
+                                     "WHERE table_name = 'v_instance_history'")))
+        assert "bmd_precision" in history
+
+
 def test_schema_comparison_would_notice_a_missing_index(engine: Engine) -> None:
     with engine.begin() as c:
         c.exec_driver_sql("DROP INDEX ix_jobs_state_lease_expires_at")
@@ -277,6 +304,7 @@ def test_views_return_rows_on_postgresql(engine: Engine, scenario: sessionmaker[
     assert (first["deliveries_pending"], first["deliveries_sent"], first["deliveries_dead"]) == (0, 2, 1)
     assert history[2]["result_code"] == "body-part" and history[2]["bmd_l1"] is None
     assert isinstance(first["received_at"], datetime) and first["received_at"] == minutes(0)
+    assert [r["bmd_precision"] for r in history] == ["fp32", "bf16", None, None, None]  # ACC5: from before it was recorded
 
     positives = rows(engine, "SELECT * FROM v_positive_screens ORDER BY completed_at")
     assert [(r["accession_number"], r["who_category"]) for r in positives] == [
