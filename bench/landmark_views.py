@@ -7,8 +7,9 @@ bundle's detector, on real films (the accuracy each buys is the cross-validation
 A setting is a view count (1..15) with "+flip" for each view also run mirrored. Each is the
 whole detect() of the node: the plain views, the mirrored ones, the turned-by-180 view for the
 gate and the view classifier, called with one film at a time (the node passes its batch, up to
-[model] batch_size films, in one call: per film it is then a little cheaper). Settings are timed in turns within each repeat (so a noisy
-machine slows all of them alike); the median per film is reported, with the ratio to the first.
+[model] batch_size films, in one call: per film it is then a little cheaper). Settings are
+timed in turns within each repeat (so a noisy machine slows all of them alike); the median per
+film is reported, with the ratio to the first.
 Default input: the pydicom-data Philips CR (RG1_UNCR, 1955 x 1841), decoded once beforehand.
 """
 

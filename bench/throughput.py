@@ -22,7 +22,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.support.common import rg1_file, wait_for  # noqa: E402

@@ -279,14 +279,16 @@ class Backfill:
                     screened += have
                     continue
                 wait = self._throttle.delay(series.instances or 1)
-                # the lease must outlast the wait for its turn as well as the retrieval
-                if not renew_study(self._sessions, study_id, owner, self.limits.lease_seconds + wait):
-                    log.warning("backfill_lease_lost", study_id=study_id, owner=owner)
-                    return
-                if wait > 0 and stop.wait(wait):
-                    # stopped while waiting its turn: pending again, as if never claimed
-                    release_study(self._sessions, study_id, owner)
-                    return
+                if wait > 0:
+                    # the lease must outlast the wait for its turn as well as the retrieval
+                    if not renew_study(self._sessions, study_id, owner, self.limits.lease_seconds + wait):
+                        log.warning("backfill_lease_lost", study_id=study_id, owner=owner)
+                        return
+                    if stop.wait(wait):
+                        # stopped while waiting its turn: pending again, as if never claimed
+                        release_study(self._sessions, study_id, owner)
+                        return
+                # the retrieval's own lease, and the record that this run started moving the study
                 if not renew_study(self._sessions, study_id, owner, self.limits.lease_seconds, moving=True):
                     log.warning("backfill_lease_lost", study_id=study_id, owner=owner)
                     return

@@ -100,10 +100,10 @@ def write_bundle(
 ) -> Path:
     """Write a complete bundle directory (overwriting files of the same name).
 
-    ``landmark_views``, ``landmark_flip`` (each view also run mirrored), ``spine_from_rule`` (default :data:`SPINE_FROM_RULE`) and, for a
-    detector with extent points, ``extent_rule`` (default :data:`EXTENT_RULE`) fix how the
-    detector's output becomes the 16 points; they are part of the bundle's identity because
-    they change every result. ``view_net`` is the gate's view classifier (optional).
+    ``landmark_views``, ``landmark_flip`` (each view also run mirrored), ``spine_from_rule``
+    (default :data:`SPINE_FROM_RULE`) and, for a detector with extent points, ``extent_rule``
+    (default :data:`EXTENT_RULE`) fix how the detector's output becomes the 16 points; they are
+    part of the bundle's identity because they change every result. ``view_net`` is the gate's view classifier (optional).
     """
     try:
         check_views(landmark_views)

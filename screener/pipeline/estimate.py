@@ -158,8 +158,7 @@ class BmdEstimator:
         if inference.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.bmd_net = torch.compile(net) if inference.compile else net
-        self.precision = inference.precision.resolve(self.device)
-        self.algorithm = AlgorithmInfo.from_bundle(bundle, self.precision)
+        self.algorithm = AlgorithmInfo.from_bundle(bundle, inference.precision.resolve(self.device))
 
     def detect(self, images: Sequence[np.ndarray | Pyramid]) -> list[Landmarks]:
         return self.detector.detect(images)

@@ -100,6 +100,7 @@ SPINE_FROM_RULE: Mapping[str, float] = MappingProxyType({"cervical_spine": 0.5, 
 #: the point) they are edges a heatmap can lock onto.
 EXTENT_POINTS: tuple[str, ...] = ("lung_right_apex", "lung_right_base", "lung_left_apex", "lung_left_base")
 
+
 def mirror_order(count: int) -> np.ndarray:
     """Index order that relabels the first ``count`` output points (the 16, then the extent
     points) of a left-right flipped input as the unflipped one's: each right point takes its
